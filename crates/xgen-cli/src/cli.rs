@@ -1,0 +1,44 @@
+//! Command-line arguments: the contract outside scripts rely on. Extend freely; never rename.
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "xgen", version, about = "Run Salesforce XGen-7B models: exact tokenizer, CLI and server")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Text -> token ids (the reference XGen tokenizer).
+    ///
+    /// Reads text from stdin (or --text) and prints a JSON array of ids. With --jsonl, maps lines
+    /// `{"text": ...}` to lines `{"ids": [...]}` in order, streaming.
+    Tokenize(TokenizeArgs),
+    /// Token ids -> text (lossy UTF-8, like the reference).
+    ///
+    /// Reads a JSON array of ids from stdin and prints the text. With --jsonl, maps lines
+    /// `{"ids": [...]}` to lines `{"text": ...}` in order, streaming.
+    Detokenize(DetokenizeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    /// The text to encode, instead of reading stdin.
+    #[arg(long, conflicts_with = "jsonl")]
+    pub text: Option<String>,
+    /// Read JSON lines `{"text": ...}` from stdin, write `{"ids": [...]}` lines to stdout.
+    #[arg(long)]
+    pub jsonl: bool,
+    /// Treat special-token strings such as `<|endoftext|>` as plain text (for untrusted input).
+    #[arg(long)]
+    pub no_special: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DetokenizeArgs {
+    /// Read JSON lines `{"ids": [...]}` from stdin, write `{"text": ...}` lines to stdout.
+    #[arg(long)]
+    pub jsonl: bool,
+}

@@ -1,0 +1,20 @@
+//! `xgen`: the command-line front end. Parses arguments, runs one command, maps errors to exit
+//! codes (2 for bad usage or bad input, 1 for other failures). The work lives in the libraries.
+
+mod cli;
+mod exit;
+mod jsonl;
+mod tokenize;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    let result = match args.command {
+        cli::Command::Tokenize(a) => tokenize::tokenize(&a),
+        cli::Command::Detokenize(a) => tokenize::detokenize(&a),
+    };
+    exit::report(result)
+}

@@ -1,0 +1,238 @@
+//! The exact XGen-7B tokenizer (`tokenization_xgen.py`, current `main`), with no run-time data files.
+//!
+//! - [`Tokenizer::encode`] is the reference's `encode(text, allowed_special="all")`: every special
+//!   string in the text becomes its id. [`Tokenizer::encode_ordinary`] recognises none, for
+//!   untrusted text. No BOS/EOS is added.
+//! - [`Tokenizer::decode`] is lossy UTF-8 exactly like Python's `errors="replace"`;
+//!   [`Tokenizer::decode_bytes`] gives the raw bytes; [`StreamDecoder`] decodes incrementally.
+//! - [`Tokenizer::encode_batch`] encodes many texts on all cores.
+//!
+//! Pipeline: text → special-token split → [`pretokenize`] pieces → [`bpe`] merges → ids.
+
+mod bpe;
+mod error;
+mod pretokenize;
+mod stream;
+mod vocab;
+
+use rayon::prelude::*;
+
+pub use error::TokenizerError;
+pub use stream::StreamDecoder;
+pub use vocab::{TokenId, EOS_TOKEN, EOS_TOKEN_ID, N_VOCAB};
+
+use vocab::Vocab;
+
+/// What `encode` does with special-token strings found in the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Specials {
+    /// Each special string becomes its special id (the reference tokenizer's behaviour).
+    #[default]
+    Recognize,
+    /// Special strings are ordinary text (for untrusted input).
+    AsText,
+}
+
+/// The XGen tokenizer. Build it once ([`Tokenizer::xgen`], a few milliseconds) and share it:
+/// all methods take `&self` and it is `Sync`.
+pub struct Tokenizer {
+    vocab: Vocab,
+}
+
+impl Default for Tokenizer {
+    fn default() -> Self {
+        Self::xgen()
+    }
+}
+
+impl Tokenizer {
+    /// The current XGen vocabulary (51200 ids), from data embedded at build time.
+    pub fn xgen() -> Self {
+        Self { vocab: Vocab::xgen() }
+    }
+
+    /// Number of ids (51200).
+    pub fn n_vocab(&self) -> u32 {
+        N_VOCAB
+    }
+
+    /// The eos (and bos) id, `<|endoftext|>`.
+    pub fn eos_token_id(&self) -> TokenId {
+        EOS_TOKEN_ID
+    }
+
+    /// Encodes `text`, recognising every special string (the reference behaviour).
+    pub fn encode(&self, text: &str) -> Vec<TokenId> {
+        self.encode_with(text, Specials::Recognize)
+    }
+
+    /// Encodes `text` with special strings treated as plain text; never yields a special id.
+    pub fn encode_ordinary(&self, text: &str) -> Vec<TokenId> {
+        self.encode_with(text, Specials::AsText)
+    }
+
+    /// Encodes `text` with the given treatment of special strings.
+    pub fn encode_with(&self, text: &str, specials: Specials) -> Vec<TokenId> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        match specials {
+            Specials::AsText => self.encode_ordinary_into(text, &mut out),
+            Specials::Recognize => {
+                let mut start = 0;
+                while let Some((s, e, id)) = self.find_special(text, start) {
+                    self.encode_ordinary_into(&text[start..s], &mut out);
+                    out.push(id);
+                    start = e;
+                }
+                self.encode_ordinary_into(&text[start..], &mut out);
+            }
+        }
+        out
+    }
+
+    /// Encodes every text in parallel on rayon's thread pool; results are in input order.
+    pub fn encode_batch<S: AsRef<str> + Sync>(&self, texts: &[S], specials: Specials) -> Vec<Vec<TokenId>> {
+        texts.par_iter().map(|t| self.encode_with(t.as_ref(), specials)).collect()
+    }
+
+    fn encode_ordinary_into(&self, text: &str, out: &mut Vec<TokenId>) {
+        for piece in pretokenize::pieces(text) {
+            bpe::encode_piece(&self.vocab.ranks, piece.as_bytes(), out);
+        }
+    }
+
+    /// The leftmost special token at or after byte `from`: (start, end, id).
+    ///
+    /// Every special has the form `<…>` with no `<` or `>` inside (checked by a test), so an
+    /// occurrence starting at a `<` can only end at the first `>` after it, with no `<` between.
+    fn find_special(&self, text: &str, from: usize) -> Option<(usize, usize, TokenId)> {
+        let bytes = text.as_bytes();
+        let mut pos = from;
+        while let Some(i) = memchr::memchr(b'<', &bytes[pos..]).map(|i| pos + i) {
+            let j = i + 1 + memchr::memchr2(b'<', b'>', &bytes[i + 1..])?;
+            if bytes[j] == b'<' {
+                pos = j;
+                continue;
+            }
+            if let Some(&id) = self.vocab.specials.get(&text[i..=j]) {
+                return Some((i, j + 1, id));
+            }
+            pos = j + 1;
+        }
+        None
+    }
+
+    /// The bytes of one token.
+    pub fn token_bytes(&self, id: TokenId) -> Result<&[u8], TokenizerError> {
+        self.vocab.token_bytes(id).ok_or(TokenizerError::UnknownId { id, n_vocab: N_VOCAB })
+    }
+
+    /// The concatenated bytes of `ids`.
+    pub fn decode_bytes(&self, ids: &[TokenId]) -> Result<Vec<u8>, TokenizerError> {
+        let mut out = Vec::with_capacity(ids.len() * 4);
+        for &id in ids {
+            out.extend_from_slice(self.token_bytes(id)?);
+        }
+        Ok(out)
+    }
+
+    /// Decodes `ids` to text; invalid UTF-8 becomes U+FFFD (Python's `errors="replace"`).
+    pub fn decode(&self, ids: &[TokenId]) -> Result<String, TokenizerError> {
+        let bytes = self.decode_bytes(ids)?;
+        Ok(match String::from_utf8(bytes) {
+            Ok(s) => s,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })
+    }
+
+    /// A decoder fed one id at a time, for streaming.
+    pub fn stream_decoder(&self) -> StreamDecoder<'_> {
+        StreamDecoder::new(self)
+    }
+
+    /// The id of a special token's text, e.g. `"<fim_prefix>"` -> 50295.
+    pub fn special_token_id(&self, text: &str) -> Option<TokenId> {
+        self.vocab.specials.get(text).copied()
+    }
+
+    /// The text of a special id, or `None` for ordinary or unknown ids.
+    pub fn special_token(&self, id: TokenId) -> Option<&str> {
+        if !self.vocab.is_special(id) {
+            return None;
+        }
+        self.vocab.token_bytes(id).and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    /// Whether `id` is a special token.
+    pub fn is_special(&self, id: TokenId) -> bool {
+        self.vocab.is_special(id)
+    }
+
+    /// All special tokens with their ids, in id order.
+    pub fn special_tokens(&self) -> Vec<(&str, TokenId)> {
+        let mut all: Vec<(&str, TokenId)> =
+            self.vocab.specials.iter().map(|(s, &id)| (s.as_str(), id)).collect();
+        all.sort_by_key(|&(_, id)| id);
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_vectors() {
+        let t = Tokenizer::xgen();
+        assert_eq!(t.encode("The world is"), [464, 995, 318]);
+        assert_eq!(t.encode("a<|endoftext|>b"), [64, 50256, 65]);
+        assert_eq!(t.encode_ordinary("a<|endoftext|>b"), [64, 27, 91, 437, 1659, 5239, 91, 29, 65]);
+        assert_eq!(t.encode(&(" ".repeat(40) + "x")), [50257, 50280, 2124]);
+    }
+
+    #[test]
+    fn specials_have_the_shape_find_special_relies_on() {
+        let t = Tokenizer::xgen();
+        let specials = t.special_tokens();
+        assert_eq!(specials.len(), 906);
+        for (s, id) in specials {
+            let inner = &s[1..s.len() - 1];
+            assert!(s.starts_with('<') && s.ends_with('>'), "{s}");
+            assert!(!inner.contains(['<', '>']), "{s}");
+            assert_eq!(t.special_token_id(s), Some(id));
+            assert_eq!(t.special_token(id), Some(s));
+        }
+    }
+
+    #[test]
+    fn finds_specials_among_look_alikes() {
+        let t = Tokenizer::xgen();
+        let ids = t.encode("<<mask_1><mask_0><sep>>");
+        assert_eq!(ids.iter().filter(|&&id| t.is_special(id)).count(), 2);
+        assert!(ids.contains(&51199) && ids.contains(&50317));
+    }
+
+    #[test]
+    fn unknown_id_is_an_error() {
+        let t = Tokenizer::xgen();
+        let err = TokenizerError::UnknownId { id: 51200, n_vocab: 51200 };
+        assert_eq!(t.decode(&[1, 51200]), Err(err.clone()));
+        assert_eq!(
+            t.stream_decoder().push(u32::MAX).unwrap_err().to_string(),
+            TokenizerError::UnknownId { id: u32::MAX, n_vocab: 51200 }.to_string()
+        );
+        assert_eq!(t.token_bytes(51200), Err(err));
+    }
+
+    #[test]
+    fn merge_implementations_agree() {
+        let t = Tokenizer::xgen();
+        let texts =
+            ["x".repeat(300), "日本語のテキスト".repeat(40), "!?".repeat(200), "1234567890".repeat(30)];
+        for text in &texts {
+            for piece in pretokenize::pieces(text).filter(|p| p.len() >= 2) {
+                let b = piece.as_bytes();
+                assert_eq!(bpe::merge_scan(&t.vocab.ranks, b), bpe::merge_heap(&t.vocab.ranks, b), "{piece}");
+            }
+        }
+    }
+}
