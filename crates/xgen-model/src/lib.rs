@@ -1,0 +1,21 @@
+//! XGen-7B (HF `LlamaForCausalLM`) on candle: `config.json`, checkpoint loading (PyTorch `.bin` and
+//! safetensors, single or sharded), the forward pass with a KV cache, and perplexity.
+//!
+//! Data flow: ids → [`Model::forward_hidden`] (embed → layers → norm, writing the [`KvCache`]) →
+//! [`Model::logits`]. The model knows nothing of text; the tokenizer is another crate.
+
+mod attention;
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+mod mlp;
+pub mod model;
+pub mod perplexity;
+mod rope;
+pub mod weights;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use config::{Config, RopeScaling};
+pub use error::{ModelError, Result};
+pub use kv_cache::KvCache;
+pub use model::Model;

@@ -1,0 +1,22 @@
+//! The SiLU-gated feed-forward block: `down(silu(gate(x)) * up(x))`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::Linear;
+
+use crate::error::Result;
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// `x` `[b, t, d]` -> `[b, t, d]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?; // [b, t, f]
+        let up = self.up_proj.forward(x)?; // [b, t, f]
+        Ok(self.down_proj.forward(&(gate * up)?)?) // [b, t, f] -> [b, t, d]
+    }
+}

@@ -1,0 +1,201 @@
+//! The XGen / Llama decoder: embed → layers (attention, MLP, each pre-normed and residual) →
+//! norm → `lm_head`.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, Linear, RmsNorm};
+
+use crate::{
+    attention::Attention,
+    config::Config,
+    error::{ModelError, Result},
+    kv_cache::KvCache,
+    mlp::Mlp,
+    rope::Rope,
+    weights::{
+        self,
+        names::{self, LayerTensor},
+        Checkpoint, LoadProgress, TensorMap,
+    },
+};
+
+/// Tokens per forward step when a long prompt is processed: bounds activations (an `[8192, 11008]`
+/// f32 MLP intermediate would be 360 MB) while keeping matrix products large.
+pub const PREFILL_CHUNK: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// `x` `[b, t, d]` -> `[b, t, d]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let attn_norm = self.input_layernorm.forward(x)?;
+        let attn_out = self.self_attn.forward(&attn_norm, cos, sin, layer, cache)?;
+        let h = (x + attn_out)?;
+        let ffn_norm = self.post_attention_layernorm.forward(&h)?;
+        let ffn_out = self.mlp.forward(&ffn_norm)?;
+        Ok((h + ffn_out)?)
+    }
+}
+
+/// A loaded model. Immutable: all per-sequence state lives in the [`KvCache`] passed in.
+#[derive(Debug, Clone)]
+pub struct Model {
+    config: Config,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Model {
+    /// Loads `dir/config.json` and the weights of `dir`, converted to `dtype` on `device`.
+    pub fn load(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        let config = Config::load(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::find(dir)?;
+        let tensors = weights::load(&checkpoint, &config, dtype, device, progress)?;
+        Self::from_tensors(config, tensors, dtype, device)
+    }
+
+    /// Builds the model from checked tensors (see [`weights::load`]).
+    pub fn from_tensors(
+        config: Config,
+        mut tensors: TensorMap,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut take = |name: &str| {
+            tensors.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into(), file: None })
+        };
+        let eps = config.rms_norm_eps;
+        let embed = take(names::EMBED_TOKENS)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let mut t = |which| take(&names::layer_name(i, which));
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::new(t(LayerTensor::InputLayernorm)?, eps),
+                self_attn: Attention {
+                    q_proj: Linear::new(t(LayerTensor::QProj)?, None),
+                    k_proj: Linear::new(t(LayerTensor::KProj)?, None),
+                    v_proj: Linear::new(t(LayerTensor::VProj)?, None),
+                    o_proj: Linear::new(t(LayerTensor::OProj)?, None),
+                    num_heads: config.num_attention_heads,
+                    num_kv_heads: config.num_key_value_heads,
+                    head_dim: config.head_dim,
+                },
+                post_attention_layernorm: RmsNorm::new(t(LayerTensor::PostAttentionLayernorm)?, eps),
+                mlp: Mlp {
+                    gate_proj: Linear::new(t(LayerTensor::GateProj)?, None),
+                    up_proj: Linear::new(t(LayerTensor::UpProj)?, None),
+                    down_proj: Linear::new(t(LayerTensor::DownProj)?, None),
+                },
+            });
+        }
+        let norm = RmsNorm::new(take(names::NORM)?, eps);
+        let lm_head = if config.tie_word_embeddings { embed.clone() } else { take(names::LM_HEAD)? };
+        Ok(Self {
+            embed_tokens: Embedding::new(embed, config.hidden_size),
+            lm_head: Linear::new(lm_head, None),
+            rope: Rope::new(&config),
+            layers,
+            norm,
+            config,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for `batch` sequences of up to `capacity` positions.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let c = &self.config;
+        KvCache::new(
+            c.num_hidden_layers,
+            batch,
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity,
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    /// `ids` as a `[1, t]` tensor on the model's device, after checking each is in the vocabulary.
+    pub fn ids_tensor(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, vocab_size: self.config.vocab_size });
+        }
+        Ok(Tensor::new(ids, &self.device)?.unsqueeze(0)?)
+    }
+
+    /// One forward step: `ids` `[b, t]` at positions `cache.len()..` -> final hidden states
+    /// `[b, t, d]` (after `model.norm`). Writes the step's keys and values into `cache`.
+    pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        cache.check_room(t)?;
+        let (cos, sin) = self.rope.cos_sin(cache.len(), t, self.dtype, &self.device)?; // [t, hd/2]
+        let mut x = self.embed_tokens.forward(ids)?; // [b, t, d]
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &cos, &sin, i, cache)?;
+        }
+        cache.advance(t);
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// `lm_head`: hidden `[.., d]` -> logits `[.., v]` in f32.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Runs `ids` `[b, t]` in steps of at most [`PREFILL_CHUNK`] tokens and returns the f32 logits
+    /// of the last position, `[b, v]`.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        cache.check_room(t)?;
+        let mut last = None;
+        for start in (0..t).step_by(PREFILL_CHUNK) {
+            let chunk = ids.narrow(1, start, PREFILL_CHUNK.min(t - start))?;
+            last = Some(self.forward_hidden(&chunk, cache)?);
+        }
+        let hidden =
+            last.ok_or_else(|| candle_core::Error::Msg("forward_last needs at least one token".into()))?;
+        self.logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?)
+    }
+}
+
+/// Natural-log softmax over the last dimension, in f32.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?)
+}
