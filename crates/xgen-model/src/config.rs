@@ -132,6 +132,40 @@ impl Config {
         Ok(config)
     }
 
+    /// The HF `config.json` of this configuration, stored as `dtype`.
+    pub fn to_json(&self, dtype: candle_core::DType) -> Value {
+        let mut v = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": if self.eos_token_id.len() == 1 { serde_json::json!(self.eos_token_id[0]) } else { serde_json::json!(self.eos_token_id) },
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": crate::weights::write::torch_dtype_name(dtype),
+        });
+        v["rope_scaling"] = match self.rope_scaling {
+            None => Value::Null,
+            Some(RopeScaling::Linear { factor }) => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            Some(RopeScaling::Dynamic { factor, original_max_position_embeddings }) => serde_json::json!({
+                "rope_type": "dynamic", "factor": factor, "original_max_position_embeddings": original_max_position_embeddings
+            }),
+        };
+        v
+    }
+
     /// Width of the query projection output, `num_attention_heads * head_dim`.
     pub fn q_dim(&self) -> usize {
         self.num_attention_heads * self.head_dim

@@ -8,7 +8,9 @@
 pub mod names;
 mod pickle;
 
+pub mod random;
 mod safetensors;
+pub mod write;
 
 use std::{
     collections::HashMap,
@@ -122,23 +124,24 @@ pub struct LoadProgress<'a> {
     pub tensors_total: usize,
 }
 
-/// Loads and checks every tensor of `checkpoint` for `config`, converting to `dtype` on `device`.
-pub fn load(
-    checkpoint: &Checkpoint,
-    config: &Config,
-    dtype: DType,
-    device: &Device,
-    progress: &mut dyn FnMut(LoadProgress),
-) -> Result<TensorMap> {
+/// A checked tensor of a checkpoint: its name, the shard holding it, and its stored dtype.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub name: String,
+    pub shard: usize,
+    pub shape: Vec<usize>,
+    pub stored_dtype: DType,
+}
+
+/// Reads every shard's header and checks it against `config` before any tensor data is read:
+/// names, shapes, dtypes, the index, duplicates, and that nothing is missing. Returns the entries
+/// in shard order.
+pub fn check(checkpoint: &Checkpoint, config: &Config) -> Result<Vec<Entry>> {
     let expected: HashMap<String, Vec<usize>> = names::expected_tensors(config).into_iter().collect();
-    let mut loaded = TensorMap::with_capacity(expected.len());
-    let mut origin: HashMap<String, PathBuf> = HashMap::new();
-    for file in &checkpoint.shards {
-        let shard: Box<dyn Shard> = match checkpoint.format {
-            Format::Safetensors => Box::new(safetensors::open(file)?),
-            Format::Pickle => Box::new(pickle::open(file)?),
-        };
-        for h in shard.headers() {
+    let mut entries = Vec::with_capacity(expected.len());
+    let mut origin: HashMap<String, usize> = HashMap::new();
+    for (shard, file) in checkpoint.shards.iter().enumerate() {
+        for h in open(checkpoint.format, file)?.headers() {
             if names::is_ignored(&h.name) || names::is_optional(config, &h.name) {
                 continue;
             }
@@ -161,27 +164,76 @@ pub fn load(
                     got: h.shape,
                 });
             }
-            if !matches!(h.dtype, Some(DType::F32 | DType::BF16 | DType::F16)) {
+            let Some(stored_dtype @ (DType::F32 | DType::BF16 | DType::F16)) = h.dtype else {
                 return Err(ModelError::TensorDtype {
                     name: h.name,
                     file: file.clone(),
                     dtype: h.dtype_name,
                 });
-            }
-            if let Some(first) = origin.insert(h.name.clone(), file.clone()) {
+            };
+            if let Some(first) = origin.insert(h.name.clone(), shard) {
+                let first = checkpoint.shards[first].clone();
                 return Err(ModelError::DuplicateTensor { name: h.name, file: file.clone(), first });
             }
-            // Convert, then move: the stored-dtype copy is dropped at the end of this statement.
-            let tensor = shard.load(&h.name)?.to_dtype(dtype)?.to_device(device)?;
-            loaded.insert(h.name, tensor);
-            progress(LoadProgress { file, tensors_done: loaded.len(), tensors_total: expected.len() });
+            entries.push(Entry { name: h.name, shard, shape: h.shape, stored_dtype });
         }
     }
     if let Some((name, _)) =
-        names::expected_tensors(config).into_iter().find(|(n, _)| !loaded.contains_key(n))
+        names::expected_tensors(config).into_iter().find(|(n, _)| !origin.contains_key(n))
     {
         let file = checkpoint.index.as_ref().and_then(|i| i.get(&name).cloned());
         return Err(ModelError::MissingTensor { name, file });
     }
+    Ok(entries)
+}
+
+fn open(format: Format, file: &Path) -> Result<Box<dyn Shard>> {
+    Ok(match format {
+        Format::Safetensors => Box::new(safetensors::open(file)?),
+        Format::Pickle => Box::new(pickle::open(file)?),
+    })
+}
+
+/// Streams the checked `entries` shard by shard: each tensor is read, converted to `dtype` on
+/// `device` and handed to `sink` before the next is read; a shard is closed (its mapping dropped)
+/// before the next opens.
+pub fn stream(
+    checkpoint: &Checkpoint,
+    entries: &[Entry],
+    dtype: DType,
+    device: &Device,
+    sink: &mut dyn FnMut(&Entry, Tensor) -> Result<()>,
+) -> Result<()> {
+    for (shard, file) in checkpoint.shards.iter().enumerate() {
+        let mut in_shard = entries.iter().filter(|e| e.shard == shard).peekable();
+        if in_shard.peek().is_none() {
+            continue;
+        }
+        let reader = open(checkpoint.format, file)?;
+        for entry in in_shard {
+            // Convert, then move: the stored-dtype copy is dropped at the end of this statement.
+            let tensor = reader.load(&entry.name)?.to_dtype(dtype)?.to_device(device)?;
+            sink(entry, tensor)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks and loads every tensor of `checkpoint` for `config`, converted to `dtype` on `device`.
+pub fn load(
+    checkpoint: &Checkpoint,
+    config: &Config,
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<TensorMap> {
+    let entries = check(checkpoint, config)?;
+    let mut loaded = TensorMap::with_capacity(entries.len());
+    stream(checkpoint, &entries, dtype, device, &mut |entry, tensor| {
+        loaded.insert(entry.name.clone(), tensor);
+        let file = &checkpoint.shards[entry.shard];
+        progress(LoadProgress { file, tensors_done: loaded.len(), tensors_total: entries.len() });
+        Ok(())
+    })?;
     Ok(loaded)
 }
