@@ -21,6 +21,13 @@ pub enum Command {
     /// Reads a JSON array of ids from stdin and prints the text. With --jsonl, maps lines
     /// `{"ids": [...]}` to lines `{"text": ...}` in order, streaming.
     Detokenize(DetokenizeArgs),
+    /// Mean next-token negative log-likelihood and perplexity of a text or token ids.
+    ///
+    /// Transformers' causal-LM loss with labels = input ids; sequences longer than the window are
+    /// scored with a strided sliding window.
+    Perplexity(crate::perplexity::PerplexityArgs),
+    /// Re-save a model as sharded safetensors (with index and config), streaming shard by shard.
+    Convert(crate::convert::ConvertArgs),
 }
 
 #[derive(Args, Debug)]

@@ -25,10 +25,25 @@ pub fn report(result: anyhow::Result<()>) -> ExitCode {
     if broken_pipe {
         return ExitCode::SUCCESS;
     }
-    eprintln!("xgen: error: {err:#}");
+    eprintln!("xgen: error: {}", message(&err));
     if err.downcast_ref::<BadInput>().is_some() {
         ExitCode::from(2)
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// The error and its causes, each cause added only if the message does not already state it.
+fn message(err: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg
 }

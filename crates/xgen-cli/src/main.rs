@@ -2,8 +2,11 @@
 //! codes (2 for bad usage or bad input, 1 for other failures). The work lives in the libraries.
 
 mod cli;
+mod convert;
 mod exit;
 mod jsonl;
+mod model_args;
+mod perplexity;
 mod tokenize;
 
 use std::process::ExitCode;
@@ -15,6 +18,8 @@ fn main() -> ExitCode {
     let result = match args.command {
         cli::Command::Tokenize(a) => tokenize::tokenize(&a),
         cli::Command::Detokenize(a) => tokenize::detokenize(&a),
+        cli::Command::Perplexity(a) => perplexity::run(&a),
+        cli::Command::Convert(a) => convert::run(&a),
     };
     exit::report(result)
 }

@@ -10,6 +10,7 @@ mod pickle;
 
 pub mod random;
 mod safetensors;
+mod torch_zip;
 pub mod write;
 
 use std::{

@@ -1,5 +1,6 @@
-//! Writing weights as safetensors — one `model.safetensors`, or shards of at most a given size plus
-//! `model.safetensors.index.json` — streaming: only the tensors of the shard being filled are held.
+//! Writing weights — one file, or shards of at most a given size plus an index — as safetensors
+//! (`model.safetensors`) or PyTorch zip/pickle (`pytorch_model.bin`), streaming: only the tensors of
+//! the safetensors shard being filled are held; `.bin` shards take each tensor as it comes.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -8,7 +9,7 @@ use std::{
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{check, names, stream, Checkpoint, LoadProgress};
+use super::{check, names, stream, torch_zip::TorchZipWriter, Checkpoint, LoadProgress};
 use crate::{
     config::Config,
     error::{ModelError, Result},
@@ -17,13 +18,50 @@ use crate::{
 /// transformers' default `max_shard_size` ("5GB").
 pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;
 
+/// The file format written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    Safetensors,
+    /// PyTorch zip/pickle, the layout of the official XGen checkpoints.
+    Pickle,
+}
+
+impl OutputFormat {
+    fn file_names(self, n: usize) -> Vec<String> {
+        let (single, stem, ext) = match self {
+            Self::Safetensors => ("model.safetensors", "model", "safetensors"),
+            Self::Pickle => ("pytorch_model.bin", "pytorch_model", "bin"),
+        };
+        if n == 1 {
+            vec![single.into()]
+        } else {
+            (1..=n).map(|i| format!("{stem}-{i:05}-of-{n:05}.{ext}")).collect()
+        }
+    }
+
+    fn index_name(self) -> &'static str {
+        match self {
+            Self::Safetensors => "model.safetensors.index.json",
+            Self::Pickle => "pytorch_model.bin.index.json",
+        }
+    }
+}
+
+/// The shard being written.
+enum OpenShard {
+    None,
+    Safetensors(Vec<(String, Tensor)>),
+    Pickle(Box<TorchZipWriter>),
+}
+
 /// Writes tensors in a fixed order into shards planned up front from their sizes.
 pub struct ShardedWriter {
     dir: PathBuf,
+    format: OutputFormat,
     /// Output file of each tensor, by name.
     file_of: HashMap<String, String>,
     files: Vec<String>,
-    current: Vec<(String, Tensor)>,
+    current: OpenShard,
     current_file: usize,
     total_size: u64,
 }
@@ -31,7 +69,12 @@ pub struct ShardedWriter {
 impl ShardedWriter {
     /// Plans shards for `tensors` (name, bytes), in the order they will be pushed: a new shard
     /// starts when the next tensor would take the current one past `max_shard_bytes`.
-    pub fn new(dir: &Path, tensors: &[(String, u64)], max_shard_bytes: u64) -> Result<Self> {
+    pub fn new(
+        dir: &Path,
+        format: OutputFormat,
+        tensors: &[(String, u64)],
+        max_shard_bytes: u64,
+    ) -> Result<Self> {
         let mut shard_of = Vec::with_capacity(tensors.len());
         let (mut shard, mut bytes) = (0usize, 0u64);
         for (_, size) in tensors {
@@ -42,17 +85,20 @@ impl ShardedWriter {
             bytes += size;
             shard_of.push(shard);
         }
-        let n = shard + 1;
-        let files: Vec<String> = if n == 1 {
-            vec!["model.safetensors".into()]
-        } else {
-            (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect()
-        };
+        let files = format.file_names(shard + 1);
         let file_of =
             tensors.iter().zip(&shard_of).map(|((name, _), &s)| (name.clone(), files[s].clone())).collect();
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let total_size = tensors.iter().map(|(_, s)| s).sum();
-        Ok(Self { dir: dir.into(), file_of, files, current: Vec::new(), current_file: 0, total_size })
+        Ok(Self {
+            dir: dir.into(),
+            format,
+            file_of,
+            files,
+            current: OpenShard::None,
+            current_file: 0,
+            total_size,
+        })
     }
 
     /// Adds the next tensor; writes the previous shard out when this one belongs to the next.
@@ -66,19 +112,37 @@ impl ShardedWriter {
             self.flush()?;
             self.current_file = index;
         }
-        self.current.push((name.to_string(), tensor));
+        if matches!(self.current, OpenShard::None) {
+            self.current = match self.format {
+                OutputFormat::Safetensors => OpenShard::Safetensors(Vec::new()),
+                OutputFormat::Pickle => {
+                    OpenShard::Pickle(TorchZipWriter::create(&self.dir.join(&self.files[index]))?)
+                }
+            };
+        }
+        match &mut self.current {
+            OpenShard::Safetensors(tensors) => tensors.push((name.to_string(), tensor)),
+            OpenShard::Pickle(writer) => writer.add(name, &tensor)?,
+            OpenShard::None => unreachable!("opened above"),
+        }
         Ok(())
     }
 
     fn flush(&mut self) -> Result<()> {
-        if self.current.is_empty() {
-            return Ok(());
-        }
         let path = self.dir.join(&self.files[self.current_file]);
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let tensors = std::mem::take(&mut self.current);
-        safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &path)
-            .map_err(|e| ModelError::format(&path, e))
+        match std::mem::replace(&mut self.current, OpenShard::None) {
+            OpenShard::None => Ok(()),
+            OpenShard::Pickle(writer) => writer.finish(),
+            OpenShard::Safetensors(tensors) => {
+                let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+                safetensors::serialize_to_file(
+                    tensors.iter().map(|(n, t)| (n.as_str(), t)),
+                    Some(metadata),
+                    &path,
+                )
+                .map_err(|e| ModelError::format(&path, e))
+            }
+        }
     }
 
     /// Writes the last shard and, when sharded, the index. Returns the files written.
@@ -88,7 +152,7 @@ impl ShardedWriter {
             let weight_map: BTreeMap<&String, &String> = self.file_of.iter().collect();
             let index =
                 serde_json::json!({"metadata": {"total_size": self.total_size}, "weight_map": weight_map});
-            let path = self.dir.join("model.safetensors.index.json");
+            let path = self.dir.join(self.format.index_name());
             let text = serde_json::to_string_pretty(&index).map_err(|e| ModelError::format(&path, e))?;
             std::fs::write(&path, text + "\n").map_err(|e| ModelError::io(&path, e))?;
         }
@@ -105,12 +169,13 @@ pub fn torch_dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// Copies `src`'s model directory to `out` as safetensors in `dtype`, streaming tensor by tensor.
+/// Copies `src`'s model directory to `out` in `format` and `dtype`, streaming tensor by tensor.
 /// Small files (configs, tokenizer code, README) are copied; `config.json` gets the new
 /// `torch_dtype`. Returns the weight files written.
 pub fn convert(
     src: &Path,
     out: &Path,
+    format: OutputFormat,
     dtype: DType,
     max_shard_bytes: u64,
     progress: &mut dyn FnMut(LoadProgress),
@@ -125,7 +190,7 @@ pub fn convert(
         .iter()
         .map(|e| (e.name.clone(), (e.shape.iter().product::<usize>() * dtype.size_in_bytes()) as u64))
         .collect();
-    let mut writer = ShardedWriter::new(out, &sizes, max_shard_bytes)?;
+    let mut writer = ShardedWriter::new(out, format, &sizes, max_shard_bytes)?;
     let mut done = 0;
     stream(&checkpoint, &entries, dtype, &Device::Cpu, &mut |entry, tensor| {
         writer.push(&entry.name, tensor)?;
@@ -142,7 +207,8 @@ pub fn convert(
     Ok(files)
 }
 
-/// Writes `config.json` for `config` stored as `dtype` into `out`, keeping `src`'s other keys.
+/// Copies the small files of `src` (configs, tokenizer code, README) into `out`, with
+/// `config.json`'s `torch_dtype` set to `dtype`.
 fn copy_small_files(src: &Path, out: &Path, dtype: DType) -> Result<()> {
     let read = std::fs::read_dir(src).map_err(|e| ModelError::io(src, e))?;
     for entry in read {
@@ -169,14 +235,20 @@ fn copy_small_files(src: &Path, out: &Path, dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// Writes a random-weights model of `config` (see [`super::random`]) to `out` as safetensors.
-pub fn write_random(config: &Config, out: &Path, dtype: DType, max_shard_bytes: u64) -> Result<Vec<String>> {
+/// Writes a random-weights model of `config` (see [`super::random`]) to `out`.
+pub fn write_random(
+    config: &Config,
+    out: &Path,
+    format: OutputFormat,
+    dtype: DType,
+    max_shard_bytes: u64,
+) -> Result<Vec<String>> {
     let expected = names::expected_tensors(config);
     let sizes: Vec<(String, u64)> = expected
         .iter()
         .map(|(n, s)| (n.clone(), (s.iter().product::<usize>() * dtype.size_in_bytes()) as u64))
         .collect();
-    let mut writer = ShardedWriter::new(out, &sizes, max_shard_bytes)?;
+    let mut writer = ShardedWriter::new(out, format, &sizes, max_shard_bytes)?;
     for (name, shape) in &expected {
         writer.push(name, super::random::tensor(name, shape, dtype, &Device::Cpu)?)?;
     }

@@ -1,0 +1,84 @@
+//! Where the model comes from (`--model DIR` or `--random-weights PRESET`) and in which dtype;
+//! loading it with a progress bar on a terminal.
+
+use std::{path::PathBuf, time::Instant};
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use xgen_model::{weights, DType, Device, Model};
+
+/// Compute dtype of the weights and activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    pub fn candle(self) -> DType {
+        match self {
+            Dtype::F32 => DType::F32,
+            Dtype::Bf16 => DType::BF16,
+            Dtype::F16 => DType::F16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory: config.json plus model.safetensors[.index.json] or pytorch_model.bin[.index.json].
+    #[arg(long, required_unless_present = "random_weights")]
+    pub model: Option<PathBuf>,
+    /// Instead of --model: deterministic random weights of a preset shape (xgen-7b, xgen-7b-8l, small, tiny).
+    #[arg(long, value_name = "PRESET", conflicts_with = "model")]
+    pub random_weights: Option<String>,
+    /// Compute dtype (weights are converted on load).
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    pub dtype: Dtype,
+}
+
+impl ModelArgs {
+    /// Loads the model on the CPU, showing progress on a terminal.
+    pub fn load(&self) -> anyhow::Result<Model> {
+        let start = Instant::now();
+        let bar = ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors {elapsed}")
+                .expect("valid template"),
+        );
+        let mut progress = |p: weights::LoadProgress| {
+            bar.set_length(p.tensors_total as u64);
+            bar.set_position(p.tensors_done as u64);
+            bar.set_message(p.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
+        };
+        let dtype = self.dtype.candle();
+        let model = match (&self.model, &self.random_weights) {
+            (Some(dir), _) => Model::load(dir, dtype, &Device::Cpu, &mut progress)?,
+            (None, Some(preset)) => {
+                let config = weights::random::preset(preset)?;
+                let tensors = weights::random::tensors(&config, dtype, &Device::Cpu, &mut progress)?;
+                Model::from_tensors(config, tensors, dtype, &Device::Cpu)?
+            }
+            (None, None) => anyhow::bail!("one of --model or --random-weights is required"),
+        };
+        bar.finish_and_clear();
+        status(&format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
+        Ok(model)
+    }
+}
+
+/// A status line on stderr, only when stderr is a terminal (keeps piped output clean).
+pub fn status(msg: &str) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprintln!("xgen: {msg}");
+    }
+}

@@ -1,0 +1,162 @@
+//! `xgen perplexity` and `xgen convert` end to end on the fixture models, against transformers'
+//! mean NLL from `expected.json`.
+
+use std::{path::PathBuf, process::Command};
+
+use serde_json::Value;
+
+fn fixture(model: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models").join(model)
+}
+
+fn xgen(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_xgen")).args(args).output().expect("run xgen")
+}
+
+fn stdout_json(out: &std::process::Output) -> Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+/// (ids, mean NLL) of prompt `index` of a fixture's float32 run.
+fn prompt(model: &str, index: usize) -> (Vec<u64>, f64) {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(model).join("expected.json")).unwrap())
+            .unwrap();
+    let p = &expected["float32"]["prompts"][index];
+    let ids = p["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    (ids, p["mean_nll"].as_f64().unwrap())
+}
+
+fn write_ids(dir: &tempfile::TempDir, ids: &[u64]) -> String {
+    let path = dir.path().join("ids.json");
+    std::fs::write(&path, serde_json::to_string(ids).unwrap()).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn perplexity_json_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    for model in ["tiny-xgen-8k-bin", "tiny-xgen-8k-st"] {
+        let (ids, want) = prompt(model, 4);
+        let ids_file = write_ids(&tmp, &ids);
+        let dir = fixture(model);
+        let out = stdout_json(&xgen(&[
+            "perplexity",
+            "--model",
+            dir.to_str().unwrap(),
+            "--ids-file",
+            &ids_file,
+            "--dtype",
+            "f32",
+            "--json",
+        ]));
+        assert_eq!(out["tokens"], ids.len());
+        let got = out["mean_nll"].as_f64().unwrap();
+        assert!((got - want).abs() / want < 1e-4, "{model}: {got} vs {want}");
+        assert!((out["perplexity"].as_f64().unwrap() / got.exp() - 1.0).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn convert_to_sharded_safetensors_keeps_the_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("converted");
+    let src = fixture("tiny-xgen-8k-bin");
+    let out = xgen(&[
+        "convert",
+        "--model",
+        src.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--shard-size",
+        "10MB",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    assert_eq!(index["weight_map"].as_object().unwrap().len(), 2 + 2 * 9 + 1, "every tensor, no inv_freq");
+    assert!(out_dir.join("model-00003-of-00003.safetensors").is_file());
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "float32");
+
+    let (ids, want) = prompt("tiny-xgen-8k-bin", 3);
+    let ids_file = write_ids(&tmp, &ids);
+    let scored = stdout_json(&xgen(&[
+        "perplexity",
+        "--model",
+        out_dir.to_str().unwrap(),
+        "--ids-file",
+        &ids_file,
+        "--dtype",
+        "f32",
+        "--json",
+    ]));
+    let got = scored["mean_nll"].as_f64().unwrap();
+    assert!((got - want).abs() / want < 1e-4, "{got} vs {want}");
+
+    let again = xgen(&["convert", "--model", src.to_str().unwrap(), "--out", out_dir.to_str().unwrap()]);
+    assert!(!again.status.success(), "refuses to write over existing weights");
+}
+
+#[test]
+fn sliding_window_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ids, _) = prompt("tiny-xgen-8k-bin", 4);
+    let ids_file = write_ids(&tmp, &ids);
+    let dir = fixture("tiny-xgen-8k-bin");
+    let args = [
+        "perplexity",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids-file",
+        &ids_file,
+        "--dtype",
+        "f32",
+        "--window",
+        "128",
+        "--stride",
+        "64",
+    ];
+    let out = stdout_json(&xgen(&[&args[..], &["--json"]].concat()));
+    assert_eq!(
+        (out["windows"].as_u64(), out["stride"].as_u64(), out["scored_tokens"].as_u64()),
+        (Some(4), Some(64), Some(299))
+    );
+    let text = String::from_utf8(xgen(&args).stdout).unwrap();
+    assert!(text.contains("sliding window: 4 windows of 128 tokens, stride 64"), "{text}");
+}
+
+#[test]
+fn bad_perplexity_input_exits_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-xgen-8k-st");
+    let model = dir.to_str().unwrap();
+    for (content, expect) in [
+        ("[1]", "at least 2 tokens"),
+        ("[1, -2]", "ids[1]"),
+        ("{\"x\": 1}", "expected a JSON array"),
+        ("[1, 2", "invalid JSON"),
+    ] {
+        let path = tmp.path().join("bad.json");
+        std::fs::write(&path, content).unwrap();
+        let out = xgen(&["perplexity", "--model", model, "--ids-file", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{content}: {err}");
+        assert!(err.contains(expect), "{content}: {err}");
+    }
+    let ids_file = write_ids(&tmp, &[1, 2, 3]);
+    let out = xgen(&["perplexity", "--model", model, "--ids-file", &ids_file, "--stride", "9000"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = xgen(&["perplexity", "--model", "/nonexistent/model", "--ids-file", &ids_file]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("/nonexistent/model/config.json") && err.matches("No such file").count() == 1,
+        "{err}"
+    );
+}
