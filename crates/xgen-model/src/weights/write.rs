@@ -116,7 +116,7 @@ impl ShardedWriter {
             self.current = match self.format {
                 OutputFormat::Safetensors => OpenShard::Safetensors(Vec::new()),
                 OutputFormat::Pickle => {
-                    OpenShard::Pickle(TorchZipWriter::create(&self.dir.join(&self.files[index]))?)
+                    OpenShard::Pickle(Box::new(TorchZipWriter::create(&self.dir.join(&self.files[index]))?))
                 }
             };
         }
