@@ -38,6 +38,7 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (h, kv_h, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let past = cache.len();
+        let padding = cache.padding().to_vec();
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             // [b, t, d] -> [b, t, n * hd] -> [b, n, t, hd]
             Ok(proj.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
@@ -47,7 +48,7 @@ impl Attention {
         let v = heads(&self.v_proj, kv_h)?; // [b, kv_h, t, hd]
         let (k, v) = cache.append(layer, &k, &v)?; // [b, kv_h, s, hd], s = past + t
         let (k, v) = (repeat_kv(&k, h / kv_h)?, repeat_kv(&v, h / kv_h)?); // [b, h, s, hd]
-        let attn = causal_attention(&q, &k, &v, past)?.to_dtype(x.dtype())?; // [b, h, t, hd]
+        let attn = causal_attention(&q, &k, &v, past, &padding)?.to_dtype(x.dtype())?; // [b, h, t, hd]
         let attn = attn.transpose(1, 2)?.reshape((b, t, h * hd))?; // [b, t, h * hd]
         Ok(self.o_proj.forward(&attn)?) // [b, t, d]
     }
@@ -62,16 +63,31 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?.expand((b, kv_h, n_rep, s, hd))?.reshape((b, kv_h * n_rep, s, hd))?)
 }
 
-/// softmax(q kᵀ / √hd + causal mask) v, in f32, for queries at positions `past..past + t`.
+/// softmax(q kᵀ / √hd + mask) v, in f32, for queries at cache slots `past..past + t`: causal, and
+/// row `i` never attends to its first `padding[i]` slots (left padding).
 /// `q` `[b, h, t, hd]`, `k` and `v` `[b, h, s, hd]` with `s = past + t` -> `[b, h, t, hd]` f32.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    past: usize,
+    padding: &[usize],
+) -> Result<Tensor> {
     let (b, h, t, _) = q.dims4()?;
     let rows = (SCORE_BUDGET_BYTES / (b * h * k.dim(2)? * 4)).clamp(1, t.max(1));
-    attention_in_chunks(q, k, v, past, rows)
+    attention_in_chunks(q, k, v, past, padding, rows)
 }
 
 /// [`causal_attention`] with `rows` query rows per chunk.
-fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, past: usize, rows: usize) -> Result<Tensor> {
+fn attention_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    past: usize,
+    padding: &[usize],
+    rows: usize,
+) -> Result<Tensor> {
+    let padded = padding.iter().any(|&p| p > 0);
     let (_, _, t, hd) = q.dims4()?;
     let s = k.dim(2)?;
     let scale = 1.0 / (hd as f64).sqrt();
@@ -83,7 +99,9 @@ fn attention_in_chunks(q: &Tensor, k: &Tensor, v: &Tensor, past: usize, rows: us
         let scores = (q.narrow(2, r0, rc)?.matmul(&kt)? * scale)?; // [b, h, rc, s]
                                                                    // Row i (position past + r0 + i) sees keys 0..=past + r0 + i: no mask only when the
                                                                    // chunk's first row is already the last position (a decode step).
-        let scores = if past + r0 + 1 < s {
+        let scores = if padded {
+            scores.broadcast_add(&padded_causal_mask(past + r0, rc, s, padding, q.device())?)?
+        } else if past + r0 + 1 < s {
             scores.broadcast_add(&causal_mask(past + r0, rc, s, q.device())?)?
         } else {
             scores
@@ -102,6 +120,33 @@ fn causal_mask(first: usize, rows: usize, s: usize, device: &candle_core::Device
     Ok(Tensor::from_vec(mask, (rows, s), device)?)
 }
 
+/// Score added for a padding key: finite, so that a padding query row (which sees only padding)
+/// gets a uniform softmax instead of NaN; `exp` of it underflows to 0 next to any real key.
+const PAD_SCORE: f32 = -1e30;
+
+/// `[b, 1, rows, s]`: [`causal_mask`] plus [`PAD_SCORE`] on each row's padding keys.
+fn padded_causal_mask(
+    first: usize,
+    rows: usize,
+    s: usize,
+    padding: &[usize],
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = padding
+        .iter()
+        .flat_map(|&pad| {
+            (0..rows).flat_map(move |i| {
+                (0..s).map(move |j| match (j <= first + i, j >= pad) {
+                    (false, _) => f32::NEG_INFINITY,
+                    (true, false) => PAD_SCORE,
+                    (true, true) => 0.0,
+                })
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (padding.len(), 1, rows, s), device)?)
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
@@ -117,7 +162,7 @@ mod tests {
         let q = Tensor::randn(0f32, 1., (b, h, t, hd), &dev).unwrap();
         let k = Tensor::randn(0f32, 1., (b, h, s, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1., (b, h, s, hd), &dev).unwrap();
-        let got = attention_in_chunks(&q, &k, &v, past, 64).unwrap();
+        let got = attention_in_chunks(&q, &k, &v, past, &[0], 64).unwrap();
         let scores = (q.matmul(&k.t().unwrap()).unwrap() / (hd as f64).sqrt()).unwrap();
         let scores = scores.broadcast_add(&causal_mask(past, t, s, &dev).unwrap()).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();

@@ -16,6 +16,9 @@ pub struct KvCache {
     /// Positions filled (equal in every layer between forward calls).
     len: usize,
     capacity: usize,
+    /// Left padding of each sequence: row `i`'s first `padding[i]` positions hold pad tokens that
+    /// no query attends to, and its real tokens are numbered from 0 after them.
+    padding: Vec<usize>,
 }
 
 impl KvCache {
@@ -33,7 +36,7 @@ impl KvCache {
         let layers = (0..num_layers)
             .map(|_| Ok((Tensor::zeros(shape, dtype, device)?, Tensor::zeros(shape, dtype, device)?)))
             .collect::<Result<_>>()?;
-        Ok(Self { layers, len: 0, capacity })
+        Ok(Self { layers, len: 0, capacity, padding: vec![0; batch] })
     }
 
     /// Positions already cached.
@@ -54,9 +57,40 @@ impl KvCache {
         self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
     }
 
-    /// Forgets every position (the buffers are kept).
+    /// Sequences in the batch.
+    pub fn batch(&self) -> usize {
+        self.padding.len()
+    }
+
+    /// Left padding per sequence (see [`KvCache::set_padding`]).
+    pub fn padding(&self) -> &[usize] {
+        &self.padding
+    }
+
+    /// Declares that row `i` starts with `padding[i]` pad tokens (left padding, as transformers
+    /// batches prompts of different lengths). Set before the first forward step.
+    pub fn set_padding(&mut self, padding: Vec<usize>) -> Result<()> {
+        if padding.len() != self.padding.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "padding for {} sequences given to a cache of {}",
+                padding.len(),
+                self.padding.len()
+            ))
+            .into());
+        }
+        self.padding = padding;
+        Ok(())
+    }
+
+    /// Whether any sequence is padded.
+    pub fn is_padded(&self) -> bool {
+        self.padding.iter().any(|&p| p > 0)
+    }
+
+    /// Forgets every position and the padding (the buffers are kept).
     pub fn clear(&mut self) {
         self.len = 0;
+        self.padding.fill(0);
     }
 
     /// Keeps the first `len` positions.

@@ -14,7 +14,7 @@ pub mod perplexity;
 mod rope;
 pub mod weights;
 
-pub use candle_core::{DType, Device, Tensor};
+pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use config::{Config, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;

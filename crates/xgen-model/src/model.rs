@@ -152,11 +152,17 @@ impl Model {
         )
     }
 
+    /// Fails on the first id outside the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            Some(&id) => Err(ModelError::TokenOutOfRange { id, vocab_size: self.config.vocab_size }),
+            None => Ok(()),
+        }
+    }
+
     /// `ids` as a `[1, t]` tensor on the model's device, after checking each is in the vocabulary.
     pub fn ids_tensor(&self, ids: &[u32]) -> Result<Tensor> {
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { id, vocab_size: self.config.vocab_size });
-        }
+        self.check_ids(ids)?;
         Ok(Tensor::new(ids, &self.device)?.unsqueeze(0)?)
     }
 
@@ -165,7 +171,12 @@ impl Model {
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let t = ids.dim(1)?;
         cache.check_room(t)?;
-        let (cos, sin) = self.rope.cos_sin(cache.len(), t, self.dtype, &self.device)?; // [t, hd/2]
+        // [t, hd/2], or [b, t, hd/2] when rows are left-padded (their positions differ).
+        let (cos, sin) = if cache.is_padded() {
+            self.rope.cos_sin_padded(cache.len(), t, cache.padding(), self.dtype, &self.device)?
+        } else {
+            self.rope.cos_sin(cache.len(), t, self.dtype, &self.device)?
+        };
         let mut x = self.embed_tokens.forward(ids)?; // [b, t, d]
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, &cos, &sin, i, cache)?;

@@ -45,24 +45,46 @@ impl Rope {
 
     /// cos and sin for positions `start..start + t`, each `[t, hd / 2]` in `dtype`.
     pub fn cos_sin(&self, start: usize, t: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-        let inv_freq = self.inv_freq(start + t);
+        self.cos_sin_padded(start, t, &[0], dtype, device)
+            .and_then(|(c, s)| Ok((c.squeeze(0)?, s.squeeze(0)?)))
+    }
+
+    /// cos and sin `[b, t, hd / 2]` for cache slots `start..start + t` of sequences whose first
+    /// `padding[i]` slots are padding: slot `p` of row `i` is position `p - padding[i]` (padding
+    /// slots get position 0; nothing attends to them).
+    pub fn cos_sin_padded(
+        &self,
+        start: usize,
+        t: usize,
+        padding: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        // Dynamic scaling follows the longest sequence, as transformers' max(position_ids) + 1.
+        let min_pad = padding.iter().copied().min().unwrap_or(0);
+        let inv_freq = self.inv_freq(start + t - min_pad);
         let half = self.head_dim / 2;
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for pos in start..start + t {
-            for &f in &inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+        let n = padding.len() * t * half;
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for &pad in padding {
+            for slot in start..start + t {
+                let pos = slot.saturating_sub(pad);
+                for &f in &inv_freq {
+                    let angle = pos as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
             }
         }
-        let cos = Tensor::from_vec(cos, (t, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (t, half), device)?.to_dtype(dtype)?;
+        let shape = (padding.len(), t, half);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
 }
 
-/// Applies RoPE to `x` `[b, h, t, hd]` with tables `[t, hd / 2]` (rotate_half layout).
+/// Applies RoPE to `x` `[b, h, t, hd]` with tables `[t, hd / 2]` or `[b, t, hd / 2]` (rotate_half
+/// layout).
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?)
 }

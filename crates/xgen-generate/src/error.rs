@@ -1,0 +1,47 @@
+//! The generation library's error type.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Model(#[from] xgen_model::ModelError),
+
+    #[error(transparent)]
+    Tokenizer(#[from] xgen_tokenizer::TokenizerError),
+
+    #[error("the prompt is empty: generation needs at least one token")]
+    EmptyPrompt,
+
+    #[error("the prompt has {prompt} tokens but max_length is {max_length} (prompt included): nothing left to generate; raise max_length or set max_new_tokens")]
+    NoRoom { prompt: usize, max_length: usize },
+
+    #[error("the prompt ({prompt} tokens) plus {new} new tokens is {} tokens, beyond the model's context of {context}; shorten the prompt, ask for fewer tokens, or truncate the prompt on the left", prompt + new)]
+    ContextOverflow { prompt: usize, new: usize, context: usize },
+
+    #[error("{path}: invalid JSON: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("generation setting `{field}`: {message}")]
+    Setting { field: String, message: String },
+
+    #[error("{0}")]
+    Hub(String),
+}
+
+pub type Result<T, E = GenerateError> = std::result::Result<T, E>;
+
+impl From<xgen_model::CandleError> for GenerateError {
+    fn from(e: xgen_model::CandleError) -> Self {
+        Self::Model(e.into())
+    }
+}
+
+impl GenerateError {
+    pub(crate) fn setting(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Setting { field: field.into(), message: message.into() }
+    }
+}

@@ -1,0 +1,243 @@
+//! The generation loop: prefill the prompt(s), then sample and decode one token per step, with
+//! penalties, stops, streaming text and log-probabilities. Several prompts run as one left-padded
+//! batch, as transformers batches them.
+
+use rand::Rng;
+use xgen_model::{Model, Tensor};
+use xgen_tokenizer::{StreamDecoder, Tokenizer};
+
+use crate::{
+    config::GenerationConfig,
+    error::{GenerateError, Result},
+    penalties::History,
+    sampler,
+    stop::{FinishReason, StopStrings},
+};
+
+/// The log-probability (natural log, under the model's raw distribution) of a chosen token and
+/// of the most likely alternatives at that step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What happened in one row at one step, for streaming.
+#[derive(Clone, Debug)]
+pub struct Step<'a> {
+    pub row: usize,
+    /// The token generated, or `None` for the final flush of held-back text.
+    pub token: Option<u32>,
+    /// Text that became final with this step (possibly empty).
+    pub text: &'a str,
+    pub logprob: Option<&'a TokenLogprob>,
+    /// Set on the row's last step.
+    pub finish: Option<FinishReason>,
+}
+
+/// One generated sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Output {
+    /// The prompt as run (after any left truncation).
+    pub prompt_ids: Vec<u32>,
+    /// Generated ids, including a final eos token when generation stopped on it.
+    pub ids: Vec<u32>,
+    /// Generated text: without the eos token and without a stop string and what followed it.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// One entry per generated id, when `top_logprobs` was requested.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// Per-row state of a running batch.
+struct Row<'t> {
+    out: Output,
+    history: History,
+    decoder: StreamDecoder<'t>,
+    stops: StopStrings,
+    finished: bool,
+}
+
+/// Runs generation with a model and the tokenizer that goes with it.
+pub struct Generator<'a> {
+    model: &'a Model,
+    tokenizer: &'a Tokenizer,
+}
+
+impl<'a> Generator<'a> {
+    pub fn new(model: &'a Model, tokenizer: &'a Tokenizer) -> Self {
+        Self { model, tokenizer }
+    }
+
+    /// Generates a continuation of `prompt`; `on_step` sees each token and its text as produced.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        config: &GenerationConfig,
+        rng: &mut impl Rng,
+        on_step: &mut dyn FnMut(&Step),
+    ) -> Result<Output> {
+        let mut outs = self.generate_batch(&[prompt.to_vec()], config, rng, on_step)?;
+        Ok(outs.remove(0))
+    }
+
+    /// Generates for several prompts at once, left-padded to the longest with `pad_token_id`
+    /// (transformers' batching: `max_length` counts the padded length). Rows finish
+    /// independently; a finished row is fed pad tokens until all are done.
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        config: &GenerationConfig,
+        rng: &mut impl Rng,
+        on_step: &mut dyn FnMut(&Step),
+    ) -> Result<Vec<Output>> {
+        config.validate()?;
+        let context = self.model.config().max_position_embeddings;
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if prompts.iter().any(Vec::is_empty) {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let (steps, drop) = config.budget(longest, context)?;
+        for p in prompts {
+            self.model.check_ids(p)?;
+        }
+        self.model.check_ids(&[config.pad_token_id])?;
+        if drop > 0 && prompts.len() > 1 {
+            return Err(GenerateError::ContextOverflow { prompt: longest, new: steps, context });
+        }
+        let prompts: Vec<&[u32]> = prompts.iter().map(|p| &p[drop.min(p.len() - 1)..]).collect();
+        let width = longest - drop;
+        let padding: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+        let mut input = Vec::with_capacity(prompts.len() * width);
+        for (p, &pad) in prompts.iter().zip(&padding) {
+            input.extend(std::iter::repeat_n(config.pad_token_id, pad));
+            input.extend_from_slice(p);
+        }
+        let mut rows: Vec<Row> = prompts.iter().map(|p| self.new_row(p, config)).collect();
+
+        let model = self.model;
+        let mut cache = model.new_cache(prompts.len(), width + steps)?;
+        cache.set_padding(padding)?;
+        let input = Tensor::from_vec(input, (prompts.len(), width), model.device())?;
+        let mut logits = model.forward_last(&input, &mut cache)?; // [b, v]
+        for step in 0..steps {
+            let all: Vec<Vec<f32>> = logits.to_vec2()?;
+            let mut next = vec![config.pad_token_id; rows.len()];
+            for (i, (row, raw)) in rows.iter_mut().zip(all).enumerate() {
+                if row.finished {
+                    continue;
+                }
+                let token = choose(&raw, row, config, rng);
+                next[i] = token;
+                let logprob = config.top_logprobs.map(|n| token_logprob(&raw, token, n));
+                let last = step + 1 == steps;
+                self.accept(row, i, token, logprob, last, config, on_step)?;
+            }
+            if rows.iter().all(|r| r.finished) {
+                break;
+            }
+            let ids = Tensor::from_vec(next, (rows.len(), 1), model.device())?;
+            logits = model.forward_last(&ids, &mut cache)?;
+        }
+        Ok(rows.into_iter().map(|r| r.out).collect())
+    }
+
+    fn new_row(&self, prompt: &[u32], config: &GenerationConfig) -> Row<'a> {
+        Row {
+            out: Output {
+                prompt_ids: prompt.to_vec(),
+                ids: Vec::new(),
+                text: String::new(),
+                finish_reason: FinishReason::Length,
+                logprobs: Vec::new(),
+            },
+            history: History::new(prompt),
+            decoder: self.tokenizer.stream_decoder(),
+            stops: StopStrings::new(config.stop_strings.clone()),
+            finished: false,
+        }
+    }
+
+    /// Records `token` in `row`: ids, text (through the stop filter), finish conditions.
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        &self,
+        row: &mut Row<'a>,
+        index: usize,
+        token: u32,
+        logprob: Option<TokenLogprob>,
+        last: bool,
+        config: &GenerationConfig,
+        on_step: &mut dyn FnMut(&Step),
+    ) -> Result<()> {
+        row.out.ids.push(token);
+        row.history.accept(token);
+        if let Some(lp) = logprob {
+            row.out.logprobs.push(lp);
+        }
+        let mut finish = None;
+        let mut text = String::new();
+        if config.eos_token_ids.contains(&token) {
+            finish = Some(FinishReason::Eos);
+        } else {
+            let piece = row.decoder.push(token)?;
+            let (emit, stopped) = row.stops.push(&piece);
+            text = emit;
+            if stopped {
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        if finish.is_none() && last {
+            finish = Some(FinishReason::Length);
+        }
+        if let Some(reason) = finish {
+            if reason != FinishReason::Stop {
+                // Release what the decoder and the stop filter held back: it was no stop.
+                let tail = std::mem::replace(&mut row.decoder, self.tokenizer.stream_decoder()).finish();
+                let (emit, stopped) = row.stops.push(&tail);
+                text.push_str(&emit);
+                if !stopped {
+                    text.push_str(&row.stops.finish());
+                }
+            }
+            row.out.finish_reason = reason;
+            row.finished = true;
+        }
+        row.out.text.push_str(&text);
+        let step =
+            Step { row: index, token: Some(token), text: &text, logprob: row.out.logprobs.last(), finish };
+        on_step(&step);
+        Ok(())
+    }
+}
+
+/// Applies the row's penalties and the sampling rule to a copy of the raw logits.
+fn choose(raw: &[f32], row: &Row, config: &GenerationConfig, rng: &mut impl Rng) -> u32 {
+    if config.penalties.is_noop() {
+        return sampler::sample(raw, &config.sampling, rng);
+    }
+    let mut logits = raw.to_vec();
+    row.history.apply(&config.penalties, &mut logits);
+    sampler::sample(&logits, &config.sampling, rng)
+}
+
+/// log-softmax of `raw` at `token`, and the `n` largest entries.
+pub fn token_logprob(raw: &[f32], token: u32, n: usize) -> TokenLogprob {
+    let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max + raw.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    let lp = |x: f32| (x as f64 - lse) as f32;
+    let mut top: Vec<(u32, f32)> = raw.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if n > 0 && n < top.len() {
+        top.select_nth_unstable_by(n - 1, by_logit);
+    }
+    top.truncate(n);
+    top.sort_by(by_logit);
+    TokenLogprob {
+        id: token,
+        logprob: lp(raw[token as usize]),
+        top: top.into_iter().map(|(i, x)| (i, lp(x))).collect(),
+    }
+}

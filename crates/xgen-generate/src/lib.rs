@@ -1,0 +1,22 @@
+//! Text generation for XGen with transformers' `generate` semantics: greedy and sampling
+//! ([`Sampling`]), penalties, stop tokens and stop strings, token budgets, log-probabilities,
+//! streaming, left-padded batches; the XGen-Inst chat format; model resolution through the HF cache.
+//!
+//! Data flow: prompt ids → [`Generator`] (model prefill, then per step: logits → penalties →
+//! sampler → token → incremental decoder → stop filter → text).
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generator;
+pub mod hub;
+pub mod penalties;
+pub mod sampler;
+pub mod stop;
+
+pub use config::{GenerationConfig, Truncation};
+pub use error::{GenerateError, Result};
+pub use generator::{Generator, Output, Step, TokenLogprob};
+pub use penalties::Penalties;
+pub use sampler::{SampleParams, Sampling};
+pub use stop::FinishReason;
