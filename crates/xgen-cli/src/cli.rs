@@ -21,6 +21,10 @@ pub enum Command {
     /// Reads a JSON array of ids from stdin and prints the text. With --jsonl, maps lines
     /// `{"ids": [...]}` to lines `{"text": ...}` in order, streaming.
     Detokenize(DetokenizeArgs),
+    /// Continue a prompt (transformers' generate semantics), streaming the text.
+    Generate(crate::generate::GenerateArgs),
+    /// Chat with an XGen-Inst model (the model card's format), one message per line of input.
+    Chat(crate::chat::ChatArgs),
     /// Mean next-token negative log-likelihood and perplexity of a text or token ids.
     ///
     /// Transformers' causal-LM loss with labels = input ids; sequences longer than the window are

@@ -1,12 +1,15 @@
 //! `xgen`: the command-line front end. Parses arguments, runs one command, maps errors to exit
 //! codes (2 for bad usage or bad input, 1 for other failures). The work lives in the libraries.
 
+mod chat;
 mod cli;
 mod convert;
 mod exit;
+mod generate;
 mod jsonl;
 mod model_args;
 mod perplexity;
+mod sampling_args;
 mod tokenize;
 
 use std::process::ExitCode;
@@ -18,6 +21,8 @@ fn main() -> ExitCode {
     let result = match args.command {
         cli::Command::Tokenize(a) => tokenize::tokenize(&a),
         cli::Command::Detokenize(a) => tokenize::detokenize(&a),
+        cli::Command::Generate(a) => generate::run(&a),
+        cli::Command::Chat(a) => chat::run(&a),
         cli::Command::Perplexity(a) => perplexity::run(&a),
         cli::Command::Convert(a) => convert::run(&a),
     };

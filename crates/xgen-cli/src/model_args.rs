@@ -1,10 +1,11 @@
-//! Where the model comes from (`--model DIR` or `--random-weights PRESET`) and in which dtype;
-//! loading it with a progress bar on a terminal.
+//! Where the model comes from (`--model DIR|HUB_ID` or `--random-weights PRESET`) and in which
+//! dtype; resolving and loading it with a progress bar on a terminal.
 
-use std::{path::PathBuf, time::Instant};
+use std::{io::IsTerminal, path::PathBuf, time::Instant};
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use xgen_generate::hub::{self, HubCache, Network};
 use xgen_model::{weights, DType, Device, Model};
 
 /// Compute dtype of the weights and activations.
@@ -35,20 +36,30 @@ impl Dtype {
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Model directory: config.json plus model.safetensors[.index.json] or pytorch_model.bin[.index.json].
-    #[arg(long, required_unless_present = "random_weights")]
-    pub model: Option<PathBuf>,
+    /// A model directory (config.json + weights) or a Hugging Face Hub id, resolved through the
+    /// HF cache (HF_HOME / HF_HUB_CACHE) and downloaded when missing unless HF_HUB_OFFLINE=1.
+    #[arg(long, default_value = hub::DEFAULT_MODEL)]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) for a Hub id.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
     /// Instead of --model: deterministic random weights of a preset shape (xgen-7b, xgen-7b-8l, small, tiny).
-    #[arg(long, value_name = "PRESET", conflicts_with = "model")]
+    #[arg(long, value_name = "PRESET")]
     pub random_weights: Option<String>,
     /// Compute dtype (weights are converted on load).
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     pub dtype: Dtype,
 }
 
+/// A loaded model and the directory it came from (`None` for random weights).
+pub struct Loaded {
+    pub model: Model,
+    pub dir: Option<PathBuf>,
+}
+
 impl ModelArgs {
-    /// Loads the model on the CPU, showing progress on a terminal.
-    pub fn load(&self) -> anyhow::Result<Model> {
+    /// Resolves and loads the model on the CPU, showing progress on a terminal.
+    pub fn load(&self) -> anyhow::Result<Loaded> {
         let start = Instant::now();
         let bar = ProgressBar::new(0).with_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors {elapsed}")
@@ -60,24 +71,26 @@ impl ModelArgs {
             bar.set_message(p.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
         };
         let dtype = self.dtype.candle();
-        let model = match (&self.model, &self.random_weights) {
-            (Some(dir), _) => Model::load(dir, dtype, &Device::Cpu, &mut progress)?,
-            (None, Some(preset)) => {
+        let loaded = match &self.random_weights {
+            Some(preset) => {
                 let config = weights::random::preset(preset)?;
                 let tensors = weights::random::tensors(&config, dtype, &Device::Cpu, &mut progress)?;
-                Model::from_tensors(config, tensors, dtype, &Device::Cpu)?
+                Loaded { model: Model::from_tensors(config, tensors, dtype, &Device::Cpu)?, dir: None }
             }
-            (None, None) => anyhow::bail!("one of --model or --random-weights is required"),
+            None => {
+                let dir =
+                    hub::resolve(&self.model, &self.revision, &HubCache::from_env(), Network::from_env())?;
+                Loaded { model: Model::load(&dir, dtype, &Device::Cpu, &mut progress)?, dir: Some(dir) }
+            }
         };
         bar.finish_and_clear();
         status(&format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
-        Ok(model)
+        Ok(loaded)
     }
 }
 
 /// A status line on stderr, only when stderr is a terminal (keeps piped output clean).
 pub fn status(msg: &str) {
-    use std::io::IsTerminal;
     if std::io::stderr().is_terminal() {
         eprintln!("xgen: {msg}");
     }

@@ -39,7 +39,7 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
     if ids.len() < 2 {
         return Err(bad_input(format!("perplexity needs at least 2 tokens, got {}", ids.len())));
     }
-    let model = args.model.load()?;
+    let model = args.model.load()?.model;
     if let Some(&id) = ids.iter().find(|&&id| id as usize >= model.config().vocab_size) {
         return Err(bad_input(format!(
             "token id {id} is outside the model's vocabulary of {}",

@@ -44,6 +44,15 @@ impl Conversation {
         self.turns.push((message.to_string(), answer.to_string()));
     }
 
+    /// Forgets the oldest completed turn (to fit the context); false when there is none.
+    pub fn forget_oldest(&mut self) -> bool {
+        if self.turns.is_empty() {
+            return false;
+        }
+        self.turns.remove(0);
+        true
+    }
+
     pub fn turns(&self) -> &[(String, String)] {
         &self.turns
     }
@@ -97,6 +106,8 @@ mod tests {
             format!("{DEFAULT_HEADER}### Human: Hi\n### Assistant: Hello!\n### Human: More\n###")
         );
         assert_eq!(Conversation::new("SYS\n").prompt("x"), "SYS\n### Human: x\n###");
+        assert!(c.forget_oldest() && !c.forget_oldest());
+        assert_eq!(c.prompt("x"), format!("{DEFAULT_HEADER}### Human: x\n###"));
     }
 
     #[test]

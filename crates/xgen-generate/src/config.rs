@@ -22,6 +22,16 @@ pub enum Truncation {
     Left,
 }
 
+/// Whether special tokens (other than the stop tokens, never shown) appear in the output text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SpecialText {
+    /// As their strings, like transformers' `decode`.
+    #[default]
+    Keep,
+    /// Left out, like `decode(..., skip_special_tokens=True)`.
+    Skip,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerationConfig {
     /// Total length, prompt included (transformers' `max_length`, default 20).
@@ -39,6 +49,7 @@ pub struct GenerationConfig {
     /// `Some(n)`: report the log-probability of each chosen token and of the `n` most likely.
     pub top_logprobs: Option<usize>,
     pub truncation: Truncation,
+    pub special_text: SpecialText,
 }
 
 impl GenerationConfig {
@@ -54,6 +65,7 @@ impl GenerationConfig {
             stop_strings: Vec::new(),
             top_logprobs: None,
             truncation: Truncation::Error,
+            special_text: SpecialText::Keep,
         }
     }
 

@@ -7,7 +7,7 @@ use xgen_model::{Model, Tensor};
 use xgen_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::{
-    config::GenerationConfig,
+    config::{GenerationConfig, SpecialText},
     error::{GenerateError, Result},
     penalties::History,
     sampler,
@@ -181,6 +181,8 @@ impl<'a> Generator<'a> {
         let mut text = String::new();
         if config.eos_token_ids.contains(&token) {
             finish = Some(FinishReason::Eos);
+        } else if config.special_text == SpecialText::Skip && self.tokenizer.is_special(token) {
+            // Not part of the text.
         } else {
             let piece = row.decoder.push(token)?;
             let (emit, stopped) = row.stops.push(&piece);

@@ -48,7 +48,12 @@ impl HubCache {
     /// Where huggingface_hub looks: `HF_HUB_CACHE`, else `HF_HOME/hub`, else
     /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
     pub fn from_env() -> Self {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        Self::from_lookup(|k| std::env::var_os(k))
+    }
+
+    /// [`HubCache::from_env`] over any variable lookup.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> Self {
+        let var = |k: &str| lookup(k).filter(|v| !v.is_empty()).map(PathBuf::from);
         let root = var("HF_HUB_CACHE")
             .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
             .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")))

@@ -14,7 +14,7 @@ pub mod penalties;
 pub mod sampler;
 pub mod stop;
 
-pub use config::{GenerationConfig, Truncation};
+pub use config::{GenerationConfig, SpecialText, Truncation};
 pub use error::{GenerateError, Result};
 pub use generator::{Generator, Output, Step, TokenLogprob};
 pub use penalties::Penalties;

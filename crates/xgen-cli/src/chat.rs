@@ -1,0 +1,84 @@
+//! `xgen chat`: a multi-turn conversation in the XGen-Inst format, one message per input line,
+//! interactive on a terminal or from piped stdin. Answers are printed without the prompt, the
+//! leading ` Assistant:` and special tokens; each ends at `<|endoftext|>` or the next `###`.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use clap::Args;
+use rand::{rngs::StdRng, SeedableRng};
+use xgen_generate::{
+    chat::{clean_answer, AnswerStream, Conversation, DEFAULT_HEADER, TURN_SEPARATOR},
+    GenerationConfig, Generator, SampleParams, Sampling, SpecialText,
+};
+use xgen_tokenizer::Tokenizer;
+
+use crate::{exit::bad_input, model_args::ModelArgs, sampling_args::SamplingArgs};
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The system header placed before the conversation (default: the model card's).
+    #[arg(long)]
+    pub header: Option<String>,
+    /// Longest answer, in tokens (the model card uses 2048).
+    #[arg(long, default_value_t = 2048)]
+    pub max_new_tokens: usize,
+    /// Sampling defaults follow the model card (top-k 100, temperature 1); --greedy for determinism.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
+    let tokenizer = Tokenizer::xgen();
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let context = model.config().max_position_embeddings;
+    let card = GenerationConfig {
+        sampling: Sampling::Sample(SampleParams { top_k: Some(100), ..SampleParams::default() }),
+        stop_strings: vec![TURN_SEPARATOR.to_string()],
+        special_text: SpecialText::Skip,
+        ..GenerationConfig::defaults_for(model.config())
+    };
+    let base = args.sampling.apply(card)?;
+    let mut rng = StdRng::seed_from_u64(args.sampling.seed());
+    let generator = Generator::new(model, &tokenizer);
+    let mut conversation = Conversation::new(args.header.as_deref().unwrap_or(DEFAULT_HEADER));
+    let interactive = std::io::stdin().is_terminal();
+    let mut stdout = std::io::stdout().lock();
+    let mut lines = std::io::stdin().lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let message = line.map_err(|e| bad_input(format!("stdin: {e}")))?;
+        let message = message.trim();
+        if message.is_empty() {
+            continue;
+        }
+        let mut prompt = tokenizer.encode(&conversation.prompt(message));
+        // Keep room for an answer of at least a quarter of the context: forget the oldest turns.
+        while prompt.len() + args.max_new_tokens.min(context / 4) > context && conversation.forget_oldest() {
+            eprintln!("xgen: the conversation no longer fits the context of {context} tokens: dropped the oldest turn");
+            prompt = tokenizer.encode(&conversation.prompt(message));
+        }
+        let room = context.saturating_sub(prompt.len());
+        if room == 0 {
+            return Err(bad_input(format!(
+                "the message is {} tokens with the header: beyond the context of {context}",
+                prompt.len()
+            )));
+        }
+        let config = GenerationConfig { max_new_tokens: Some(args.max_new_tokens.min(room)), ..base.clone() };
+        let mut answer = AnswerStream::default();
+        let out = generator.generate(&prompt, &config, &mut rng, &mut |step| {
+            let text = answer.push(step.text);
+            // A closed stdout ends the chat at the next read; nothing useful to do here.
+            let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+        })?;
+        writeln!(stdout)?;
+        conversation.push_turn(message, &clean_answer(&out.text));
+    }
+    Ok(())
+}

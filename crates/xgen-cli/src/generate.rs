@@ -1,0 +1,127 @@
+//! `xgen generate`: continue a prompt, streaming the text, with transformers' `generate` defaults
+//! from the model's generation_config.json.
+
+use std::io::Write;
+
+use clap::{Args, ValueEnum};
+use rand::{rngs::StdRng, SeedableRng};
+use serde_json::json;
+use xgen_generate::{GenerationConfig, Generator, Truncation};
+use xgen_tokenizer::{Specials, Tokenizer};
+
+use crate::{exit::bad_input, model_args::ModelArgs, sampling_args::SamplingArgs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TruncateSide {
+    /// Drop the oldest prompt tokens so that prompt + new tokens fit the context.
+    Left,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text (special-token strings such as <|endoftext|> are recognised, as in transformers).
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// The prompt as token ids, e.g. 464,995,318.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Treat special-token strings in --prompt as plain text.
+    #[arg(long)]
+    pub no_special: bool,
+    /// Total length in tokens, prompt included (transformers' max_length; default from
+    /// generation_config.json, else 20).
+    #[arg(long, conflicts_with = "max_new_tokens")]
+    pub max_length: Option<usize>,
+    /// New tokens to generate at most.
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Report the log-probability of each generated token and of the N most likely alternatives (--json).
+    #[arg(long, value_name = "N")]
+    pub logprobs: Option<usize>,
+    /// Instead of failing when prompt + new tokens exceed the context, drop prompt tokens on this side.
+    #[arg(long, value_enum)]
+    pub truncate: Option<TruncateSide>,
+    /// Print one JSON object at the end instead of streaming text:
+    /// {"prompt_ids", "ids", "text", "finish_reason", ...}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    let tokenizer = Tokenizer::xgen();
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) => {
+            tokenizer.encode_with(text, if args.no_special { Specials::AsText } else { Specials::Recognize })
+        }
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => unreachable!("clap requires --prompt or --prompt-ids"),
+    };
+    if prompt.is_empty() {
+        return Err(bad_input("the prompt is empty"));
+    }
+    if let Some(&id) = prompt.iter().find(|&&id| id >= tokenizer.n_vocab()) {
+        return Err(bad_input(format!(
+            "--prompt-ids: {id} is not a token id (vocabulary 0..{})",
+            tokenizer.n_vocab()
+        )));
+    }
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let mut config = match &loaded.dir {
+        Some(dir) => GenerationConfig::for_model_dir(dir, model.config())?,
+        None => GenerationConfig::defaults_for(model.config()),
+    };
+    if let Some(n) = args.max_length {
+        config.max_length = n;
+    }
+    if args.max_new_tokens.is_some() {
+        config.max_new_tokens = args.max_new_tokens;
+    }
+    config.top_logprobs = args.logprobs;
+    config.truncation = if args.truncate.is_some() { Truncation::Left } else { Truncation::Error };
+    let config = args.sampling.apply(config)?;
+    // Budget errors (context overflow, no room) are the user's to fix: report them before compute.
+    config
+        .budget(prompt.len(), model.config().max_position_embeddings)
+        .map_err(|e| bad_input(e.to_string()))?;
+
+    let seed = args.sampling.seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut stdout = std::io::stdout().lock();
+    let mut write_error = None;
+    let out = Generator::new(model, &tokenizer).generate(&prompt, &config, &mut rng, &mut |step| {
+        if !args.json && write_error.is_none() {
+            if let Err(e) = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush()) {
+                write_error = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = write_error {
+        return Err(e.into());
+    }
+    if args.json {
+        let mut obj = json!({
+            "prompt_ids": out.prompt_ids,
+            "ids": out.ids,
+            "text": out.text,
+            "finish_reason": out.finish_reason.as_str(),
+            "seed": seed,
+            "usage": {"prompt_tokens": out.prompt_ids.len(), "completion_tokens": out.ids.len()},
+        });
+        if args.logprobs.is_some() {
+            obj["logprobs"] = out
+                .logprobs
+                .iter()
+                .map(|l| json!({"id": l.id, "logprob": l.logprob, "top": l.top.iter().map(|(id, lp)| json!({"id": id, "logprob": lp})).collect::<Vec<_>>()}))
+                .collect();
+        }
+        writeln!(stdout, "{obj}")?;
+    } else {
+        writeln!(stdout)?;
+    }
+    Ok(())
+}

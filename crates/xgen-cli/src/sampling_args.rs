@@ -1,0 +1,89 @@
+//! Sampling, penalty and stop flags shared by `generate` and `chat`, validated into a
+//! `GenerationConfig` once.
+
+use clap::Args;
+use xgen_generate::{GenerationConfig, SampleParams, Sampling};
+
+use crate::exit::bad_input;
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Always take the most likely token (overrides the sampling flags and generation_config.json).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p", "min_p"])]
+    pub greedy: bool,
+    /// Sample with this temperature (0 means greedy).
+    #[arg(long, allow_hyphen_values = true)]
+    pub temperature: Option<f32>,
+    /// Sample from the K most likely tokens (0 = all).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample from the smallest set of tokens with this much probability mass.
+    #[arg(long, allow_hyphen_values = true)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than P times the most likely one.
+    #[arg(long, allow_hyphen_values = true)]
+    pub min_p: Option<f32>,
+    /// transformers' repetition penalty (1 = off).
+    #[arg(long, allow_hyphen_values = true)]
+    pub repetition_penalty: Option<f32>,
+    /// OpenAI presence penalty: subtracted once from every generated token's logit.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty: subtracted per occurrence of a generated token.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub frequency_penalty: f32,
+    /// Add BIAS to the logit of token ID (repeatable), e.g. --logit-bias 50256=-100.
+    #[arg(long, value_name = "ID=BIAS", value_parser = parse_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Random seed: the same seed gives the same output (default: a fresh one, reported in --json).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when the text contains STR (repeatable); STR is not part of the output.
+    #[arg(long = "stop", value_name = "STR")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// Applies the flags over `base` (the model's generation defaults).
+    pub fn apply(&self, mut base: GenerationConfig) -> anyhow::Result<GenerationConfig> {
+        let sampling_flags = self.temperature.is_some()
+            || self.top_k.is_some()
+            || self.top_p.is_some()
+            || self.min_p.is_some();
+        if self.greedy || self.temperature == Some(0.0) {
+            base.sampling = Sampling::Greedy;
+        } else if sampling_flags {
+            let mut p = match base.sampling {
+                Sampling::Sample(p) => p,
+                Sampling::Greedy => SampleParams::default(),
+            };
+            p.temperature = self.temperature.unwrap_or(p.temperature);
+            if let Some(k) = self.top_k {
+                p.top_k = (k > 0).then_some(k);
+            }
+            p.top_p = self.top_p.unwrap_or(p.top_p);
+            p.min_p = self.min_p.unwrap_or(p.min_p);
+            base.sampling = Sampling::Sample(p);
+        }
+        if let Some(r) = self.repetition_penalty {
+            base.penalties.repetition = r;
+        }
+        base.penalties.presence = self.presence_penalty;
+        base.penalties.frequency = self.frequency_penalty;
+        base.penalties.logit_bias = self.logit_bias.clone();
+        base.stop_strings.extend(self.stop.iter().cloned());
+        base.validate().map_err(|e| bad_input(e.to_string()))?;
+        Ok(base)
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or_else(rand::random)
+    }
+}
+
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected ID=BIAS"))?;
+    let id = id.trim().parse().map_err(|_| format!("`{s}`: {id} is not a token id"))?;
+    let bias = bias.trim().parse().map_err(|_| format!("`{s}`: {bias} is not a number"))?;
+    Ok((id, bias))
+}
