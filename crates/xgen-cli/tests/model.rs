@@ -155,8 +155,10 @@ fn bad_perplexity_input_exits_2() {
     let out = xgen(&["perplexity", "--model", "/nonexistent/model", "--ids-file", &ids_file]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        err.contains("/nonexistent/model/config.json") && err.matches("No such file").count() == 1,
-        "{err}"
-    );
+    assert!(err.contains("/nonexistent/model") && err.matches("no such directory").count() == 1, "{err}");
+    // A directory without config.json: the error names the file, once.
+    let empty = tempfile::tempdir().unwrap();
+    let out = xgen(&["perplexity", "--model", empty.path().to_str().unwrap(), "--ids-file", &ids_file]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.json") && err.matches("No such file").count() == 1, "{err}");
 }
