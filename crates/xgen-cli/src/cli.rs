@@ -32,6 +32,8 @@ pub enum Command {
     Perplexity(crate::perplexity::PerplexityArgs),
     /// Re-save a model as sharded safetensors (with index and config), streaming shard by shard.
     Convert(crate::convert::ConvertArgs),
+    /// Measure prompt-processing and generation speed (tok/s), like llama-bench.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]

@@ -1,6 +1,7 @@
 //! `xgen`: the command-line front end. Parses arguments, runs one command, maps errors to exit
 //! codes (2 for bad usage or bad input, 1 for other failures). The work lives in the libraries.
 
+mod bench;
 mod chat;
 mod cli;
 mod convert;
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
         cli::Command::Chat(a) => chat::run(&a),
         cli::Command::Perplexity(a) => perplexity::run(&a),
         cli::Command::Convert(a) => convert::run(&a),
+        cli::Command::Bench(a) => bench::run(&a),
     };
     exit::report(result)
 }

@@ -5,10 +5,9 @@
 //! scores exist at once: an 8K prompt never materialises an f32 `[h, 8192, 8192]` tensor (8 GiB
 //! for the 7B); a decode step (one row) is a single chunk.
 
-use candle_core::{DType, Module, Tensor};
-use candle_nn::Linear;
+use candle_core::{DType, Tensor};
 
-use crate::{error::Result, kv_cache::KvCache, rope};
+use crate::{error::Result, kv_cache::KvCache, linear::Linear, rope};
 
 /// Upper bound on the f32 scores materialised per chunk of query rows.
 const SCORE_BUDGET_BYTES: usize = 64 << 20;

@@ -8,6 +8,8 @@ mod attention;
 pub mod config;
 pub mod error;
 pub mod kv_cache;
+mod linear;
+pub mod matvec;
 mod mlp;
 pub mod model;
 pub mod perplexity;

@@ -1,9 +1,8 @@
 //! The SiLU-gated feed-forward block: `down(silu(gate(x)) * up(x))`.
 
-use candle_core::{Module, Tensor};
-use candle_nn::Linear;
+use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::{error::Result, linear::Linear};
 
 #[derive(Debug, Clone)]
 pub struct Mlp {

@@ -4,13 +4,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, RmsNorm};
+use candle_nn::{Embedding, RmsNorm};
 
 use crate::{
     attention::Attention,
     config::Config,
     error::{ModelError, Result},
     kv_cache::KvCache,
+    linear::Linear,
     mlp::Mlp,
     rope::Rope,
     weights::{
@@ -96,19 +97,19 @@ impl Model {
             layers.push(DecoderLayer {
                 input_layernorm: RmsNorm::new(t(LayerTensor::InputLayernorm)?, eps),
                 self_attn: Attention {
-                    q_proj: Linear::new(t(LayerTensor::QProj)?, None),
-                    k_proj: Linear::new(t(LayerTensor::KProj)?, None),
-                    v_proj: Linear::new(t(LayerTensor::VProj)?, None),
-                    o_proj: Linear::new(t(LayerTensor::OProj)?, None),
+                    q_proj: Linear::new(t(LayerTensor::QProj)?),
+                    k_proj: Linear::new(t(LayerTensor::KProj)?),
+                    v_proj: Linear::new(t(LayerTensor::VProj)?),
+                    o_proj: Linear::new(t(LayerTensor::OProj)?),
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
                     head_dim: config.head_dim,
                 },
                 post_attention_layernorm: RmsNorm::new(t(LayerTensor::PostAttentionLayernorm)?, eps),
                 mlp: Mlp {
-                    gate_proj: Linear::new(t(LayerTensor::GateProj)?, None),
-                    up_proj: Linear::new(t(LayerTensor::UpProj)?, None),
-                    down_proj: Linear::new(t(LayerTensor::DownProj)?, None),
+                    gate_proj: Linear::new(t(LayerTensor::GateProj)?),
+                    up_proj: Linear::new(t(LayerTensor::UpProj)?),
+                    down_proj: Linear::new(t(LayerTensor::DownProj)?),
                 },
             });
         }
@@ -116,7 +117,7 @@ impl Model {
         let lm_head = if config.tie_word_embeddings { embed.clone() } else { take(names::LM_HEAD)? };
         Ok(Self {
             embed_tokens: Embedding::new(embed, config.hidden_size),
-            lm_head: Linear::new(lm_head, None),
+            lm_head: Linear::new(lm_head),
             rope: Rope::new(&config),
             layers,
             norm,
@@ -124,6 +125,26 @@ impl Model {
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Bytes of all weights as held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .iter()
+                    .map(|p| t(p.weight()))
+                    .sum::<usize>()
+                    + 2 * self.config.hidden_size * self.dtype.size_in_bytes()
+            })
+            .sum();
+        let lm_head = if self.config.tie_word_embeddings { 0 } else { t(self.lm_head.weight()) };
+        let norm = self.config.hidden_size * self.dtype.size_in_bytes();
+        t(self.embed_tokens.embeddings()) + layers + norm + lm_head
     }
 
     pub fn config(&self) -> &Config {

@@ -1,0 +1,124 @@
+//! `xgen bench`, like llama-bench: prompt processing (`-p`) and generation (`-n`, optionally after a
+//! `-d`-token context) in tokens per second, repeated `-r` times; median, min and max.
+
+use std::time::Instant;
+
+use clap::Args;
+use serde_json::json;
+use xgen_model::{Model, Tensor};
+
+use crate::model_args::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt-processing test: tokens in one prompt (0 = skip).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    pub prompt: usize,
+    /// Generation test: tokens generated one at a time (0 = skip).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub generate: usize,
+    /// Context already in the cache before the generation test.
+    #[arg(short = 'd', long = "depth", default_value_t = 0)]
+    pub depth: usize,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
+    pub reps: usize,
+    /// One JSON object per test.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    let model = args.model.load()?.model;
+    let context = model.config().max_position_embeddings;
+    anyhow::ensure!(
+        args.depth + args.generate <= context && args.prompt <= context,
+        "tests exceed the context of {context}"
+    );
+    anyhow::ensure!(args.reps > 0, "-r must be at least 1");
+    let mut tests = Vec::new();
+    if args.prompt > 0 {
+        let speeds = repeat(args.reps, || prompt_speed(&model, args.prompt))?;
+        tests.push((format!("pp{}", args.prompt), speeds));
+    }
+    if args.generate > 0 {
+        let name = if args.depth > 0 {
+            format!("tg{}@d{}", args.generate, args.depth)
+        } else {
+            format!("tg{}", args.generate)
+        };
+        let speeds = repeat(args.reps, || generation_speed(&model, args.depth, args.generate))?;
+        tests.push((name, speeds));
+    }
+    for (test, mut speeds) in tests {
+        speeds.sort_by(f64::total_cmp);
+        let (min, median, max) = (speeds[0], speeds[speeds.len() / 2], speeds[speeds.len() - 1]);
+        let dtype = args.model.dtype.name();
+        if args.json {
+            println!(
+                "{}",
+                json!({
+                    "test": test, "dtype": dtype, "threads": threads, "repetitions": args.reps,
+                    "tok_s_median": median, "tok_s_min": min, "tok_s_max": max,
+                    "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss_bytes(),
+                })
+            );
+        } else {
+            println!(
+                "{test:>12}  {dtype:>5}  t={threads}  {median:8.2} tok/s (min {min:.2}, max {max:.2})  weights {:.2} GB  peak RSS {:.2} GB",
+                model.weight_bytes() as f64 / 1e9,
+                peak_rss_bytes() as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
+fn repeat(reps: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Vec<f64>> {
+    (0..reps).map(|_| f()).collect()
+}
+
+/// Deterministic token ids spread over the vocabulary.
+fn tokens(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % vocab.min(50000)) as u32).collect()
+}
+
+fn prompt_speed(model: &Model, n: usize) -> anyhow::Result<f64> {
+    let ids = model.ids_tensor(&tokens(n, model.config().vocab_size))?;
+    let mut cache = model.new_cache(1, n)?;
+    let start = Instant::now();
+    model.forward_last(&ids, &mut cache)?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+fn generation_speed(model: &Model, depth: usize, n: usize) -> anyhow::Result<f64> {
+    let mut cache = model.new_cache(1, depth + n + 1)?;
+    let first = tokens(depth.max(1), model.config().vocab_size);
+    let mut logits = model.forward_last(&model.ids_tensor(&first)?, &mut cache)?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let next: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+        let ids = Tensor::new(next.as_slice(), model.device())?.unsqueeze(0)?;
+        logits = model.forward_last(&ids, &mut cache)?;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The process's peak resident set (`VmHWM`), 0 where /proc is unavailable.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
