@@ -49,7 +49,7 @@ impl Attention {
         let (k, v) = (repeat_kv(&k, h / kv_h)?, repeat_kv(&v, h / kv_h)?); // [b, h, s, hd]
         let attn = causal_attention(&q, &k, &v, past, &padding)?.to_dtype(x.dtype())?; // [b, h, t, hd]
         let attn = attn.transpose(1, 2)?.reshape((b, t, h * hd))?; // [b, t, h * hd]
-        Ok(self.o_proj.forward(&attn)?) // [b, t, d]
+        self.o_proj.forward(&attn) // [b, t, d]
     }
 }
 
