@@ -164,3 +164,31 @@ fn chat_answers_each_piped_line() {
     // Same seed-free greedy run: identical answers.
     assert_eq!(String::from_utf8(xgen(&args, "Hello there\n\nWhat next?\n").stdout).unwrap(), text);
 }
+
+#[test]
+fn same_seed_same_sample_on_any_thread_count() {
+    let dir = fixture("tiny-xgen-8k-bin");
+    let run = |threads: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xgen"))
+            .args([
+                "generate",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt",
+                "The world is",
+                "--max-new-tokens",
+                "24",
+            ])
+            .args(["--temperature", "1.5", "--top-k", "0", "--seed", "42", "--dtype", "f32", "--json"])
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["ids"].clone(), v["seed"].clone())
+    };
+    let one = run("1");
+    assert_eq!(one.1, 42);
+    assert_eq!(run("2"), one);
+    assert_eq!(run("3"), one);
+}

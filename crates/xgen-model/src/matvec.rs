@@ -150,9 +150,9 @@ mod avx512 {
                 Kind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw))),
                 Kind::F16 => _mm512_cvtph_ps(raw),
             };
-            for r in 0..rows {
+            for (r, a) in acc.iter_mut().enumerate().take(rows) {
                 let xv = unsafe { _mm512_loadu_ps(xs.as_ptr().add(r * k + i)) };
-                acc[r] = _mm512_fmadd_ps(wf, xv, acc[r]);
+                *a = _mm512_fmadd_ps(wf, xv, *a);
             }
             i += 16;
         }

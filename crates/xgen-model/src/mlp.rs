@@ -16,6 +16,6 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?.silu()?; // [b, t, f]
         let up = self.up_proj.forward(x)?; // [b, t, f]
-        Ok(self.down_proj.forward(&(gate * up)?)?) // [b, t, f] -> [b, t, d]
+        self.down_proj.forward(&(gate * up)?) // [b, t, f] -> [b, t, d]
     }
 }
