@@ -24,20 +24,18 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `x` `[b, t, d]` at positions `cache.len()..cache.len() + t` -> `[b, t, d]`; writes this
-    /// layer's keys and values into `cache`.
+    /// `x` `[b, t, d]` at each row's next positions -> `[b, t, d]`; writes this layer's keys and
+    /// values into the cache(s).
     pub fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         layer: usize,
-        cache: &mut KvCache,
+        caches: &mut Caches,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv_h, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let past = cache.len();
-        let padding = cache.padding().to_vec();
         let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
             // [b, t, d] -> [b, t, n * hd] -> [b, n, t, hd]
             Ok(proj.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
@@ -45,12 +43,48 @@ impl Attention {
         let q = rope::apply(&heads(&self.q_proj, h)?, cos, sin)?; // [b, h, t, hd]
         let k = rope::apply(&heads(&self.k_proj, kv_h)?, cos, sin)?; // [b, kv_h, t, hd]
         let v = heads(&self.v_proj, kv_h)?; // [b, kv_h, t, hd]
-        let (k, v) = cache.append(layer, &k, &v)?; // [b, kv_h, s, hd], s = past + t
-        let (k, v) = (repeat_kv(&k, h / kv_h)?, repeat_kv(&v, h / kv_h)?); // [b, h, s, hd]
-        let attn = causal_attention(&q, &k, &v, past, &padding)?.to_dtype(x.dtype())?; // [b, h, t, hd]
-        let attn = attn.transpose(1, 2)?.reshape((b, t, h * hd))?; // [b, t, h * hd]
+        let attn = match caches {
+            Caches::Batch(cache) => self.attend(&q, &k, &v, layer, cache)?,
+            Caches::Rows(rows) => {
+                // One sequence per row, each with its own cache and length.
+                let per_row = rows
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, cache)| {
+                        let row = |x: &Tensor| x.narrow(0, i, 1);
+                        self.attend(&row(&q)?, &row(&k)?, &row(&v)?, layer, cache)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&per_row, 0)?
+            }
+        };
+        let attn = attn.to_dtype(x.dtype())?.transpose(1, 2)?.reshape((b, t, h * hd))?; // [b, t, h * hd]
         self.o_proj.forward(&attn) // [b, t, d]
     }
+
+    /// Appends `k`, `v` to `cache` and attends `q` over everything cached: `[b, h, t, hd]` f32.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let past = cache.len();
+        let (k, v) = cache.append(layer, k, v)?; // [b, kv_h, s, hd], s = past + t
+        let (k, v) = (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?); // [b, h, s, hd]
+        causal_attention(q, &k, &v, past, cache.padding())
+    }
+}
+
+/// The KV storage of a forward step.
+pub enum Caches<'c> {
+    /// One cache holding all `b` rows (a prompt, or a left-padded batch that started together).
+    Batch(&'c mut KvCache),
+    /// One single-row cache per row (sequences that joined at different times).
+    Rows(&'c mut [KvCache]),
 }
 
 /// `[b, kv_h, s, hd]` -> `[b, kv_h * n_rep, s, hd]`, each key/value head shared by `n_rep` heads.

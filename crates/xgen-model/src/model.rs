@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, RmsNorm};
 
 use crate::{
-    attention::Attention,
+    attention::{Attention, Caches},
     config::Config,
     error::{ModelError, Result},
     kv_cache::KvCache,
@@ -41,10 +41,10 @@ impl DecoderLayer {
         cos: &Tensor,
         sin: &Tensor,
         layer: usize,
-        cache: &mut KvCache,
+        caches: &mut Caches,
     ) -> Result<Tensor> {
         let attn_norm = self.input_layernorm.forward(x)?;
-        let attn_out = self.self_attn.forward(&attn_norm, cos, sin, layer, cache)?;
+        let attn_out = self.self_attn.forward(&attn_norm, cos, sin, layer, caches)?;
         let h = (x + attn_out)?;
         let ffn_norm = self.post_attention_layernorm.forward(&h)?;
         let ffn_out = self.mlp.forward(&ffn_norm)?;
@@ -198,11 +198,45 @@ impl Model {
         } else {
             self.rope.cos_sin(cache.len(), t, self.dtype, &self.device)?
         };
+        let hidden = self.layers_forward(ids, &cos, &sin, &mut Caches::Batch(cache))?;
+        cache.advance(t);
+        Ok(hidden)
+    }
+
+    /// Like [`Model::forward_hidden`] for `n` independent sequences, one per row of `ids` `[n, t]`,
+    /// each with its own single-row cache (`caches[i]`) and position: sequences that joined a
+    /// running batch at different times step together, sharing each weight read.
+    pub fn forward_rows(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        let (n, t) = ids.dims2()?;
+        if n != caches.len() || caches.iter().any(|c| c.batch() != 1) {
+            return Err(candle_core::Error::Msg(format!("{n} rows need {n} single-row caches")).into());
+        }
+        let mut cos = Vec::with_capacity(n);
+        let mut sin = Vec::with_capacity(n);
+        for c in caches.iter() {
+            c.check_room(t)?;
+            let (c, s) = self.rope.cos_sin_padded(c.len(), t, c.padding(), self.dtype, &self.device)?;
+            cos.push(c);
+            sin.push(s);
+        }
+        let (cos, sin) = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?); // [n, t, hd/2]
+        let hidden = self.layers_forward(ids, &cos, &sin, &mut Caches::Rows(caches))?;
+        caches.iter_mut().for_each(|c| c.advance(t));
+        Ok(hidden)
+    }
+
+    /// embed → layers → norm: `ids` `[b, t]` -> `[b, t, d]`.
+    fn layers_forward(
+        &self,
+        ids: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        caches: &mut Caches,
+    ) -> Result<Tensor> {
         let mut x = self.embed_tokens.forward(ids)?; // [b, t, d]
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &cos, &sin, i, cache)?;
+            x = layer.forward(&x, cos, sin, i, caches)?;
         }
-        cache.advance(t);
         Ok(self.norm.forward(&x)?)
     }
 

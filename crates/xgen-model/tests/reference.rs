@@ -153,3 +153,24 @@ fn sliding_window_scores_every_token_once() {
     assert!(rel_err(&scored.logprobs[..99], &full.logprobs[..99]) < 1e-5);
     assert!(perplexity::score(&model, &p.ids, Window { size: 100, stride: 100 }).is_err());
 }
+
+#[test]
+fn independent_rows_step_together() {
+    // Two sequences of different lengths, each with its own cache, decode one step jointly.
+    let model = load("tiny-xgen-8k-bin", DType::F32);
+    let prompts = expected("tiny-xgen-8k-bin").float32.prompts;
+    let (a, b) = (&prompts[2].ids, &prompts[3].ids); // 40 and 150 tokens
+    let mut caches: Vec<_> = [a, b].iter().map(|p| model.new_cache(1, p.len()).unwrap()).collect();
+    for (p, cache) in [a, b].iter().zip(caches.iter_mut()) {
+        model.forward_hidden(&model.ids_tensor(&p[..p.len() - 1]).unwrap(), cache).unwrap();
+    }
+    let last = xgen_model::Tensor::new(&[[a[a.len() - 1]], [b[b.len() - 1]]], &Device::Cpu).unwrap();
+    let hidden = model.forward_rows(&last, &mut caches).unwrap(); // [2, 1, d]
+    let logits = model.logits(&hidden.squeeze(1).unwrap()).unwrap();
+    for (i, p) in [a, b].iter().enumerate() {
+        let row: Vec<f32> = logits.get(i).unwrap().to_vec1().unwrap();
+        let err = rel_err(&row, &last_logits(&model, p));
+        assert!(err < 1e-5, "row {i}: {err:e}");
+        assert_eq!(caches[i].len(), p.len());
+    }
+}
