@@ -58,6 +58,36 @@ impl Conversation {
     }
 }
 
+/// Who wrote a chat message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// Renders OpenAI-style messages in the XGen-Inst format: system messages replace the header
+/// (joined, followed by a blank line), user and assistant turns become `### Human:` and
+/// `### Assistant:` lines, and the prompt ends with `###` for the model to answer. Returns `None`
+/// unless the last message is the user's.
+pub fn render_messages(messages: &[(Role, &str)]) -> Option<String> {
+    if messages.last().map(|m| m.0) != Some(Role::User) {
+        return None;
+    }
+    let system: Vec<&str> = messages.iter().filter(|m| m.0 == Role::System).map(|m| m.1).collect();
+    let mut p =
+        if system.is_empty() { DEFAULT_HEADER.to_string() } else { format!("{}\n\n", system.join("\n")) };
+    for (role, content) in messages {
+        match role {
+            Role::System => {}
+            Role::User => p.push_str(&format!("### Human: {content}\n")),
+            Role::Assistant => p.push_str(&format!("### Assistant: {content}\n")),
+        }
+    }
+    p.push_str(TURN_SEPARATOR);
+    Some(p)
+}
+
 /// The answer from generated text: without the leading ` Assistant:` and surrounding whitespace.
 pub fn clean_answer(generated: &str) -> String {
     let t = generated.trim_start();
@@ -108,6 +138,17 @@ mod tests {
         assert_eq!(Conversation::new("SYS\n").prompt("x"), "SYS\n### Human: x\n###");
         assert!(c.forget_oldest() && !c.forget_oldest());
         assert_eq!(c.prompt("x"), format!("{DEFAULT_HEADER}### Human: x\n###"));
+    }
+
+    #[test]
+    fn messages_render_like_a_conversation() {
+        let mut c = Conversation::default();
+        c.push_turn("Hi", "Hello!");
+        let msgs = [(Role::User, "Hi"), (Role::Assistant, "Hello!"), (Role::User, "More")];
+        assert_eq!(render_messages(&msgs).unwrap(), c.prompt("More"));
+        let with_system = [(Role::System, "Be brief."), (Role::User, "x")];
+        assert_eq!(render_messages(&with_system).unwrap(), "Be brief.\n\n### Human: x\n###");
+        assert_eq!(render_messages(&[(Role::User, "x"), (Role::Assistant, "y")]), None);
     }
 
     #[test]

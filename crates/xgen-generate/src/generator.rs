@@ -28,8 +28,8 @@ pub struct TokenLogprob {
 #[derive(Clone, Debug)]
 pub struct Step<'a> {
     pub row: usize,
-    /// The token generated, or `None` for the final flush of held-back text.
-    pub token: Option<u32>,
+    /// The token generated.
+    pub token: u32,
     /// Text that became final with this step (possibly empty).
     pub text: &'a str,
     pub logprob: Option<&'a TokenLogprob>,
@@ -51,13 +51,118 @@ pub struct Output {
     pub logprobs: Vec<TokenLogprob>,
 }
 
-/// Per-row state of a running batch.
-struct Row<'t> {
+/// One sequence being generated: its output so far, penalty history, incremental decoder and stop
+/// filter. [`Generator`] drives these for a batch; a server engine can drive them one per request.
+pub struct Sequence<'t> {
+    tokenizer: &'t Tokenizer,
+    config: GenerationConfig,
+    /// New tokens allowed in all.
+    budget: usize,
     out: Output,
     history: History,
     decoder: StreamDecoder<'t>,
     stops: StopStrings,
     finished: bool,
+}
+
+/// What one [`Sequence::step`] produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    pub token: u32,
+    /// Text that became final with this token (possibly empty).
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+    /// Set when this token ended the sequence.
+    pub finish: Option<FinishReason>,
+}
+
+impl<'t> Sequence<'t> {
+    /// A sequence continuing `prompt` for at most `budget` new tokens (see
+    /// [`GenerationConfig::budget`]).
+    pub fn new(tokenizer: &'t Tokenizer, prompt: Vec<u32>, config: GenerationConfig, budget: usize) -> Self {
+        Self {
+            tokenizer,
+            history: History::new(&prompt),
+            decoder: tokenizer.stream_decoder(),
+            stops: StopStrings::new(config.stop_strings.clone()),
+            out: Output {
+                prompt_ids: prompt,
+                ids: Vec::new(),
+                text: String::new(),
+                finish_reason: FinishReason::Length,
+                logprobs: Vec::new(),
+            },
+            config,
+            budget,
+            finished: false,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn output(&self) -> &Output {
+        &self.out
+    }
+
+    pub fn into_output(self) -> Output {
+        self.out
+    }
+
+    /// Chooses the next token from the model's raw logits for this sequence and records it.
+    pub fn step(&mut self, raw: &[f32], rng: &mut impl Rng) -> Result<StepOutput> {
+        let token = if self.config.penalties.is_noop() {
+            sampler::sample(raw, &self.config.sampling, rng)
+        } else {
+            let mut logits = raw.to_vec();
+            self.history.apply(&self.config.penalties, &mut logits);
+            sampler::sample(&logits, &self.config.sampling, rng)
+        };
+        let logprob = self.config.top_logprobs.map(|n| token_logprob(raw, token, n));
+        self.accept(token, logprob)
+    }
+
+    /// Records `token`: ids, text (through the stop filter), finish conditions.
+    fn accept(&mut self, token: u32, logprob: Option<TokenLogprob>) -> Result<StepOutput> {
+        self.out.ids.push(token);
+        self.history.accept(token);
+        if let Some(lp) = &logprob {
+            self.out.logprobs.push(lp.clone());
+        }
+        let mut finish = None;
+        let mut text = String::new();
+        if self.config.eos_token_ids.contains(&token) {
+            finish = Some(FinishReason::Eos);
+        } else if self.config.special_text == SpecialText::Skip && self.tokenizer.is_special(token) {
+            // Not part of the text.
+        } else {
+            let piece = self.decoder.push(token)?;
+            let (emit, stopped) = self.stops.push(&piece);
+            text = emit;
+            if stopped {
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        if finish.is_none() && self.out.ids.len() >= self.budget {
+            finish = Some(FinishReason::Length);
+        }
+        if let Some(reason) = finish {
+            if reason != FinishReason::Stop {
+                // Release what the decoder and the stop filter held back: it was no stop.
+                let tail = std::mem::replace(&mut self.decoder, self.tokenizer.stream_decoder()).finish();
+                let (emit, stopped) = self.stops.push(&tail);
+                text.push_str(&emit);
+                if !stopped {
+                    text.push_str(&self.stops.finish());
+                }
+            }
+            self.out.finish_reason = reason;
+            self.finished = true;
+        }
+        self.out.text.push_str(&text);
+        Ok(StepOutput { token, text, logprob, finish })
+    }
 }
 
 /// Runs generation with a model and the tokenizer that goes with it.
@@ -115,114 +220,41 @@ impl<'a> Generator<'a> {
             input.extend(std::iter::repeat_n(config.pad_token_id, pad));
             input.extend_from_slice(p);
         }
-        let mut rows: Vec<Row> = prompts.iter().map(|p| self.new_row(p, config)).collect();
+        let mut rows: Vec<Sequence> = prompts
+            .iter()
+            .map(|p| Sequence::new(self.tokenizer, p.to_vec(), config.clone(), steps))
+            .collect();
 
         let model = self.model;
         let mut cache = model.new_cache(prompts.len(), width + steps)?;
         cache.set_padding(padding)?;
         let input = Tensor::from_vec(input, (prompts.len(), width), model.device())?;
         let mut logits = model.forward_last(&input, &mut cache)?; // [b, v]
-        for step in 0..steps {
+        loop {
             let all: Vec<Vec<f32>> = logits.to_vec2()?;
             let mut next = vec![config.pad_token_id; rows.len()];
             for (i, (row, raw)) in rows.iter_mut().zip(all).enumerate() {
-                if row.finished {
+                if row.is_finished() {
                     continue;
                 }
-                let token = choose(&raw, row, config, rng);
-                next[i] = token;
-                let logprob = config.top_logprobs.map(|n| token_logprob(&raw, token, n));
-                let last = step + 1 == steps;
-                self.accept(row, i, token, logprob, last, config, on_step)?;
+                let s = row.step(&raw, rng)?;
+                next[i] = s.token;
+                on_step(&Step {
+                    row: i,
+                    token: s.token,
+                    text: &s.text,
+                    logprob: s.logprob.as_ref(),
+                    finish: s.finish,
+                });
             }
-            if rows.iter().all(|r| r.finished) {
+            if rows.iter().all(Sequence::is_finished) {
                 break;
             }
             let ids = Tensor::from_vec(next, (rows.len(), 1), model.device())?;
             logits = model.forward_last(&ids, &mut cache)?;
         }
-        Ok(rows.into_iter().map(|r| r.out).collect())
+        Ok(rows.into_iter().map(Sequence::into_output).collect())
     }
-
-    fn new_row(&self, prompt: &[u32], config: &GenerationConfig) -> Row<'a> {
-        Row {
-            out: Output {
-                prompt_ids: prompt.to_vec(),
-                ids: Vec::new(),
-                text: String::new(),
-                finish_reason: FinishReason::Length,
-                logprobs: Vec::new(),
-            },
-            history: History::new(prompt),
-            decoder: self.tokenizer.stream_decoder(),
-            stops: StopStrings::new(config.stop_strings.clone()),
-            finished: false,
-        }
-    }
-
-    /// Records `token` in `row`: ids, text (through the stop filter), finish conditions.
-    #[allow(clippy::too_many_arguments)]
-    fn accept(
-        &self,
-        row: &mut Row<'a>,
-        index: usize,
-        token: u32,
-        logprob: Option<TokenLogprob>,
-        last: bool,
-        config: &GenerationConfig,
-        on_step: &mut dyn FnMut(&Step),
-    ) -> Result<()> {
-        row.out.ids.push(token);
-        row.history.accept(token);
-        if let Some(lp) = logprob {
-            row.out.logprobs.push(lp);
-        }
-        let mut finish = None;
-        let mut text = String::new();
-        if config.eos_token_ids.contains(&token) {
-            finish = Some(FinishReason::Eos);
-        } else if config.special_text == SpecialText::Skip && self.tokenizer.is_special(token) {
-            // Not part of the text.
-        } else {
-            let piece = row.decoder.push(token)?;
-            let (emit, stopped) = row.stops.push(&piece);
-            text = emit;
-            if stopped {
-                finish = Some(FinishReason::Stop);
-            }
-        }
-        if finish.is_none() && last {
-            finish = Some(FinishReason::Length);
-        }
-        if let Some(reason) = finish {
-            if reason != FinishReason::Stop {
-                // Release what the decoder and the stop filter held back: it was no stop.
-                let tail = std::mem::replace(&mut row.decoder, self.tokenizer.stream_decoder()).finish();
-                let (emit, stopped) = row.stops.push(&tail);
-                text.push_str(&emit);
-                if !stopped {
-                    text.push_str(&row.stops.finish());
-                }
-            }
-            row.out.finish_reason = reason;
-            row.finished = true;
-        }
-        row.out.text.push_str(&text);
-        let step =
-            Step { row: index, token: Some(token), text: &text, logprob: row.out.logprobs.last(), finish };
-        on_step(&step);
-        Ok(())
-    }
-}
-
-/// Applies the row's penalties and the sampling rule to a copy of the raw logits.
-fn choose(raw: &[f32], row: &Row, config: &GenerationConfig, rng: &mut impl Rng) -> u32 {
-    if config.penalties.is_noop() {
-        return sampler::sample(raw, &config.sampling, rng);
-    }
-    let mut logits = raw.to_vec();
-    row.history.apply(&config.penalties, &mut logits);
-    sampler::sample(&logits, &config.sampling, rng)
 }
 
 /// log-softmax of `raw` at `token`, and the `n` largest entries.

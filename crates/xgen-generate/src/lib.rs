@@ -16,7 +16,7 @@ pub mod stop;
 
 pub use config::{GenerationConfig, SpecialText, Truncation};
 pub use error::{GenerateError, Result};
-pub use generator::{Generator, Output, Step, TokenLogprob};
+pub use generator::{Generator, Output, Sequence, Step, StepOutput, TokenLogprob};
 pub use penalties::Penalties;
 pub use sampler::{SampleParams, Sampling};
 pub use stop::FinishReason;
