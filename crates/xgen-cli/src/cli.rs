@@ -34,6 +34,8 @@ pub enum Command {
     Convert(crate::convert::ConvertArgs),
     /// Measure prompt-processing and generation speed (tok/s), like llama-bench.
     Bench(crate::bench::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API with streaming and continuous batching.
+    Serve(crate::serve::ServeArgs),
 }
 
 #[derive(Args, Debug)]

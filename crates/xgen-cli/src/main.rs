@@ -11,6 +11,7 @@ mod jsonl;
 mod model_args;
 mod perplexity;
 mod sampling_args;
+mod serve;
 mod tokenize;
 
 use std::process::ExitCode;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         cli::Command::Perplexity(a) => perplexity::run(&a),
         cli::Command::Convert(a) => convert::run(&a),
         cli::Command::Bench(a) => bench::run(&a),
+        cli::Command::Serve(a) => serve::run(&a),
     };
     exit::report(result)
 }

@@ -57,7 +57,47 @@ pub struct Loaded {
     pub dir: Option<PathBuf>,
 }
 
+/// Where the weights will come from, resolved but not loaded.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Dir(PathBuf),
+    Random(xgen_model::Config),
+}
+
+impl Source {
+    /// The model's configuration (reads config.json only).
+    pub fn config(&self) -> anyhow::Result<xgen_model::Config> {
+        Ok(match self {
+            Source::Dir(dir) => xgen_model::Config::load(&dir.join("config.json"))?,
+            Source::Random(config) => config.clone(),
+        })
+    }
+
+    /// Loads the weights, without progress output.
+    pub fn load(&self, dtype: DType) -> Result<Model, String> {
+        let result = match self {
+            Source::Dir(dir) => Model::load(dir, dtype, &Device::Cpu, &mut |_| {}),
+            Source::Random(config) => weights::random::tensors(config, dtype, &Device::Cpu, &mut |_| {})
+                .and_then(|t| Model::from_tensors(config.clone(), t, dtype, &Device::Cpu)),
+        };
+        result.map_err(|e| e.to_string())
+    }
+}
+
 impl ModelArgs {
+    /// Resolves `--model` (through the Hub cache) or `--random-weights`.
+    pub fn source(&self) -> anyhow::Result<Source> {
+        Ok(match &self.random_weights {
+            Some(preset) => Source::Random(weights::random::preset(preset)?),
+            None => Source::Dir(hub::resolve(
+                &self.model,
+                &self.revision,
+                &HubCache::from_env(),
+                Network::from_env(),
+            )?),
+        })
+    }
+
     /// Resolves and loads the model on the CPU, showing progress on a terminal.
     pub fn load(&self) -> anyhow::Result<Loaded> {
         let start = Instant::now();

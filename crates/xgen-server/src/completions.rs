@@ -1,0 +1,369 @@
+//! `POST /v1/completions` and `POST /v1/chat/completions`: validate, queue one engine job per
+//! choice, then answer with one JSON object or an SSE stream of chunks ending in `data: [DONE]`.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::{
+    body::Bytes,
+    extract::{rejection::BytesRejection, State},
+    response::{sse::Event as SseEvent, IntoResponse, Response, Sse},
+};
+use futures_util::{stream, Stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use xgen_generate::{
+    chat::{clean_answer, render_messages, AnswerStream, Role, TURN_SEPARATOR},
+    FinishReason, SpecialText, StepOutput,
+};
+
+use crate::{
+    api::{Common, Fields, LogprobsField, MAX_CHOICES},
+    engine::{Event, Job},
+    error::ApiError,
+    routes::{json_body, respond},
+    state::SharedState,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// A validated request: one entry of `prompts` per choice.
+struct Prepared {
+    kind: Kind,
+    common: Common,
+    /// (prompt ids, prompt text for `echo`) per choice, in choice order.
+    prompts: Vec<(Vec<u32>, String)>,
+    budget: usize,
+    id: String,
+    created: u64,
+}
+
+pub async fn completions(State(state): State<SharedState>, body: Result<Bytes, BytesRejection>) -> Response {
+    run(state.clone(), prepare(&state, body, Kind::Completion), "completions").await
+}
+
+pub async fn chat_completions(
+    State(state): State<SharedState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run(state.clone(), prepare(&state, body, Kind::Chat), "chat_completions").await
+}
+
+fn prepare(
+    state: &SharedState,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+) -> Result<Prepared, ApiError> {
+    if !state.ready.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError::loading());
+    }
+    let body = json_body(state, body)?;
+    let fields = Fields::from_body(&body)?;
+    let field = if kind == Kind::Chat { LogprobsField::Chat } else { LogprobsField::Completions };
+    let mut common = fields.common(state.defaults.clone(), field, state.vocab)?;
+    let texts = match kind {
+        Kind::Completion => prompt_texts(state, &fields)?,
+        Kind::Chat => {
+            common.config.stop_strings.push(TURN_SEPARATOR.to_string());
+            common.config.special_text = SpecialText::Skip;
+            let prompt = chat_prompt(&fields)?;
+            vec![(state.tokenizer.encode(&prompt), prompt)]
+        }
+    };
+    if texts.len() * common.n > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            "n",
+            format!("at most {MAX_CHOICES} choices per request (prompts x n)"),
+        ));
+    }
+    let longest = texts.iter().map(|t| t.0.len()).max().unwrap_or(0);
+    let budget = match (common.max_tokens, kind) {
+        (Some(n), _) => n,
+        (None, Kind::Completion) => 16,
+        (None, Kind::Chat) => state.context.saturating_sub(longest).max(1),
+    };
+    if longest + budget > state.context {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "This model's maximum context length is {} tokens. However, you requested {} tokens ({longest} in the prompt, {budget} for the completion).",
+                state.context,
+                longest + budget
+            ),
+        ));
+    }
+    let prompts = texts.into_iter().flat_map(|t| std::iter::repeat_n(t, common.n)).collect();
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    Ok(Prepared {
+        kind,
+        common,
+        prompts,
+        budget,
+        id: format!("{prefix}-{:016x}", rand::random::<u64>()),
+        created,
+    })
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
+fn prompt_texts(state: &SharedState, fields: &Fields) -> Result<Vec<(Vec<u32>, String)>, ApiError> {
+    let bad = || {
+        ApiError::invalid("prompt", "`prompt` must be a non-empty string, list of strings, list of token ids, or list of token-id lists")
+    };
+    let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
+        items
+            .iter()
+            .map(|v| v.as_u64().filter(|&id| id < u64::from(state.vocab)).map(|id| id as u32))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ApiError::invalid("prompt", format!("token ids must be integers below {}", state.vocab))
+            })
+    };
+    let from_ids = |v: Vec<u32>| -> Result<(Vec<u32>, String), ApiError> {
+        let text = state.tokenizer.decode(&v).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+        Ok((v, text))
+    };
+    let prompts = match fields.get("prompt").ok_or_else(bad)? {
+        Value::String(s) => vec![(state.tokenizer.encode(s), s.clone())],
+        Value::Array(items) if items.iter().all(Value::is_string) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|s| (state.tokenizer.encode(s), s.to_string()))
+            .collect(),
+        Value::Array(items) if items.iter().all(Value::is_number) => vec![from_ids(ids(items)?)?],
+        Value::Array(items) if items.iter().all(Value::is_array) => items
+            .iter()
+            .map(|i| from_ids(ids(i.as_array().map_or(&[][..], Vec::as_slice))?))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(bad()),
+    };
+    if prompts.is_empty() || prompts.iter().any(|p| p.0.is_empty()) {
+        return Err(bad());
+    }
+    Ok(prompts)
+}
+
+/// `messages` rendered in the XGen-Inst format.
+fn chat_prompt(fields: &Fields) -> Result<String, ApiError> {
+    let bad = |m: &str| ApiError::invalid("messages", m.to_string());
+    let items = fields
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("`messages` must be a non-empty list"))?;
+    let mut messages = Vec::with_capacity(items.len());
+    for m in items {
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some("system" | "developer") => Role::System,
+            Some("user") => Role::User,
+            Some("assistant") => Role::Assistant,
+            _ => return Err(bad("each message needs a `role` of system, user or assistant")),
+        };
+        let content = match m.get("content") {
+            Some(Value::String(s)) => s.clone(),
+            // The list form: concatenated text parts.
+            Some(Value::Array(parts)) => {
+                parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect()
+            }
+            _ => return Err(bad("each message needs a string `content`")),
+        };
+        messages.push((role, content));
+    }
+    let refs: Vec<(Role, &str)> = messages.iter().map(|(r, c)| (*r, c.as_str())).collect();
+    render_messages(&refs).ok_or_else(|| bad("the last message must be the user's"))
+}
+
+async fn run(state: SharedState, prepared: Result<Prepared, ApiError>, endpoint: &'static str) -> Response {
+    let p = match prepared {
+        Ok(p) => p,
+        Err(e) => return respond(&state, endpoint, Err(e)),
+    };
+    let base_seed = p.common.seed.unwrap_or_else(rand::random);
+    let mut receivers = Vec::with_capacity(p.prompts.len());
+    for (i, (prompt, _)) in p.prompts.iter().enumerate() {
+        let (tx, rx) = unbounded_channel();
+        let job = Job {
+            prompt: prompt.clone(),
+            config: p.common.config.clone(),
+            budget: p.budget,
+            seed: base_seed.wrapping_add(i as u64),
+            events: tx,
+            submitted: Instant::now(),
+        };
+        if state.engine.submit(job).is_err() {
+            // Dropping the receivers cancels the choices already queued.
+            return respond(&state, endpoint, Err(ApiError::queue_full()));
+        }
+        receivers.push(rx);
+    }
+    if p.common.stream {
+        state.metrics.request(endpoint, 200);
+        return Sse::new(sse_stream(state.clone(), p, receivers)).into_response();
+    }
+    let mut choices = Vec::with_capacity(receivers.len());
+    let mut completion_tokens = 0;
+    for (index, rx) in receivers.into_iter().enumerate() {
+        match collect(rx).await {
+            Ok(steps) => {
+                completion_tokens += steps.len();
+                choices.push(choice_json(&state, &p, index, &steps));
+            }
+            Err(e) => return respond(&state, endpoint, Err(ApiError::internal(e))),
+        }
+    }
+    let prompt_tokens = p.prompts.iter().map(|t| t.0.len()).step_by(p.common.n).sum::<usize>();
+    let object = if p.kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    respond(
+        &state,
+        endpoint,
+        Ok(json!({
+            "id": p.id, "object": object, "created": p.created, "model": state.model_name, "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens),
+        })),
+    )
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// All steps of one choice, up to its finish.
+async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Vec<StepOutput>, String> {
+    let mut steps = Vec::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Token(step) => {
+                let done = step.finish.is_some();
+                steps.push(step);
+                if done {
+                    return Ok(steps);
+                }
+            }
+            Event::Error(e) => return Err(e),
+        }
+    }
+    Err("the engine stopped before the sequence finished".into())
+}
+
+fn finish_str(f: Option<FinishReason>) -> Value {
+    match f {
+        Some(FinishReason::Length) => "length".into(),
+        Some(_) => "stop".into(),
+        None => Value::Null,
+    }
+}
+
+fn choice_json(state: &SharedState, p: &Prepared, index: usize, steps: &[StepOutput]) -> Value {
+    let text: String = steps.iter().map(|s| s.text.as_str()).collect();
+    let finish = finish_str(steps.last().and_then(|s| s.finish));
+    let logprobs = logprobs_json(state, p, steps);
+    match p.kind {
+        Kind::Completion => {
+            let text = if p.common.echo { format!("{}{text}", p.prompts[index].1) } else { text };
+            json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        }
+        Kind::Chat => json!({
+            "index": index, "message": {"role": "assistant", "content": clean_answer(&text)},
+            "logprobs": logprobs, "finish_reason": finish,
+        }),
+    }
+}
+
+/// OpenAI's log-probability objects (legacy completions or chat), or null when not requested.
+fn logprobs_json(state: &SharedState, p: &Prepared, steps: &[StepOutput]) -> Value {
+    if p.common.config.top_logprobs.is_none() {
+        return Value::Null;
+    }
+    let token = |id: u32| state.tokenizer.decode(&[id]).unwrap_or_default();
+    let bytes = |id: u32| state.tokenizer.token_bytes(id).map(<[u8]>::to_vec).unwrap_or_default();
+    let lps: Vec<_> = steps.iter().filter_map(|s| s.logprob.as_ref()).collect();
+    match p.kind {
+        Kind::Completion => {
+            let mut offset = 0;
+            let offsets: Vec<usize> = lps
+                .iter()
+                .map(|l| {
+                    let at = offset;
+                    offset += token(l.id).len();
+                    at
+                })
+                .collect();
+            json!({
+                "tokens": lps.iter().map(|l| token(l.id)).collect::<Vec<_>>(),
+                "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+                "top_logprobs": lps.iter().map(|l| l.top.iter().map(|(id, lp)| (token(*id), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+                "text_offset": offsets,
+            })
+        }
+        Kind::Chat => json!({"content": lps.iter().map(|l| json!({
+            "token": token(l.id), "logprob": l.logprob, "bytes": bytes(l.id),
+            "top_logprobs": l.top.iter().map(|(id, lp)| json!({"token": token(*id), "logprob": lp, "bytes": bytes(*id)})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()}),
+    }
+}
+
+/// SSE chunks for every choice as tokens arrive, then usage (if asked) and `[DONE]`.
+fn sse_stream(
+    state: SharedState,
+    p: Prepared,
+    receivers: Vec<UnboundedReceiver<Event>>,
+) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
+    let merged = stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| {
+        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
+            .map(move |e| (i, e))
+            .boxed()
+    }));
+    let n = p.prompts.len();
+    let mut answers: Vec<AnswerStream> = vec![AnswerStream::default(); n];
+    let mut first = vec![true; n];
+    let mut done = 0;
+    let mut completion_tokens = 0;
+    let object = if p.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let head = json!({"id": p.id, "object": object, "created": p.created, "model": state.model_name});
+    let chunks = merged.map(move |(index, event)| -> Vec<Value> {
+        match event {
+            Event::Error(e) => vec![json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})],
+            Event::Token(step) => {
+                completion_tokens += 1;
+                if step.finish.is_some() {
+                    done += 1;
+                }
+                let logprobs = logprobs_json(&state, &p, std::slice::from_ref(&step));
+                let finish = finish_str(step.finish);
+                let mut c = head.clone();
+                c["choices"] = match p.kind {
+                    Kind::Completion => {
+                        let echo = if first[index] && p.common.echo { p.prompts[index].1.as_str() } else { "" };
+                        json!([{"index": index, "text": format!("{echo}{}", step.text), "logprobs": logprobs, "finish_reason": finish}])
+                    }
+                    Kind::Chat => {
+                        let mut delta = json!({"content": answers[index].push(&step.text)});
+                        if first[index] {
+                            delta["role"] = "assistant".into();
+                        }
+                        json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+                    }
+                };
+                first[index] = false;
+                if p.common.include_usage {
+                    c["usage"] = Value::Null;
+                }
+                let mut out = vec![c];
+                if done == n && p.common.include_usage {
+                    let prompt_tokens = p.prompts.iter().map(|t| t.0.len()).step_by(p.common.n).sum::<usize>();
+                    let mut u = head.clone();
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(prompt_tokens, completion_tokens);
+                    out.push(u);
+                }
+                out
+            }
+        }
+    });
+    chunks
+        .flat_map(stream::iter)
+        .map(|c| Ok(SseEvent::default().data(c.to_string())))
+        .chain(stream::once(async { Ok(SseEvent::default().data("[DONE]")) }))
+}

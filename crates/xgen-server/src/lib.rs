@@ -1,0 +1,66 @@
+//! An OpenAI-compatible HTTP server for XGen (`xgen serve`): `/v1/completions`,
+//! `/v1/chat/completions` (XGen-Inst format), `/v1/models`, `/health`, `/metrics`, `/tokenize`,
+//! `/detokenize`; SSE streaming; continuous batching on one engine thread that owns the model.
+
+mod api;
+mod completions;
+pub mod engine;
+mod error;
+pub mod metrics;
+mod routes;
+mod state;
+
+use std::{
+    future::Future,
+    sync::{atomic::AtomicBool, Arc},
+};
+
+use tokio::net::TcpListener;
+use xgen_generate::GenerationConfig;
+use xgen_model::{Config, Model};
+use xgen_tokenizer::Tokenizer;
+
+pub use error::ApiError;
+pub use routes::app;
+pub use state::AppState;
+
+/// Server settings, validated by the caller.
+pub struct ServeOptions {
+    pub model_name: String,
+    /// The model's configuration (read before the weights load).
+    pub config: Config,
+    pub defaults: GenerationConfig,
+    /// Context per sequence (at most the model's).
+    pub context: usize,
+    pub api_key: Option<String>,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub body_limit: usize,
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting and lets in-flight
+/// requests finish. `load` runs on the engine thread; `/health` answers 503 until it is done.
+pub async fn serve(
+    options: ServeOptions,
+    listener: TcpListener,
+    load: impl FnOnce() -> Result<Model, String> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (engine, _thread) =
+        engine::spawn(load, options.max_batch, options.max_queue, metrics.clone(), ready.clone());
+    let state = Arc::new(AppState {
+        engine,
+        tokenizer: Tokenizer::xgen(),
+        model_name: options.model_name,
+        context: options.context,
+        vocab: options.config.vocab_size as u32,
+        defaults: options.defaults,
+        api_key: options.api_key,
+        ready,
+        metrics,
+        body_limit: options.body_limit,
+    });
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,97 @@
+//! Prometheus metrics: requests by endpoint and status, tokens, time to first token and
+//! inter-token latency histograms, queue depth, running sequences, KV-cache bytes.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write,
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+        Mutex,
+    },
+};
+
+const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Default)]
+struct Histogram {
+    /// Per bucket (non-cumulative) counts, then the +Inf bucket.
+    counts: [u64; LATENCY_BUCKETS.len() + 1],
+    sum: f64,
+    count: u64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    ttft: Mutex<Histogram>,
+    itl: Mutex<Histogram>,
+    pub queue_depth: AtomicI64,
+    pub running: AtomicI64,
+    pub kv_cache_bytes: AtomicI64,
+}
+
+fn observe(h: &Mutex<Histogram>, seconds: f64) {
+    let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+    let i = LATENCY_BUCKETS.iter().position(|&b| seconds <= b).unwrap_or(LATENCY_BUCKETS.len());
+    h.counts[i] += 1;
+    h.sum += seconds;
+    h.count += 1;
+}
+
+impl Metrics {
+    pub fn request(&self, endpoint: &'static str, status: u16) {
+        *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry((endpoint, status)).or_default() += 1;
+    }
+
+    pub fn time_to_first_token(&self, seconds: f64) {
+        observe(&self.ttft, seconds);
+    }
+
+    pub fn inter_token_latency(&self, seconds: f64) {
+        observe(&self.itl, seconds);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP xgen_requests_total HTTP requests by endpoint and status.\n# TYPE xgen_requests_total counter\n");
+        for ((endpoint, status), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "xgen_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}");
+        }
+        let counters = [
+            ("xgen_prompt_tokens_total", "Prompt tokens processed.", self.prompt_tokens.load(Relaxed) as i64),
+            ("xgen_generation_tokens_total", "Tokens generated.", self.generated_tokens.load(Relaxed) as i64),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let gauges = [
+            ("xgen_queue_depth", "Requests waiting for a batch slot.", &self.queue_depth),
+            ("xgen_running_sequences", "Sequences in the running batch.", &self.running),
+            ("xgen_kv_cache_bytes", "Bytes of KV cache held by running sequences.", &self.kv_cache_bytes),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Relaxed));
+        }
+        for (name, help, h) in [
+            ("xgen_time_to_first_token_seconds", "From request to first generated token.", &self.ttft),
+            ("xgen_inter_token_latency_seconds", "Between consecutive tokens of a sequence.", &self.itl),
+        ] {
+            let h = h.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            let mut cumulative = 0;
+            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                cumulative += h.counts[i];
+                let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+                h.count, h.sum, h.count
+            );
+        }
+        out
+    }
+}

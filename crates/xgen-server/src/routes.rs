@@ -1,0 +1,127 @@
+//! The router: authentication, body limits, and the small endpoints (`/health`, `/metrics`,
+//! `/v1/models`, `/tokenize`, `/detokenize`). Generation endpoints live in `completions.rs`.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::{
+    body::Bytes,
+    extract::{rejection::BytesRejection, DefaultBodyLimit, Request, State},
+    http::{header, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde_json::{json, Value};
+
+use crate::{api::Fields, completions, error::ApiError, state::SharedState};
+
+/// The whole HTTP API.
+pub fn app(state: SharedState) -> Router {
+    let protected = Router::new()
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(protected)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(DefaultBodyLimit::max(state.body_limit))
+        .with_state(state)
+}
+
+/// With `--api-key`, requires `Authorization: Bearer KEY`.
+async fn auth(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if given.and_then(|v| v.strip_prefix("Bearer ")) != Some(key.as_str()) {
+            state.metrics.request("auth", 401);
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// The request body as JSON, with the limit and syntax errors as OpenAI errors.
+pub fn json_body(state: &SharedState, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let bytes = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.body_limit)
+        } else {
+            ApiError::bad_request(rejection.body_text())
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn health(State(state): State<SharedState>) -> Response {
+    if state.ready.load(Relaxed) {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<SharedState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+async fn models(State(state): State<SharedState>) -> Response {
+    state.metrics.request("models", 200);
+    Json(json!({
+        "object": "list",
+        "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "xgen", "max_model_len": state.context}],
+    }))
+    .into_response()
+}
+
+async fn tokenize(State(state): State<SharedState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = (|| {
+        let body = json_body(&state, body)?;
+        let fields = Fields::from_body(&body)?;
+        let text = fields
+            .string("prompt")?
+            .ok_or_else(|| ApiError::invalid("prompt", "`prompt` (a string) is required"))?;
+        let tokens = state.tokenizer.encode(text);
+        Ok(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": state.context}))
+    })();
+    respond(&state, "tokenize", result)
+}
+
+async fn detokenize(State(state): State<SharedState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = (|| {
+        let body = json_body(&state, body)?;
+        let tokens = body
+            .get("tokens")
+            .and_then(Value::as_array)
+            .ok_or_else(|| ApiError::invalid("tokens", "`tokens` (a list of token ids) is required"))?;
+        let ids = tokens
+            .iter()
+            .map(|t| t.as_u64().filter(|&id| id < u64::from(state.vocab)).map(|id| id as u32))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| {
+                ApiError::invalid("tokens", format!("every token must be an id below {}", state.vocab))
+            })?;
+        let text = state.tokenizer.decode(&ids).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+        Ok(json!({"prompt": text}))
+    })();
+    respond(&state, "detokenize", result)
+}
+
+/// A JSON result or an error, counted in the metrics.
+pub fn respond(state: &SharedState, endpoint: &'static str, result: Result<Value, ApiError>) -> Response {
+    match result {
+        Ok(v) => {
+            state.metrics.request(endpoint, 200);
+            Json(v).into_response()
+        }
+        Err(e) => {
+            state.metrics.request(endpoint, e.status.as_u16());
+            e.into_response()
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The server over real HTTP on a loopback port, with the tiny fixture model.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::PathBuf,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use xgen_generate::GenerationConfig;
+use xgen_model::{Config, DType, Device, Model};
+use xgen_server::ServeOptions;
+use xgen_tokenizer::Tokenizer;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/tiny-xgen-8k-bin")
+}
+
+/// A running server; stops when dropped.
+struct Server {
+    base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn start(api_key: Option<&str>, max_batch: usize, max_queue: usize, body_limit: usize) -> Server {
+    let server = start_with(api_key, max_batch, max_queue, body_limit, || ());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ureq::get(&format!("{}/health", server.base)).call().is_err() {
+        assert!(Instant::now() < deadline, "server never became healthy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server
+}
+
+/// Starts a server whose model load first runs `before_load` (to hold it in the loading state).
+fn start_with(
+    api_key: Option<&str>,
+    max_batch: usize,
+    max_queue: usize,
+    body_limit: usize,
+    before_load: impl FnOnce() + Send + 'static,
+) -> Server {
+    let config = Config::load(&fixture().join("config.json")).unwrap();
+    let options = ServeOptions {
+        model_name: "tiny".into(),
+        defaults: GenerationConfig::for_model_dir(&fixture(), &config).unwrap(),
+        context: config.max_position_embeddings,
+        config,
+        api_key: api_key.map(String::from),
+        max_batch,
+        max_queue,
+        body_limit,
+    };
+    let (port_tx, port_rx) = mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            port_tx.send(listener.local_addr().unwrap().port()).unwrap();
+            let load = || {
+                before_load();
+                Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {}).map_err(|e| e.to_string())
+            };
+            xgen_server::serve(options, listener, load, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let base = format!("http://127.0.0.1:{}", port_rx.recv().unwrap());
+    Server { base, stop: Some(stop_tx) }
+}
+
+fn post(s: &Server, path: &str, body: &Value) -> Result<Value, (u16, Value, Option<String>)> {
+    match ureq::post(&format!("{}{path}", s.base)).send_json(body.clone()) {
+        Ok(r) => Ok(r.into_json().unwrap()),
+        Err(ureq::Error::Status(code, r)) => {
+            let retry = r.header("retry-after").map(String::from);
+            Err((code, r.into_json().unwrap_or(Value::Null), retry))
+        }
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+/// The `data:` payloads of an SSE response, up to and including `[DONE]`.
+fn stream(s: &Server, path: &str, body: &Value) -> Vec<String> {
+    let r = ureq::post(&format!("{}{path}", s.base)).send_json(body.clone()).unwrap();
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    BufReader::new(r.into_reader())
+        .lines()
+        .map(Result::unwrap)
+        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+        .collect()
+}
+
+fn streamed_text(chunks: &[String], key: &str) -> String {
+    assert_eq!(chunks.last().map(String::as_str), Some("[DONE]"));
+    chunks[..chunks.len() - 1]
+        .iter()
+        .map(|c| serde_json::from_str::<Value>(c).unwrap())
+        .filter_map(|c| {
+            c["choices"].get(0).map(|ch| {
+                ch[key]
+                    .as_str()
+                    .map(String::from)
+                    .or_else(|| ch["delta"]["content"].as_str().map(String::from))
+                    .unwrap_or_default()
+            })
+        })
+        .collect()
+}
+
+fn expected_greedy() -> (Vec<u64>, Vec<u32>) {
+    let e: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap()).unwrap();
+    let p = &e["float32"]["prompts"][2];
+    let ids = p["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let new = p["greedy"]["new_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    (ids, new)
+}
+
+#[test]
+fn greedy_completion_equals_transformers_and_streams_the_same_text() {
+    let s = start(None, 8, 64, 1 << 20);
+    let (prompt, new) = expected_greedy();
+    let want = Tokenizer::xgen().decode(&new).unwrap();
+    let body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 32, "temperature": 0});
+    let r = post(&s, "/v1/completions", &body).unwrap();
+    assert_eq!(r["choices"][0]["text"], want.as_str());
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    assert_eq!(r["usage"], json!({"prompt_tokens": 40, "completion_tokens": 32, "total_tokens": 72}));
+    let mut streaming = body.clone();
+    streaming["stream"] = true.into();
+    assert_eq!(streamed_text(&stream(&s, "/v1/completions", &streaming), "text"), want);
+
+    let chat = json!({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "max_tokens": 12, "temperature": 0});
+    let r = post(&s, "/v1/chat/completions", &chat).unwrap();
+    let content = r["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let mut streaming = chat.clone();
+    streaming["stream"] = true.into();
+    assert_eq!(streamed_text(&stream(&s, "/v1/chat/completions", &streaming), "content").trim(), content);
+}
+
+#[test]
+fn sixteen_concurrent_streams_complete_and_agree() {
+    let s = start(None, 8, 64, 1 << 20);
+    let (prompt, new) = expected_greedy();
+    let want = Tokenizer::xgen().decode(&new).unwrap();
+    let body = json!({"prompt": prompt, "max_tokens": 32, "temperature": 0, "stream": true});
+    let texts: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| scope.spawn(|| streamed_text(&stream(&s, "/v1/completions", &body), "text")))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(texts.iter().all(|t| *t == want), "{texts:?}");
+}
+
+#[test]
+fn a_disconnected_stream_frees_its_slot() {
+    let s = start(None, 1, 4, 1 << 20);
+    let long = json!({"prompt": "The world is", "max_tokens": 8000, "temperature": 0, "stream": true});
+    let r = ureq::post(&format!("{}/v1/completions", s.base)).send_json(long).unwrap();
+    let mut reader = BufReader::new(r.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "));
+    drop(reader);
+    // With one slot, this completes only once the abandoned sequence has left the batch.
+    let started = Instant::now();
+    let r = post(&s, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4, "temperature": 0})).unwrap();
+    assert_eq!(r["usage"]["completion_tokens"], 4);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The engine updates the gauge right after sending the last token: allow it a moment.
+    let metrics = || ureq::get(&format!("{}/metrics", s.base)).call().unwrap().into_string().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !metrics().contains("xgen_running_sequences 0") {
+        assert!(Instant::now() < deadline, "{}", metrics());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let metrics = metrics();
+    assert!(metrics.contains("xgen_requests_total{endpoint=\"completions\",status=\"200\"} 2"), "{metrics}");
+    assert!(metrics.contains("xgen_time_to_first_token_seconds_count 2"), "{metrics}");
+}
+
+#[test]
+fn bad_input_gets_openai_errors() {
+    let s = start(None, 8, 64, 2000);
+    let cases = [
+        (json!({"prompt": "x", "temperature": "hot"}), "temperature"),
+        (json!({"prompt": "x", "temperature": 3}), "temperature"),
+        (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
+        (json!({"prompt": "x", "n": 17}), "n"),
+        (json!({"prompt": "x", "stop": [1, 2]}), "stop"),
+        (json!({"prompt": "x", "logit_bias": {"99999": 1}}), "logit_bias"),
+        (json!({"prompt": [1, 51200]}), "prompt"),
+        (json!({"prompt": 5}), "prompt"),
+        (json!({"prompt": "x", "logprobs": 9}), "logprobs"),
+        (json!({"prompt": "x", "stream": "yes"}), "stream"),
+    ];
+    for (body, param) in cases {
+        let (code, err, _) = post(&s, "/v1/completions", &body).unwrap_err();
+        assert_eq!((code, err["error"]["param"].as_str()), (400, Some(param)), "{body}: {err}");
+        assert_eq!(err["error"]["type"], "invalid_request_error");
+    }
+    let (code, err, _) =
+        post(&s, "/v1/chat/completions", &json!({"messages": [{"role": "assistant", "content": "x"}]}))
+            .unwrap_err();
+    assert_eq!((code, err["error"]["param"].as_str()), (400, Some("messages")));
+    let (code, err, _) =
+        post(&s, "/v1/completions", &json!({"prompt": "x", "max_tokens": 8200})).unwrap_err();
+    let msg = err["error"]["message"].as_str().unwrap();
+    assert!(code == 400 && msg.contains("8192") && msg.contains("8201"), "{msg}");
+    match ureq::post(&format!("{}/v1/completions", s.base))
+        .set("content-type", "application/json")
+        .send_string("{not json")
+    {
+        Err(ureq::Error::Status(400, r)) => {
+            assert!(r.into_json::<Value>().unwrap()["error"]["message"].is_string())
+        }
+        other => panic!("{other:?}"),
+    }
+    let big = json!({"prompt": "x".repeat(3000)});
+    let (code, err, _) = post(&s, "/v1/completions", &big).unwrap_err();
+    assert_eq!(code, 413, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("2000"));
+    assert_eq!(post(&s, "/nope", &json!({})).unwrap_err().0, 404);
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let s = start(Some("sekret"), 8, 64, 1 << 20);
+    let body = json!({"prompt": "x", "max_tokens": 1});
+    let url = format!("{}/v1/completions", s.base);
+    for auth in [None, Some("Bearer wrong")] {
+        let mut req = ureq::post(&url);
+        if let Some(a) = auth {
+            req = req.set("Authorization", a);
+        }
+        match req.send_json(body.clone()) {
+            Err(ureq::Error::Status(401, r)) => {
+                assert_eq!(r.into_json::<Value>().unwrap()["error"]["type"], "authentication_error")
+            }
+            other => panic!("{auth:?}: {other:?}"),
+        }
+    }
+    let ok = ureq::post(&url).set("Authorization", "Bearer sekret").send_json(body).unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ureq::get(&format!("{}/health", s.base)).call().unwrap().status(), 200, "health needs no key");
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let s = start(None, 1, 1, 1 << 20);
+    let long = json!({"prompt": "The world is", "max_tokens": 8000, "temperature": 0, "stream": true});
+    // Hold the only slot and the only queue place with long streams, read slowly.
+    let mut held = Vec::new();
+    let mut saw_429 = None;
+    for _ in 0..6 {
+        match ureq::post(&format!("{}/v1/completions", s.base)).send_json(long.clone()) {
+            Ok(r) => held.push(r.into_reader()),
+            Err(ureq::Error::Status(429, r)) => {
+                saw_429 = Some(r.header("retry-after").map(String::from));
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(saw_429, Some(Some("1".to_string())), "held {} streams", held.len());
+    let mut first = [0u8; 6];
+    held[0].read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"data: ");
+}
+
+#[test]
+fn health_is_503_while_loading() {
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let s = start_with(None, 8, 64, 1 << 20, move || {
+        let _ = release_rx.recv();
+    });
+    match ureq::get(&format!("{}/health", s.base)).call() {
+        Err(ureq::Error::Status(503, _)) => {}
+        other => panic!("{other:?}"),
+    }
+    let (code, err, _) = post(&s, "/v1/completions", &json!({"prompt": "x"})).unwrap_err();
+    assert_eq!((code, err["error"]["type"].as_str()), (503, Some("server_error")));
+    release_tx.send(()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ureq::get(&format!("{}/health", s.base)).call().is_err() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        post(&s, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2})).unwrap()["usage"]
+            ["completion_tokens"],
+        2
+    );
+}
