@@ -8,11 +8,11 @@
 
 use std::{hint::black_box, path::PathBuf, time::Instant};
 
-use rustc_hash::FxHashMap;
-use tiktoken_rs::CoreBPE;
-use xgen_tokenizer::{Specials, Tokenizer, N_VOCAB};
+#[path = "../tests/reference/mod.rs"]
+mod reference;
 
-const PAT_STR: &str = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s";
+use reference::reference;
+use xgen_tokenizer::{Specials, Tokenizer};
 
 fn main() {
     let reps =
@@ -72,16 +72,4 @@ fn corpus() -> Vec<String> {
             v["text"].as_str().expect("fixture line has text").to_string()
         })
         .collect()
-}
-
-fn reference(t: &Tokenizer) -> CoreBPE {
-    let mut encoder = FxHashMap::default();
-    let mut specials = FxHashMap::default();
-    for id in 0..N_VOCAB {
-        match t.special_token(id) {
-            Some(s) => specials.insert(s.to_string(), id),
-            None => encoder.insert(t.token_bytes(id).unwrap().to_vec(), id),
-        };
-    }
-    CoreBPE::new(encoder, specials, PAT_STR).expect("reference CoreBPE")
 }

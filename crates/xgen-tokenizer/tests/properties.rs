@@ -1,31 +1,18 @@
 //! Properties on generated text, and a differential test against tiktoken-rs's `CoreBPE` built
 //! with the same ranks, specials and tiktoken's spelling of the GPT-2 pattern (the reference path).
 
+mod reference;
+
 use std::sync::LazyLock;
 
 use proptest::prelude::*;
-use rustc_hash::FxHashMap;
+use reference::reference;
 use tiktoken_rs::CoreBPE;
 use xgen_tokenizer::{TokenId, Tokenizer, N_VOCAB};
-
-/// tiktoken's current spelling of the GPT-2 split pattern (fixtures `vocab.json` `pat_str`).
-const PAT_STR: &str = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s";
 
 /// Built once per test binary: construction costs tens of milliseconds.
 static TOKENIZER: LazyLock<Tokenizer> = LazyLock::new(Tokenizer::xgen);
 static REFERENCE: LazyLock<CoreBPE> = LazyLock::new(|| reference(&TOKENIZER));
-
-fn reference(t: &Tokenizer) -> CoreBPE {
-    let mut encoder = FxHashMap::default();
-    let mut specials = FxHashMap::default();
-    for id in 0..N_VOCAB {
-        match t.special_token(id) {
-            Some(s) => specials.insert(s.to_string(), id),
-            None => encoder.insert(t.token_bytes(id).unwrap().to_vec(), id),
-        };
-    }
-    CoreBPE::new(encoder, specials, PAT_STR).expect("reference CoreBPE")
-}
 
 /// Text pieces chosen to exercise every branch of the pattern and of BPE.
 fn atom() -> impl Strategy<Value = String> {
