@@ -4,12 +4,11 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use xgen_model::weights::{self, write};
 
 use crate::{
     exit::bad_input,
-    model_args::{status, Dtype},
+    model_args::{show_progress, status, tensor_progress_bar, Dtype},
 };
 
 /// `--format`.
@@ -54,16 +53,9 @@ pub fn run(args: &ConvertArgs) -> anyhow::Result<()> {
             if src.canonicalize().ok() == args.out.canonicalize().ok() {
                 return Err(bad_input("--out must differ from --model"));
             }
-            let bar = ProgressBar::new(0).with_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors {elapsed}")
-                    .expect("template"),
-            );
+            let bar = tensor_progress_bar();
             let files = write::convert(src, &args.out, format, dtype, args.shard_size, &mut |p| {
-                bar.set_length(p.tensors_total as u64);
-                bar.set_position(p.tensors_done as u64);
-                bar.set_message(
-                    p.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
-                );
+                show_progress(&bar, &p)
             })?;
             bar.finish_and_clear();
             files

@@ -101,15 +101,8 @@ impl ModelArgs {
     /// Resolves and loads the model on the CPU, showing progress on a terminal.
     pub fn load(&self) -> anyhow::Result<Loaded> {
         let start = Instant::now();
-        let bar = ProgressBar::new(0).with_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors {elapsed}")
-                .expect("valid template"),
-        );
-        let mut progress = |p: weights::LoadProgress| {
-            bar.set_length(p.tensors_total as u64);
-            bar.set_position(p.tensors_done as u64);
-            bar.set_message(p.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
-        };
+        let bar = tensor_progress_bar();
+        let mut progress = |p: weights::LoadProgress| show_progress(&bar, &p);
         let dtype = self.dtype.candle();
         let loaded = match &self.random_weights {
             Some(preset) => {
@@ -127,6 +120,21 @@ impl ModelArgs {
         status(&format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
         Ok(loaded)
     }
+}
+
+/// A progress bar over tensors (drawn only when stderr is a terminal).
+pub fn tensor_progress_bar() -> ProgressBar {
+    ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors {elapsed}")
+            .expect("valid template"),
+    )
+}
+
+/// Moves `bar` to `p`, naming the file being read.
+pub fn show_progress(bar: &ProgressBar, p: &weights::LoadProgress) {
+    bar.set_length(p.tensors_total as u64);
+    bar.set_position(p.tensors_done as u64);
+    bar.set_message(p.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
 }
 
 /// A status line on stderr, only when stderr is a terminal (keeps piped output clean).
