@@ -7,6 +7,7 @@ use std::{
 };
 
 use serde_json::Value;
+use xgen_tokenizer::Tokenizer;
 
 fn fixture(model: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models").join(model)
@@ -191,4 +192,31 @@ fn same_seed_same_sample_on_any_thread_count() {
     assert_eq!(one.1, 42);
     assert_eq!(run("2"), one);
     assert_eq!(run("3"), one);
+}
+
+/// README's main command, with the model in a Hugging Face cache (a mock holding the tiny fixture
+/// under the official name), offline.
+#[test]
+fn readme_main_command_runs_from_the_hf_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--Salesforce--xgen-7b-8k-base");
+    let commit = "3987e094377fae577bba039af1b300ee8086f9e1";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-xgen-8k-bin")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_xgen"))
+        .args(["generate", "--prompt", "The world is", "--max-length", "128"])
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let ids = Tokenizer::xgen().encode(text.trim_end_matches('\n'));
+    assert!(ids.len() >= 100, "about 125 new tokens: {} ({text:?})", ids.len());
 }
