@@ -63,14 +63,14 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if prompt.is_empty() {
         return Err(bad_input("the prompt is empty"));
     }
-    if let Some(&id) = prompt.iter().find(|&&id| id >= tokenizer.n_vocab()) {
-        return Err(bad_input(format!(
-            "--prompt-ids: {id} is not a token id (vocabulary 0..{})",
-            tokenizer.n_vocab()
-        )));
-    }
     let loaded = args.model.load()?;
     let model = &loaded.model;
+    let vocab = model.config().vocab_size;
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        return Err(bad_input(format!(
+            "--prompt-ids: {id} is not a token id (the model's vocabulary is 0..{vocab})"
+        )));
+    }
     let mut config = match &loaded.dir {
         Some(dir) => GenerationConfig::for_model_dir(dir, model.config())?,
         None => GenerationConfig::defaults_for(model.config()),

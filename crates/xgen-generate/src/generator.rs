@@ -136,6 +136,8 @@ impl<'t> Sequence<'t> {
             finish = Some(FinishReason::Eos);
         } else if self.config.special_text == SpecialText::Skip && self.tokenizer.is_special(token) {
             // Not part of the text.
+        } else if self.tokenizer.token_bytes(token).is_err() {
+            // A model with a larger vocabulary than the tokenizer: the id is kept, it has no text.
         } else {
             let piece = self.decoder.push(token)?;
             let (emit, stopped) = self.stops.push(&piece);

@@ -175,3 +175,26 @@ fn logprobs_are_natural_log_of_the_model_distribution() {
     assert!((got - want).abs() < 1e-3, "{got} vs {want}");
     assert_eq!(first.top[1].0 as u64, top20["ids"][1].as_u64().unwrap());
 }
+
+/// Regression: a model whose vocabulary is larger than the tokenizer's may generate ids with no
+/// text; they are returned, not an error.
+#[test]
+fn ids_beyond_the_tokenizer_are_kept_without_text() {
+    let config = xgen_model::Config::from_json(&serde_json::json!({
+        "vocab_size": 51300, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "max_position_embeddings": 256, "eos_token_id": 50256,
+    }))
+    .unwrap();
+    let tensors =
+        xgen_model::weights::random::tensors(&config, DType::F32, &Device::Cpu, &mut |_| {}).unwrap();
+    let model = Model::from_tensors(config.clone(), tensors, DType::F32, &Device::Cpu).unwrap();
+    let tokenizer = Tokenizer::xgen();
+    let mut generation =
+        GenerationConfig { max_new_tokens: Some(3), ..GenerationConfig::defaults_for(&config) };
+    generation.penalties.logit_bias = vec![(51250, 1000.0)];
+    let out = Generator::new(&model, &tokenizer)
+        .generate(&[464, 995], &generation, &mut rng(), &mut |_| {})
+        .unwrap();
+    assert_eq!(out.ids, [51250, 51250, 51250]);
+    assert_eq!(out.text, "");
+}
