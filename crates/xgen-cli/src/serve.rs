@@ -32,6 +32,9 @@ pub struct ServeArgs {
     /// Context per sequence, prompt and completion (default and maximum: the model's).
     #[arg(long)]
     pub ctx: Option<usize>,
+    /// On SIGTERM or Ctrl-C, seconds in-flight requests may take to finish before they are cancelled.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout: u64,
     /// Largest request body accepted (413 beyond).
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
@@ -67,6 +70,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         max_batch: args.max_batch,
         max_queue: args.max_queue,
         body_limit: args.max_body_bytes,
+        drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
     };
     let dtype = args.model.dtype.candle();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

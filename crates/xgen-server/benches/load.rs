@@ -89,6 +89,7 @@ fn start() -> String {
         max_batch: 16,
         max_queue: 64,
         body_limit: 1 << 20,
+        drain_timeout: Duration::from_secs(1),
     };
     let (port_tx, port_rx) = mpsc::channel();
     std::thread::spawn(move || {

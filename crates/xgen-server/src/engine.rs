@@ -47,9 +47,15 @@ pub enum Event {
 pub struct EngineHandle {
     jobs: SyncSender<Job>,
     metrics: Arc<Metrics>,
+    cancel: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
+    /// Ends every running and queued sequence with an error, and every later one (shutdown).
+    pub fn cancel_all(&self) {
+        self.cancel.store(true, Relaxed);
+    }
+
     /// Queues `job`; gives it back when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
         self.metrics.queue_depth.fetch_add(1, Relaxed);
@@ -82,21 +88,39 @@ pub fn spawn(
     ready: Arc<AtomicBool>,
 ) -> (EngineHandle, JoinHandle<Result<(), String>>) {
     let (tx, rx) = mpsc::sync_channel(max_queue);
-    let handle = EngineHandle { jobs: tx, metrics: metrics.clone() };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let handle = EngineHandle { jobs: tx, metrics: metrics.clone(), cancel: cancel.clone() };
     let thread = std::thread::spawn(move || {
         let model = load()?;
         let tokenizer = Tokenizer::xgen();
         ready.store(true, Relaxed);
-        run(&model, &tokenizer, &rx, max_batch, &metrics);
+        run(&model, &tokenizer, &rx, max_batch, &metrics, &cancel);
         Ok(())
     });
     (handle, thread)
 }
 
-fn run(model: &Model, tokenizer: &Tokenizer, jobs: &Receiver<Job>, max_batch: usize, metrics: &Metrics) {
+/// Sent to every sequence still running when the server shuts down.
+const SHUTDOWN: &str = "the server is shutting down";
+
+fn run(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    jobs: &Receiver<Job>,
+    max_batch: usize,
+    metrics: &Metrics,
+    cancel: &AtomicBool,
+) {
     let mut active: Vec<Active> = Vec::new();
     let mut caches: Vec<KvCache> = Vec::new();
     loop {
+        if cancel.load(Relaxed) && !active.is_empty() {
+            for a in active.drain(..) {
+                let _ = a.events.send(Event::Error(SHUTDOWN.into()));
+            }
+            caches.clear();
+            metrics.running.store(0, Relaxed);
+        }
         // Admit waiting jobs between steps; block only when idle.
         while active.len() < max_batch {
             let job = if active.is_empty() {
@@ -112,6 +136,10 @@ fn run(model: &Model, tokenizer: &Tokenizer, jobs: &Receiver<Job>, max_batch: us
             };
             metrics.queue_depth.fetch_sub(1, Relaxed);
             if job.events.is_closed() {
+                continue;
+            }
+            if cancel.load(Relaxed) {
+                let _ = job.events.send(Event::Error(SHUTDOWN.into()));
                 continue;
             }
             match prefill(model, &job) {

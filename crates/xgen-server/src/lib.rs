@@ -13,6 +13,7 @@ mod state;
 use std::{
     future::Future,
     sync::{atomic::AtomicBool, Arc},
+    time::Duration,
 };
 
 use tokio::net::TcpListener;
@@ -36,10 +37,14 @@ pub struct ServeOptions {
     pub max_batch: usize,
     pub max_queue: usize,
     pub body_limit: usize,
+    /// After the shutdown signal, in-flight requests may finish for this long; then they are
+    /// cancelled (ended with an error) so the server exits.
+    pub drain_timeout: Duration,
 }
 
-/// Serves on `listener` until `shutdown` resolves, then stops accepting and lets in-flight
-/// requests finish. `load` runs on the engine thread; `/health` answers 503 until it is done.
+/// Serves on `listener` until `shutdown` resolves, then stops accepting, lets in-flight requests
+/// finish for `drain_timeout` and cancels the rest. `load` runs on the engine thread; `/health`
+/// answers 503 until it is done.
 pub async fn serve(
     options: ServeOptions,
     listener: TcpListener,
@@ -50,6 +55,15 @@ pub async fn serve(
     let ready = Arc::new(AtomicBool::new(false));
     let (engine, _thread) =
         engine::spawn(load, options.max_batch, options.max_queue, metrics.clone(), ready.clone());
+    let canceller = engine.clone();
+    let drain = options.drain_timeout;
+    let shutdown = async move {
+        shutdown.await;
+        tokio::spawn(async move {
+            tokio::time::sleep(drain).await;
+            canceller.cancel_all();
+        });
+    };
     let state = Arc::new(AppState {
         engine,
         tokenizer: Tokenizer::xgen(),

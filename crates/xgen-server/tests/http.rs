@@ -21,6 +21,8 @@ fn fixture() -> PathBuf {
 struct Server {
     base: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Receives once `serve` has returned.
+    done: std::sync::Mutex<mpsc::Receiver<()>>,
 }
 
 impl Drop for Server {
@@ -59,9 +61,11 @@ fn start_with(
         max_batch,
         max_queue,
         body_limit,
+        drain_timeout: Duration::from_millis(300),
     };
     let (port_tx, port_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
@@ -77,9 +81,10 @@ fn start_with(
             .await
             .unwrap();
         });
+        let _ = done_tx.send(());
     });
     let base = format!("http://127.0.0.1:{}", port_rx.recv().unwrap());
-    Server { base, stop: Some(stop_tx) }
+    Server { base, stop: Some(stop_tx), done: std::sync::Mutex::new(done_rx) }
 }
 
 fn post(s: &Server, path: &str, body: &Value) -> Result<Value, (u16, Value, Option<String>)> {
@@ -306,4 +311,23 @@ fn health_is_503_while_loading() {
             ["completion_tokens"],
         2
     );
+}
+
+#[test]
+fn shutdown_cancels_what_does_not_drain_in_time() {
+    let mut s = start(None, 4, 8, 1 << 20);
+    let long = json!({"prompt": "The world is", "max_tokens": 8000, "temperature": 0, "stream": true});
+    let r = ureq::post(&format!("{}/v1/completions", s.base)).send_json(long).unwrap();
+    let mut lines = BufReader::new(r.into_reader()).lines();
+    assert!(lines.next().unwrap().unwrap().starts_with("data: {"));
+    s.stop.take().unwrap().send(()).unwrap();
+    // The stream ends (drain timeout 300 ms) with an error chunk, then [DONE].
+    let rest: Vec<String> = lines.map(Result::unwrap).filter(|l| l.starts_with("data: ")).collect();
+    assert_eq!(rest.last().map(String::as_str), Some("data: [DONE]"));
+    assert!(rest.iter().any(|l| l.contains("shutting down")), "{:?}", &rest[rest.len().saturating_sub(3)..]);
+    s.done
+        .lock()
+        .unwrap()
+        .recv_timeout(Duration::from_secs(10))
+        .expect("serve returned after the drain timeout");
 }
