@@ -18,7 +18,7 @@ use xgen_generate::{
 
 use crate::{
     api::{Common, Fields, LogprobsField, MAX_CHOICES},
-    engine::{Event, Job},
+    engine::{Event, Job, Rejected},
     error::ApiError,
     routes::{json_body, respond},
     state::SharedState,
@@ -192,9 +192,13 @@ async fn run(state: SharedState, prepared: Result<Prepared, ApiError>, endpoint:
             events: tx,
             submitted: Instant::now(),
         };
-        if state.engine.submit(job).is_err() {
+        if let Err(why) = state.engine.submit(job) {
             // Dropping the receivers cancels the choices already queued.
-            return respond(&state, endpoint, Err(ApiError::queue_full()));
+            let error = match why {
+                Rejected::QueueFull => ApiError::queue_full(),
+                Rejected::Stopped => ApiError::internal("the engine has stopped; see the server log"),
+            };
+            return respond(&state, endpoint, Err(error));
         }
         receivers.push(rx);
     }

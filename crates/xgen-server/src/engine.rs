@@ -56,16 +56,33 @@ impl EngineHandle {
         self.cancel.store(true, Relaxed);
     }
 
-    /// Queues `job`; gives it back when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
+    /// Queues `job`.
+    pub fn submit(&self, job: Job) -> Result<(), Rejected> {
         self.metrics.queue_depth.fetch_add(1, Relaxed);
-        match self.jobs.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                self.metrics.queue_depth.fetch_sub(1, Relaxed);
-                Err(Box::new(job))
-            }
-        }
+        let result = match self.jobs.try_send(job) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(_)) => Rejected::QueueFull,
+            Err(TrySendError::Disconnected(_)) => Rejected::Stopped,
+        };
+        self.metrics.queue_depth.fetch_sub(1, Relaxed);
+        Err(result)
+    }
+}
+
+/// Why a job was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    QueueFull,
+    /// The engine thread has ended (model load failure or a crash).
+    Stopped,
+}
+
+/// Clears the ready flag when the engine thread ends, however it ends.
+struct ReadyGuard(Arc<AtomicBool>);
+
+impl Drop for ReadyGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Relaxed);
     }
 }
 
@@ -94,6 +111,7 @@ pub fn spawn(
         let model = load()?;
         let tokenizer = Tokenizer::xgen();
         ready.store(true, Relaxed);
+        let _ready = ReadyGuard(ready);
         run(&model, &tokenizer, &rx, max_batch, &metrics, &cancel);
         Ok(())
     });

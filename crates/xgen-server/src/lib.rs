@@ -53,12 +53,29 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let (engine, _thread) =
+    let (engine, thread) =
         engine::spawn(load, options.max_batch, options.max_queue, metrics.clone(), ready.clone());
+    // The engine ends only on a load failure or a crash: then the server stops too.
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+    std::thread::spawn(move || {
+        let why = match thread.join() {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e,
+            Err(_) => "the engine thread panicked".to_string(),
+        };
+        let _ = failed_tx.send(why);
+    });
+    let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+    let failure_slot = failure.clone();
     let canceller = engine.clone();
     let drain = options.drain_timeout;
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            Ok(why) = failed_rx => {
+                *failure_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            }
+        }
         tokio::spawn(async move {
             tokio::time::sleep(drain).await;
             canceller.cancel_all();
@@ -76,5 +93,10 @@ pub async fn serve(
         metrics,
         body_limit: options.body_limit,
     });
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await?;
+    let why = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+    match why {
+        Some(why) => Err(std::io::Error::other(format!("the model engine stopped: {why}"))),
+        None => Ok(()),
+    }
 }

@@ -331,3 +331,33 @@ fn shutdown_cancels_what_does_not_drain_in_time() {
         .recv_timeout(Duration::from_secs(10))
         .expect("serve returned after the drain timeout");
 }
+
+#[test]
+fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
+    let config = Config::load(&fixture().join("config.json")).unwrap();
+    let options = ServeOptions {
+        model_name: "broken".into(),
+        defaults: GenerationConfig::defaults_for(&config),
+        context: config.max_position_embeddings,
+        config,
+        api_key: None,
+        max_batch: 1,
+        max_queue: 1,
+        body_limit: 1 << 20,
+        drain_timeout: Duration::from_millis(100),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let err = rt
+        .block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let load = || Err("model.safetensors: truncated".to_string());
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                xgen_server::serve(options, listener, load, std::future::pending()),
+            )
+            .await
+            .expect("serve returns")
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("model.safetensors: truncated"), "{err}");
+}
