@@ -6,23 +6,41 @@ use std::{io::IsTerminal, path::PathBuf, time::Instant};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use xgen_generate::hub::{self, HubCache, Network};
-use xgen_model::{weights, DType, Device, Model};
+use xgen_model::{weights, DType, Device, Model, Quant, WeightFormat};
 
-/// Compute dtype of the weights and activations.
+/// How the weights are held: a float compute dtype, or linear layers quantized on load (GGUF
+/// block formats; activations, embeddings and norms then in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {
     F32,
     Bf16,
     F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 impl Dtype {
+    /// The dtype of activations and float weights.
     pub fn candle(self) -> DType {
         match self {
-            Dtype::F32 => DType::F32,
             Dtype::Bf16 => DType::BF16,
             Dtype::F16 => DType::F16,
+            Dtype::F32 | Dtype::Q8_0 | Dtype::Q4_0 | Dtype::Q4K => DType::F32,
         }
+    }
+
+    pub fn format(self) -> WeightFormat {
+        let linear = match self {
+            Dtype::Q8_0 => Some(Quant::Q8_0),
+            Dtype::Q4_0 => Some(Quant::Q4_0),
+            Dtype::Q4K => Some(Quant::Q4K),
+            Dtype::F32 | Dtype::Bf16 | Dtype::F16 => None,
+        };
+        WeightFormat { dtype: self.candle(), linear }
     }
 
     pub fn name(self) -> &'static str {
@@ -30,6 +48,9 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::Bf16 => "bf16",
             Dtype::F16 => "f16",
+            Dtype::Q8_0 => "q8_0",
+            Dtype::Q4_0 => "q4_0",
+            Dtype::Q4K => "q4_k",
         }
     }
 }
@@ -73,14 +94,25 @@ impl Source {
         })
     }
 
-    /// Loads the weights, without progress output.
-    pub fn load(&self, dtype: DType) -> Result<Model, String> {
-        let result = match self {
-            Source::Dir(dir) => Model::load(dir, dtype, &Device::Cpu, &mut |_| {}),
-            Source::Random(config) => weights::random::tensors(config, dtype, &Device::Cpu, &mut |_| {})
-                .and_then(|t| Model::from_tensors(config.clone(), t, dtype, &Device::Cpu)),
-        };
-        result.map_err(|e| e.to_string())
+    /// Loads the weights in `format`, reporting each tensor to `progress`.
+    pub fn load(
+        &self,
+        format: WeightFormat,
+        progress: &mut dyn FnMut(weights::LoadProgress),
+    ) -> xgen_model::Result<Model> {
+        match self {
+            Source::Dir(dir) => Model::load_as(dir, format, &Device::Cpu, progress),
+            Source::Random(config) => {
+                let w = weights::random::tensors_with(
+                    config,
+                    format.dtype,
+                    &Device::Cpu,
+                    progress,
+                    &mut |n, t| format.convert(n, t),
+                )?;
+                Model::from_weights(config.clone(), w, format.dtype, &Device::Cpu)
+            }
+        }
     }
 }
 
@@ -103,19 +135,13 @@ impl ModelArgs {
         let start = Instant::now();
         let bar = tensor_progress_bar();
         let mut progress = |p: weights::LoadProgress| show_progress(&bar, &p);
-        let dtype = self.dtype.candle();
-        let loaded = match &self.random_weights {
-            Some(preset) => {
-                let config = weights::random::preset(preset)?;
-                let tensors = weights::random::tensors(&config, dtype, &Device::Cpu, &mut progress)?;
-                Loaded { model: Model::from_tensors(config, tensors, dtype, &Device::Cpu)?, dir: None }
-            }
-            None => {
-                let dir =
-                    hub::resolve(&self.model, &self.revision, &HubCache::from_env(), Network::from_env())?;
-                Loaded { model: Model::load(&dir, dtype, &Device::Cpu, &mut progress)?, dir: Some(dir) }
-            }
+        let source = self.source()?;
+        let model = source.load(self.dtype.format(), &mut progress)?;
+        let dir = match source {
+            Source::Dir(dir) => Some(dir),
+            Source::Random(_) => None,
         };
+        let loaded = Loaded { model, dir };
         bar.finish_and_clear();
         status(&format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
         Ok(loaded)

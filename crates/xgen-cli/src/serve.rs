@@ -72,7 +72,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         body_limit: args.max_body_bytes,
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
     };
-    let dtype = args.model.dtype.candle();
+    let format = args.model.dtype.format();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -81,7 +81,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             options.model_name,
             listener.local_addr()?
         );
-        xgen_server::serve(options, listener, move || source.load(dtype), shutdown_signal()).await?;
+        xgen_server::serve(
+            options,
+            listener,
+            move || source.load(format, &mut |_| {}).map_err(|e| e.to_string()),
+            shutdown_signal(),
+        )
+        .await?;
         eprintln!("xgen: shut down");
         Ok(())
     })

@@ -1,30 +1,98 @@
-//! A bias-free linear layer, `y = x Wᵀ` with `W` `[out, in]` as checkpoints store it. Few-row
-//! inputs with 16-bit weights on the CPU (decode steps) use [`crate::matvec`]; everything else
-//! uses candle's matmul.
+//! A bias-free linear layer, `y = x Wᵀ` with `W` `[out, in]` as checkpoints store it, over float
+//! or block-quantized (GGUF layouts, candle's kernels) weights. Few-row inputs with 16-bit weights
+//! on the CPU (decode steps) use [`crate::matvec`]; other float cases use candle's matmul.
 
-use candle_core::Tensor;
+use std::sync::Arc;
+
+use candle_core::{
+    quantized::{GgmlDType, QMatMul, QTensor},
+    DType, Module, Tensor,
+};
 
 use crate::{error::Result, matvec};
 
+/// Block-quantized formats for the linear layers (GGUF-compatible block layouts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    /// 8-bit, blocks of 32 with an f16 scale (8.5 bits per weight).
+    Q8_0,
+    /// 4-bit, blocks of 32 with an f16 scale (4.5 bits per weight).
+    Q4_0,
+    /// 4-bit k-quant, super-blocks of 256 (4.5 bits per weight).
+    Q4K,
+}
+
+impl Quant {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Quant::Q8_0 => GgmlDType::Q8_0,
+            Quant::Q4_0 => GgmlDType::Q4_0,
+            Quant::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// Whether a weight with `in_features` columns can be stored in this format.
+    pub fn fits(self, in_features: usize) -> bool {
+        in_features.is_multiple_of(self.ggml().block_size())
+    }
+
+    /// Quantizes `w` `[out, in]`.
+    pub fn quantize(self, w: &Tensor) -> Result<Weight> {
+        Ok(Weight::Quantized(Arc::new(QTensor::quantize(w, self.ggml())?)))
+    }
+}
+
+/// A checkpoint tensor as the model holds it.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Float(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Float(Tensor),
+    Quantized { matmul: QMatMul, bytes: usize },
 }
 
 impl Linear {
-    pub fn new(weight: Tensor) -> Self {
-        Self { weight }
+    pub fn new(weight: Weight) -> Result<Self> {
+        let kind = match weight {
+            Weight::Float(t) => Kind::Float(t),
+            Weight::Quantized(q) => {
+                let bytes = q.storage_size_in_bytes();
+                Kind::Quantized { matmul: QMatMul::from_arc(q)?, bytes }
+            }
+        };
+        Ok(Self { kind })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
-    /// `x` `[.., in]` -> `[.., out]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = matvec::matmul_wt(x, &self.weight)? {
-            return Ok(y);
+    /// Bytes of the weight as held.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.kind {
+            Kind::Float(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Kind::Quantized { bytes, .. } => *bytes,
         }
-        Ok(x.broadcast_matmul(&self.weight.t()?)?)
+    }
+
+    /// `x` `[.., in]` -> `[.., out]`, in `x`'s dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.kind {
+            Kind::Float(w) => {
+                if let Some(y) = matvec::matmul_wt(x, w)? {
+                    return Ok(y);
+                }
+                Ok(x.broadcast_matmul(&w.t()?)?)
+            }
+            // candle's quantized kernels take and give f32.
+            Kind::Quantized { matmul, .. } => {
+                Ok(matmul.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?)
+            }
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The XGen / Llama decoder: embed → layers (attention, MLP, each pre-normed and residual) →
 //! norm → `lm_head`.
 
-use std::path::Path;
+use std::{collections::HashMap, path::Path};
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, RmsNorm};
@@ -11,7 +11,7 @@ use crate::{
     config::Config,
     error::{ModelError, Result},
     kv_cache::KvCache,
-    linear::Linear,
+    linear::{Linear, Quant, Weight},
     mlp::Mlp,
     rope::Rope,
     weights::{
@@ -20,6 +20,27 @@ use crate::{
         Checkpoint, LoadProgress, TensorMap,
     },
 };
+
+/// How weights are held: the compute dtype of activations and float weights, and optionally a
+/// quantized format for the linear layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightFormat {
+    pub dtype: DType,
+    /// `Some` quantizes every linear layer whose input width fits the format's blocks; the others
+    /// (and embeddings, norms) stay in `dtype`.
+    pub linear: Option<Quant>,
+}
+
+impl WeightFormat {
+    /// What checkpoint tensor `name` becomes.
+    pub fn convert(&self, name: &str, t: Tensor) -> Result<Weight> {
+        let linear = names::is_linear(name);
+        match self.linear {
+            Some(q) if linear && t.rank() == 2 && q.fits(t.dim(1)?) => q.quantize(&t),
+            _ => Ok(Weight::Float(t)),
+        }
+    }
+}
 
 /// Tokens per forward step when a long prompt is processed: bounds activations (an `[8192, 11008]`
 /// f32 MLP intermediate would be 360 MB) while keeping matrix products large.
@@ -73,51 +94,82 @@ impl Model {
         device: &Device,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
-        let config = Config::load(&dir.join("config.json"))?;
-        let checkpoint = Checkpoint::find(dir)?;
-        let tensors = weights::load(&checkpoint, &config, dtype, device, progress)?;
-        Self::from_tensors(config, tensors, dtype, device)
+        Self::load_as(dir, WeightFormat { dtype, linear: None }, device, progress)
     }
 
-    /// Builds the model from checked tensors (see [`weights::load`]).
-    pub fn from_tensors(
+    /// [`Model::load`] with the linear layers quantized on load when `format.linear` says so.
+    pub fn load_as(
+        dir: &Path,
+        format: WeightFormat,
+        device: &Device,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        let config = Config::load(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::find(dir)?;
+        let weights =
+            weights::load_with(&checkpoint, &config, format.dtype, device, progress, &mut |name, t| {
+                format.convert(name, t)
+            })?;
+        Self::from_weights(config, weights, format.dtype, device)
+    }
+
+    /// Builds the model from checked float tensors (see [`weights::load`]).
+    pub fn from_tensors(config: Config, tensors: TensorMap, dtype: DType, device: &Device) -> Result<Self> {
+        let weights = tensors.into_iter().map(|(n, t)| (n, Weight::Float(t))).collect();
+        Self::from_weights(config, weights, dtype, device)
+    }
+
+    /// Builds the model from checked weights, float or quantized.
+    pub fn from_weights(
         config: Config,
-        mut tensors: TensorMap,
+        mut weights: HashMap<String, Weight>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let mut take = |name: &str| {
-            tensors.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into(), file: None })
+            weights.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into(), file: None })
+        };
+        let float = |w: Weight, name: &str| match w {
+            Weight::Float(t) => Ok(t),
+            Weight::Quantized(_) => Err(ModelError::field(name, "only linear layers can be quantized")),
         };
         let eps = config.rms_norm_eps;
-        let embed = take(names::EMBED_TOKENS)?;
+        let embed = float(take(names::EMBED_TOKENS)?, names::EMBED_TOKENS)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let mut t = |which| take(&names::layer_name(i, which));
+            let norm = |w, which| float(w, &names::layer_name(i, which));
             layers.push(DecoderLayer {
-                input_layernorm: RmsNorm::new(t(LayerTensor::InputLayernorm)?, eps),
+                input_layernorm: RmsNorm::new(
+                    norm(t(LayerTensor::InputLayernorm)?, LayerTensor::InputLayernorm)?,
+                    eps,
+                ),
                 self_attn: Attention {
-                    q_proj: Linear::new(t(LayerTensor::QProj)?),
-                    k_proj: Linear::new(t(LayerTensor::KProj)?),
-                    v_proj: Linear::new(t(LayerTensor::VProj)?),
-                    o_proj: Linear::new(t(LayerTensor::OProj)?),
+                    q_proj: Linear::new(t(LayerTensor::QProj)?)?,
+                    k_proj: Linear::new(t(LayerTensor::KProj)?)?,
+                    v_proj: Linear::new(t(LayerTensor::VProj)?)?,
+                    o_proj: Linear::new(t(LayerTensor::OProj)?)?,
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
                     head_dim: config.head_dim,
                 },
-                post_attention_layernorm: RmsNorm::new(t(LayerTensor::PostAttentionLayernorm)?, eps),
+                post_attention_layernorm: RmsNorm::new(
+                    norm(t(LayerTensor::PostAttentionLayernorm)?, LayerTensor::PostAttentionLayernorm)?,
+                    eps,
+                ),
                 mlp: Mlp {
-                    gate_proj: Linear::new(t(LayerTensor::GateProj)?),
-                    up_proj: Linear::new(t(LayerTensor::UpProj)?),
-                    down_proj: Linear::new(t(LayerTensor::DownProj)?),
+                    gate_proj: Linear::new(t(LayerTensor::GateProj)?)?,
+                    up_proj: Linear::new(t(LayerTensor::UpProj)?)?,
+                    down_proj: Linear::new(t(LayerTensor::DownProj)?)?,
                 },
             });
         }
-        let norm = RmsNorm::new(take(names::NORM)?, eps);
-        let lm_head = if config.tie_word_embeddings { embed.clone() } else { take(names::LM_HEAD)? };
+        let norm = RmsNorm::new(float(take(names::NORM)?, names::NORM)?, eps);
+        let lm_head =
+            if config.tie_word_embeddings { Weight::Float(embed.clone()) } else { take(names::LM_HEAD)? };
         Ok(Self {
             embed_tokens: Embedding::new(embed, config.hidden_size),
-            lm_head: Linear::new(lm_head),
+            lm_head: Linear::new(lm_head)?,
             rope: Rope::new(&config),
             layers,
             norm,
@@ -129,7 +181,6 @@ impl Model {
 
     /// Bytes of all weights as held in memory.
     pub fn weight_bytes(&self) -> usize {
-        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let layers: usize = self
             .layers
             .iter()
@@ -137,14 +188,15 @@ impl Model {
                 let (a, m) = (&l.self_attn, &l.mlp);
                 [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
                     .iter()
-                    .map(|p| t(p.weight()))
+                    .map(|p| p.weight_bytes())
                     .sum::<usize>()
                     + 2 * self.config.hidden_size * self.dtype.size_in_bytes()
             })
             .sum();
-        let lm_head = if self.config.tie_word_embeddings { 0 } else { t(self.lm_head.weight()) };
+        let lm_head = if self.config.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() };
         let norm = self.config.hidden_size * self.dtype.size_in_bytes();
-        t(self.embed_tokens.embeddings()) + layers + norm + lm_head
+        let embed = self.embed_tokens.embeddings();
+        embed.elem_count() * embed.dtype().size_in_bytes() + layers + norm + lm_head
     }
 
     pub fn config(&self) -> &Config {

@@ -228,10 +228,23 @@ pub fn load(
     device: &Device,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<TensorMap> {
+    load_with(checkpoint, config, dtype, device, progress, &mut |_, t| Ok(t))
+}
+
+/// [`load`], passing each tensor through `convert` (e.g. quantization) as soon as it is read, so
+/// only converted tensors accumulate.
+pub fn load_with<W>(
+    checkpoint: &Checkpoint,
+    config: &Config,
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn FnMut(LoadProgress),
+    convert: &mut dyn FnMut(&str, Tensor) -> Result<W>,
+) -> Result<HashMap<String, W>> {
     let entries = check(checkpoint, config)?;
-    let mut loaded = TensorMap::with_capacity(entries.len());
+    let mut loaded = HashMap::with_capacity(entries.len());
     stream(checkpoint, &entries, dtype, device, &mut |entry, tensor| {
-        loaded.insert(entry.name.clone(), tensor);
+        loaded.insert(entry.name.clone(), convert(&entry.name, tensor)?);
         let file = &checkpoint.shards[entry.shard];
         progress(LoadProgress { file, tensors_done: loaded.len(), tensors_total: entries.len() });
         Ok(())

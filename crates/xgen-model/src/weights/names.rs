@@ -67,6 +67,11 @@ pub fn layer_name(layer: usize, t: LayerTensor) -> String {
     format!("model.layers.{layer}.{}", t.suffix())
 }
 
+/// Whether `name` is the weight of a linear layer (a projection or `lm_head`).
+pub fn is_linear(name: &str) -> bool {
+    name == LM_HEAD || name.ends_with("_proj.weight")
+}
+
 /// Buffers some checkpoints carry that hold no learned weight (transformers ≤ 4.30 saved them).
 pub fn is_ignored(name: &str) -> bool {
     name.ends_with(".rotary_emb.inv_freq")

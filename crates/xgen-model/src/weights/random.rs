@@ -5,6 +5,8 @@
 //! thread count. Linear weights are uniform with std `1/sqrt(in_features)`, embeddings std 1,
 //! norm weights uniform in [0.6, 1.4], so activations stay O(1) through the layers.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
@@ -47,10 +49,21 @@ pub fn tensors(
     device: &Device,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<TensorMap> {
+    tensors_with(config, dtype, device, progress, &mut |_, t| Ok(t))
+}
+
+/// [`tensors`], passing each through `convert` (e.g. quantization) as soon as it is generated.
+pub fn tensors_with<W>(
+    config: &Config,
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn FnMut(LoadProgress),
+    convert: &mut dyn FnMut(&str, Tensor) -> Result<W>,
+) -> Result<HashMap<String, W>> {
     let expected = names::expected_tensors(config);
-    let mut map = TensorMap::with_capacity(expected.len());
+    let mut map = HashMap::with_capacity(expected.len());
     for (i, (name, shape)) in expected.iter().enumerate() {
-        map.insert(name.clone(), tensor(name, shape, dtype, device)?);
+        map.insert(name.clone(), convert(name, tensor(name, shape, dtype, device)?)?);
         progress(LoadProgress {
             file: std::path::Path::new("(random)"),
             tensors_done: i + 1,
