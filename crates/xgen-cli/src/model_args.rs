@@ -137,6 +137,14 @@ impl ModelArgs {
         let mut progress = |p: weights::LoadProgress| show_progress(&bar, &p);
         let source = self.source()?;
         let model = source.load(self.dtype.format(), &mut progress)?;
+        let (quantized, linear) = model.quantized_linear_layers();
+        if self.dtype.format().linear.is_some() && quantized < linear {
+            eprintln!(
+                "xgen: note: {} of {linear} linear layers stay f32: their input width is not a multiple of the {} block",
+                linear - quantized,
+                self.dtype.name()
+            );
+        }
         let dir = match source {
             Source::Dir(dir) => Some(dir),
             Source::Random(_) => None,

@@ -6,7 +6,10 @@ use clap::Args;
 use xgen_model::perplexity::{self, Window};
 use xgen_tokenizer::Tokenizer;
 
-use crate::{exit::bad_input, model_args::ModelArgs};
+use crate::{
+    exit::bad_input,
+    model_args::{Dtype, ModelArgs},
+};
 
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {
@@ -25,6 +28,10 @@ pub struct PerplexityArgs {
     /// (default: half the window), each scoring only tokens no earlier window scored.
     #[arg(long)]
     pub stride: Option<usize>,
+    /// Also compare with the same model loaded in this dtype (e.g. f32 or bf16 for a quantized
+    /// model): mean KL divergence and top-1 agreement of the next-token distributions.
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub kl_reference: Option<Dtype>,
     /// Print one JSON object: {"tokens", "mean_nll", "perplexity", ...}.
     #[arg(long)]
     pub json: bool,
@@ -57,6 +64,13 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
     }
     let scored = perplexity::score(&model, &ids, Window { size, stride })?;
     let sliding = ids.len() > size;
+    let agreement = match args.kl_reference {
+        None => None,
+        Some(dtype) => {
+            let reference = args.model.source()?.load(dtype.format(), &mut |_| {})?;
+            Some((dtype, perplexity::compare(&reference, &model, &ids, Window { size, stride })?))
+        }
+    };
     if args.json {
         let out = serde_json::json!({
             "tokens": scored.tokens,
@@ -68,6 +82,12 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
             "stride": if sliding { Some(stride) } else { None },
             "dtype": args.model.dtype.name(),
         });
+        let mut out = out;
+        if let Some((dtype, a)) = &agreement {
+            out["kl_reference"] = serde_json::json!({
+                "dtype": dtype.name(), "mean_kl": a.mean_kl, "top1_agreement": a.top1_agreement, "positions": a.positions,
+            });
+        }
         println!("{out}");
     } else {
         println!("tokens:     {}", scored.tokens);

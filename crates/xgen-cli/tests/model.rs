@@ -162,3 +162,22 @@ fn bad_perplexity_input_exits_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("config.json") && err.matches("No such file").count() == 1, "{err}");
 }
+
+#[test]
+fn kl_reference_reports_agreement_with_the_f32_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ids, _) = prompt("tiny-xgen-8k-bin", 4);
+    let ids_file = write_ids(&tmp, &ids);
+    let dir = fixture("tiny-xgen-8k-bin");
+    let args = ["perplexity", "--model", dir.to_str().unwrap(), "--ids-file", &ids_file, "--json"];
+    let out = xgen(&[&args[..], &["--dtype", "q8_0", "--kl-reference", "f32"]].concat());
+    let v = stdout_json(&out);
+    let kl = &v["kl_reference"];
+    assert_eq!((kl["dtype"].as_str(), kl["positions"].as_u64()), (Some("f32"), Some(299)));
+    let (mean_kl, agree) = (kl["mean_kl"].as_f64().unwrap(), kl["top1_agreement"].as_f64().unwrap());
+    assert!(mean_kl > 0.0 && mean_kl < 0.05 && agree > 0.9, "{kl}");
+    // down_proj (176 wide) does not fit q8_0's 32-blocks: said on stderr.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 of 15 linear layers stay f32"));
+    let same = stdout_json(&xgen(&[&args[..], &["--dtype", "f32", "--kl-reference", "f32"]].concat()));
+    assert_eq!(same["kl_reference"]["top1_agreement"].as_f64(), Some(1.0));
+}

@@ -72,6 +72,10 @@ impl Linear {
         Ok(Self { kind })
     }
 
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.kind, Kind::Quantized { .. })
+    }
+
     /// Bytes of the weight as held.
     pub fn weight_bytes(&self) -> usize {
         match &self.kind {

@@ -179,6 +179,20 @@ impl Model {
         })
     }
 
+    /// (quantized, all) linear layers, `lm_head` included.
+    pub fn quantized_linear_layers(&self) -> (usize, usize) {
+        let all: Vec<&Linear> = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+            })
+            .chain(std::iter::once(&self.lm_head))
+            .collect();
+        (all.iter().filter(|l| l.is_quantized()).count(), all.len())
+    }
+
     /// Bytes of all weights as held in memory.
     pub fn weight_bytes(&self) -> usize {
         let layers: usize = self

@@ -6,6 +6,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::{
     error::{ModelError, Result},
+    kv_cache::KvCache,
     model::{Model, PREFILL_CHUNK},
 };
 
@@ -38,51 +39,95 @@ pub struct Perplexity {
 /// `window.stride` tokens and each scores the tokens that no earlier window scored, so every token
 /// keeps at least `size - stride` tokens of context.
 pub fn score(model: &Model, ids: &[u32], window: Window) -> Result<Perplexity> {
-    if window.size < 2 || window.size > model.config().max_position_embeddings {
-        return Err(ModelError::field(
-            "window",
-            format!("size {} must be in 2..={}", window.size, model.config().max_position_embeddings),
-        ));
+    let mut logprobs = Vec::with_capacity(ids.len().saturating_sub(1));
+    let windows = for_each_scored_chunk(&[model], ids, window, &mut |logits, targets| {
+        let targets = Tensor::new(targets, model.device())?.unsqueeze(1)?; // [r, 1]
+        let lp = candle_nn::ops::log_softmax(&logits[0], D::Minus1)?.gather(&targets, 1)?; // [r, 1]
+        logprobs.extend(lp.squeeze(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        Ok(())
+    })?;
+    let mean_nll = -logprobs.iter().map(|&l| l as f64).sum::<f64>() / logprobs.len() as f64;
+    Ok(Perplexity { tokens: ids.len(), logprobs, mean_nll, perplexity: mean_nll.exp(), windows })
+}
+
+/// How closely a model's next-token distributions follow a reference model's (for quantization).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Agreement {
+    /// Positions compared (each predicting the next token).
+    pub positions: usize,
+    /// Mean KL(reference ‖ candidate) in nats.
+    pub mean_kl: f64,
+    /// Fraction of positions where both models' most likely next token is the same.
+    pub top1_agreement: f64,
+}
+
+/// Compares `candidate` with `reference` at every position of `ids` (same windows as [`score`]).
+pub fn compare(reference: &Model, candidate: &Model, ids: &[u32], window: Window) -> Result<Agreement> {
+    let (mut kl, mut agree, mut positions) = (0.0f64, 0usize, 0usize);
+    for_each_scored_chunk(&[reference, candidate], ids, window, &mut |logits, _| {
+        let p: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits[0], D::Minus1)?.to_vec2()?;
+        let q: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits[1], D::Minus1)?.to_vec2()?;
+        for (p, q) in p.iter().zip(&q) {
+            kl += p.iter().zip(q).map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64)).sum::<f64>();
+            let top = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+            agree += usize::from(top(p) == top(q));
+            positions += 1;
+        }
+        Ok(())
+    })?;
+    let n = positions.max(1) as f64;
+    Ok(Agreement { positions, mean_kl: kl / n, top1_agreement: agree as f64 / n })
+}
+
+/// Runs `models` side by side over the windows of `ids` and hands `f` each chunk's f32 logits
+/// (`[r, v]`, one tensor per model) for the positions whose next token (`targets`, `r` of them)
+/// no earlier window scored. Returns the number of windows.
+fn for_each_scored_chunk(
+    models: &[&Model],
+    ids: &[u32],
+    window: Window,
+    f: &mut dyn FnMut(&[Tensor], &[u32]) -> Result<()>,
+) -> Result<usize> {
+    let context = models.iter().map(|m| m.config().max_position_embeddings).min().unwrap_or(0);
+    if window.size < 2 || window.size > context {
+        return Err(ModelError::field("window", format!("size {} must be in 2..={context}", window.size)));
     }
     if window.stride == 0 || window.stride >= window.size {
         return Err(ModelError::field("stride", format!("{} must be in 1..{}", window.stride, window.size)));
     }
-    model.ids_tensor(ids)?;
-    let mut logprobs = Vec::with_capacity(ids.len().saturating_sub(1));
-    let mut cache = model.new_cache(1, window.size.min(ids.len()))?;
+    let mut caches = Vec::with_capacity(models.len());
+    for m in models {
+        m.check_ids(ids)?;
+        caches.push(m.new_cache(1, window.size.min(ids.len()))?);
+    }
     let mut windows = 0;
     // Window `begin..end` scores targets `next..end`; `begin < next` since stride < size.
     let (mut begin, mut next) = (0, 1);
     while next < ids.len() {
         let end = (begin + window.size).min(ids.len());
-        cache.clear();
-        logprobs.extend(window_logprobs(model, &ids[begin..end], next - begin, &mut cache)?);
+        caches.iter_mut().for_each(KvCache::clear);
+        let w = &ids[begin..end];
+        let first = next - begin;
+        for start in (0..w.len() - 1).step_by(PREFILL_CHUNK) {
+            let len = PREFILL_CHUNK.min(w.len() - 1 - start);
+            // Row j predicts w[start + j + 1]; keep rows whose target is at or after `first`.
+            let skip = first.saturating_sub(start + 1).min(len);
+            let mut logits = Vec::with_capacity(models.len());
+            for (m, cache) in models.iter().zip(caches.iter_mut()) {
+                let input = Tensor::new(&w[start..start + len], m.device())?.unsqueeze(0)?; // [1, len]
+                let hidden = m.forward_hidden(&input, cache)?; // [1, len, d]
+                if skip < len {
+                    logits.push(m.logits(&hidden.narrow(1, skip, len - skip)?.squeeze(0)?)?);
+                    // [r, v]
+                }
+            }
+            if skip < len {
+                f(&logits, &w[start + skip + 1..start + len + 1])?;
+            }
+        }
         windows += 1;
         next = end;
         begin += window.stride;
     }
-    let mean_nll = -logprobs.iter().map(|&l| l as f64).sum::<f64>() / logprobs.len() as f64;
-    Ok(Perplexity { tokens: ids.len(), logprobs, mean_nll, perplexity: mean_nll.exp(), windows })
-}
-
-/// Log-probabilities of `ids[first..]`, each given the tokens of `ids` before it.
-fn window_logprobs(model: &Model, ids: &[u32], first: usize, cache: &mut crate::KvCache) -> Result<Vec<f32>> {
-    let input = model.ids_tensor(ids)?; // [1, n]
-    let mut out = Vec::with_capacity(ids.len() - first);
-    for start in (0..ids.len() - 1).step_by(PREFILL_CHUNK) {
-        let len = PREFILL_CHUNK.min(ids.len() - 1 - start);
-        let hidden = model.forward_hidden(&input.narrow(1, start, len)?, cache)?; // [1, len, d]
-                                                                                  // Row j predicts ids[start + j + 1]; keep rows whose target is at or after `first`.
-        let skip = first.saturating_sub(start + 1).min(len);
-        if skip == len {
-            continue;
-        }
-        let hidden = hidden.narrow(1, skip, len - skip)?.squeeze(0)?; // [r, d]
-        let targets: Vec<u32> = ids[start + skip + 1..start + len + 1].to_vec();
-        let targets = Tensor::new(targets.as_slice(), model.device())?.unsqueeze(1)?; // [r, 1]
-        let logits = model.logits(&hidden)?; // [r, v] f32
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?.gather(&targets, 1)?; // [r, 1]
-        out.extend(lp.squeeze(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-    }
-    Ok(out)
+    Ok(windows)
 }

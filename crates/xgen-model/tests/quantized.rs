@@ -26,35 +26,13 @@ fn small(linear: Option<Quant>) -> Model {
 /// (max |Δ logit| / max |logit| at the last position, mean KL(f32 ‖ quantized) over positions,
 /// top-1 agreement over positions).
 fn compare(reference: &Model, quantized: &Model, ids: &[u32]) -> (f64, f64, f64) {
-    let last = |m: &Model| -> Vec<f32> {
-        let mut cache = m.new_cache(1, ids.len()).unwrap();
-        m.forward_last(&m.ids_tensor(ids).unwrap(), &mut cache)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let (a, b) = (last(reference), last(quantized));
+    let (a, b) = (last_of(reference, ids), last_of(quantized, ids));
     let scale = a.iter().map(|x| x.abs() as f64).fold(0.0, f64::max);
     let rel = a.iter().zip(&b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max) / scale;
-    let kl = |p: &[f32], q: &[f32]| -> f64 {
-        let lse = |v: &[f32]| {
-            let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
-        };
-        let (lp, lq) = (lse(p), lse(q));
-        p.iter().zip(q).map(|(&x, &y)| (x as f64 - lp).exp() * ((x as f64 - lp) - (y as f64 - lq))).sum()
-    };
-    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
-    let mut kls = Vec::new();
-    let mut agree = 0;
-    for end in (ids.len() / 2..=ids.len()).step_by(8) {
-        let (p, q) = (last_of(reference, &ids[..end]), last_of(quantized, &ids[..end]));
-        kls.push(kl(&p, &q));
-        agree += usize::from(argmax(&p) == argmax(&q));
-    }
-    (rel, kls.iter().sum::<f64>() / kls.len() as f64, agree as f64 / kls.len() as f64)
+    let window = Window { size: 8192, stride: 4096 };
+    let agreement = perplexity::compare(reference, quantized, ids, window).unwrap();
+    assert_eq!(agreement.positions, ids.len() - 1);
+    (rel, agreement.mean_kl, agreement.top1_agreement)
 }
 
 fn last_of(m: &Model, ids: &[u32]) -> Vec<f32> {
@@ -70,10 +48,11 @@ fn ids(n: usize) -> Vec<u32> {
 fn quantized_formats_stay_close_to_f32() {
     let reference = small(None);
     let ids = ids(64);
-    // Measured here: q8_0 rel 0.019, KL 2e-4, agreement 1.0; q4_k 0.13, 8e-3, 0.8; q4_0 0.17, 0.014,
-    // 0.6 (random weights are harder to quantize than trained ones). Bounds leave about 2x margin.
+    // Measured here: q8_0 rel 0.019, KL 2.1e-4, agreement 0.94; q4_k 0.13, 9.1e-3, 0.63; q4_0 0.17,
+    // 0.014, 0.44 (random weights, deterministic; they quantize worse than trained ones). Bounds
+    // leave margin for other CPUs' kernels.
     for (quant, max_rel, max_kl, min_agree) in
-        [(Quant::Q8_0, 0.04, 0.002, 0.9), (Quant::Q4K, 0.25, 0.05, 0.5), (Quant::Q4_0, 0.3, 0.08, 0.4)]
+        [(Quant::Q8_0, 0.04, 0.002, 0.85), (Quant::Q4K, 0.25, 0.05, 0.5), (Quant::Q4_0, 0.3, 0.08, 0.3)]
     {
         let (rel, kl, agree) = compare(&reference, &small(Some(quant)), &ids);
         eprintln!("{quant:?}: last-logit rel err {rel:.4}, mean KL {kl:.5}, top-1 agreement {agree:.2}");
@@ -98,4 +77,12 @@ fn q8_0_fixture_model_tracks_transformers_perplexity() {
     let err = (got - want).abs() / want;
     eprintln!("q8_0 mean NLL {got} vs transformers f32 {want}: rel {err:.2e}");
     assert!(err < 5e-3 && err > 0.0, "{err}");
+}
+
+#[test]
+fn a_model_agrees_with_itself() {
+    let model = small(None);
+    let a = perplexity::compare(&model, &model, &ids(40), Window { size: 16, stride: 8 }).unwrap();
+    assert_eq!((a.positions, a.top1_agreement), (39, 1.0));
+    assert!(a.mean_kl.abs() < 1e-6, "{}", a.mean_kl);
 }
