@@ -79,6 +79,9 @@ pub fn compare(reference: &Model, candidate: &Model, ids: &[u32], window: Window
     Ok(Agreement { positions, mean_kl: kl / n, top1_agreement: agree as f64 / n })
 }
 
+/// Receives each chunk's f32 logits (one `[r, v]` tensor per model) and its `r` target ids.
+type ChunkVisitor<'a> = dyn FnMut(&[Tensor], &[u32]) -> Result<()> + 'a;
+
 /// Runs `models` side by side over the windows of `ids` and hands `f` each chunk's f32 logits
 /// (`[r, v]`, one tensor per model) for the positions whose next token (`targets`, `r` of them)
 /// no earlier window scored. Returns the number of windows.
@@ -86,7 +89,7 @@ fn for_each_scored_chunk(
     models: &[&Model],
     ids: &[u32],
     window: Window,
-    f: &mut dyn FnMut(&[Tensor], &[u32]) -> Result<()>,
+    f: &mut ChunkVisitor,
 ) -> Result<usize> {
     let context = models.iter().map(|m| m.config().max_position_embeddings).min().unwrap_or(0);
     if window.size < 2 || window.size > context {
