@@ -52,6 +52,11 @@ impl KvCache {
         self.capacity
     }
 
+    /// The dtype keys and values are stored in.
+    pub fn dtype(&self) -> DType {
+        self.layers.first().map_or(DType::F32, |(k, _)| k.dtype())
+    }
+
     /// Bytes held by the buffers.
     pub fn size_bytes(&self) -> usize {
         self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
@@ -112,8 +117,9 @@ impl KvCache {
         let t = k.dim(2)?;
         self.check_room(t)?;
         let (kc, vc) = &self.layers[layer];
-        kc.slice_set(&k.contiguous()?, 2, self.len)?;
-        vc.slice_set(&v.contiguous()?, 2, self.len)?;
+        // Stored in the cache's dtype (f16 for quantized models computing in f32).
+        kc.slice_set(&k.to_dtype(kc.dtype())?.contiguous()?, 2, self.len)?;
+        vc.slice_set(&v.to_dtype(vc.dtype())?.contiguous()?, 2, self.len)?;
         Ok((kc.narrow(2, 0, self.len + t)?, vc.narrow(2, 0, self.len + t)?))
     }
 
