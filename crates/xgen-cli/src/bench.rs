@@ -28,6 +28,9 @@ pub struct BenchArgs {
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     pub reps: usize,
+    /// Skip the memory-bandwidth measurement (a parallel read of 1 GiB) that gives generation's floor.
+    #[arg(long)]
+    pub no_bandwidth: bool,
     /// One JSON object per test.
     #[arg(long)]
     pub json: bool,
@@ -57,28 +60,64 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let speeds = repeat(args.reps, || generation_speed(&model, args.depth, args.generate))?;
         tests.push((name, speeds));
     }
+    // Generation reads every weight once per token: bandwidth / bytes read per token is its floor
+    // (the KV cache's reads, which grow with -d, are not counted).
+    let bandwidth = (!args.no_bandwidth && args.generate > 0).then(read_bandwidth);
     for (test, mut speeds) in tests {
         speeds.sort_by(f64::total_cmp);
         let (min, median, max) = (speeds[0], speeds[speeds.len() / 2], speeds[speeds.len() - 1]);
         let dtype = args.model.dtype.name();
+        let floor =
+            bandwidth.filter(|_| test.starts_with("tg")).map(|bw| bw / model.weight_bytes_per_token() as f64);
         if args.json {
-            println!(
-                "{}",
-                json!({
-                    "test": test, "dtype": dtype, "threads": threads, "repetitions": args.reps,
-                    "tok_s_median": median, "tok_s_min": min, "tok_s_max": max,
-                    "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss_bytes(),
-                })
-            );
+            let mut obj = json!({
+                "test": test, "dtype": dtype, "threads": threads, "repetitions": args.reps,
+                "tok_s_median": median, "tok_s_min": min, "tok_s_max": max,
+                "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss_bytes(),
+            });
+            if let (Some(bw), Some(floor)) = (bandwidth, floor) {
+                obj["read_bandwidth_bytes_s"] = json!(bw);
+                obj["weight_bytes_per_token"] = json!(model.weight_bytes_per_token());
+                obj["floor_tok_s"] = json!(floor);
+                obj["fraction_of_floor"] = json!(median / floor);
+            }
+            println!("{obj}");
         } else {
             println!(
                 "{test:>12}  {dtype:>5}  t={threads}  {median:8.2} tok/s (min {min:.2}, max {max:.2})  weights {:.2} GB  peak RSS {:.2} GB",
                 model.weight_bytes() as f64 / 1e9,
                 peak_rss_bytes() as f64 / 1e9
             );
+            if let (Some(bw), Some(floor)) = (bandwidth, floor) {
+                println!(
+                    "{:>12}  read bandwidth {:.1} GB/s -> floor {floor:.2} tok/s; median is {:.0}% of it",
+                    "",
+                    bw / 1e9,
+                    100.0 * median / floor
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// Bytes per second read by summing a 1 GiB buffer on the rayon pool (best of 3), like STREAM's
+/// read kernel.
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    // Integer sums vectorise (float sums would be bound by the add latency, not memory).
+    let data: Vec<u64> = (0..1u64 << 27).collect();
+    (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let sum = data
+                .par_chunks(1 << 15)
+                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+                .reduce(|| 0, u64::wrapping_add);
+            std::hint::black_box(sum);
+            (data.len() * 8) as f64 / start.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
 }
 
 fn repeat(reps: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Vec<f64>> {

@@ -221,6 +221,15 @@ impl Model {
         embed.elem_count() * embed.dtype().size_in_bytes() + layers + norm + lm_head
     }
 
+    /// Weight bytes a decode step reads: everything but the embedding table, of which it reads
+    /// one row (with tied embeddings the table is read whole, as `lm_head`).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let embed = self.embed_tokens.embeddings();
+        let table = embed.elem_count() * embed.dtype().size_in_bytes();
+        let row = self.config.hidden_size * embed.dtype().size_in_bytes();
+        self.weight_bytes() - table + row
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
