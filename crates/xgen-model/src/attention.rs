@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::{error::Result, kv_cache::KvCache, linear::Linear, rope};
+use crate::{decode_attention::decode_attention, error::Result, kv_cache::KvCache, linear::Linear, rope};
 
 /// Upper bound on the f32 scores materialised per chunk of query rows.
 const SCORE_BUDGET_BYTES: usize = 64 << 20;
@@ -74,6 +74,10 @@ impl Attention {
         let n_rep = self.num_heads / self.num_kv_heads;
         let past = cache.len();
         let (k, v) = cache.append(layer, k, v)?; // [b, kv_h, s, hd], s = past + t
+        let (keys, values) = cache.buffers(layer); // [b, kv_h, capacity, hd]
+        if let Some(out) = decode_attention(q, keys, values, past + q.dim(2)?, cache.padding())? {
+            return Ok(out);
+        }
         let (k, v) = (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?); // [b, h, s, hd]
         causal_attention(q, &k, &v, past, cache.padding())
     }

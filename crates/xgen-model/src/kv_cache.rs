@@ -123,6 +123,13 @@ impl KvCache {
         Ok((kc.narrow(2, 0, self.len + t)?, vc.narrow(2, 0, self.len + t)?))
     }
 
+    /// The whole key and value buffers of `layer`, `[b, kv_h, capacity, hd]`; positions from
+    /// `len()` on are not written yet.
+    pub fn buffers(&self, layer: usize) -> (&Tensor, &Tensor) {
+        let (k, v) = &self.layers[layer];
+        (k, v)
+    }
+
     /// Marks `t` positions as written in every layer; called once per forward step.
     pub fn advance(&mut self, t: usize) {
         self.len += t;

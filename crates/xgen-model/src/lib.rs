@@ -6,6 +6,7 @@
 
 mod attention;
 pub mod config;
+mod decode_attention;
 pub mod error;
 pub mod kv_cache;
 pub mod linear;
