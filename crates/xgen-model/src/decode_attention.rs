@@ -8,7 +8,7 @@
 //! `causal_attention` is the reference in the test.
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
-use half::{bf16, f16};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use crate::error::Result;
@@ -39,15 +39,33 @@ pub fn decode_attention(
     let mut out = vec![0f32; b * h * hd];
     let (ko, vo) = (kl.start_offset(), vl.start_offset());
     match (kc, vc) {
-        (CpuStorage::F32(k), CpuStorage::F32(v)) => {
-            run(&qs, &k[ko..], &v[vo..], |x: f32| x, &shape, padding, &mut out)
-        }
-        (CpuStorage::F16(k), CpuStorage::F16(v)) => {
-            run(&qs, &k[ko..], &v[vo..], f16::to_f32, &shape, padding, &mut out)
-        }
-        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-            run(&qs, &k[ko..], &v[vo..], bf16::to_f32, &shape, padding, &mut out)
-        }
+        (CpuStorage::F32(k), CpuStorage::F32(v)) => run(
+            &qs,
+            &k[ko..],
+            &v[vo..],
+            |s: &[f32], d: &mut [f32]| d.copy_from_slice(s),
+            &shape,
+            padding,
+            &mut out,
+        ),
+        (CpuStorage::F16(k), CpuStorage::F16(v)) => run(
+            &qs,
+            &k[ko..],
+            &v[vo..],
+            |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d),
+            &shape,
+            padding,
+            &mut out,
+        ),
+        (CpuStorage::BF16(k), CpuStorage::BF16(v)) => run(
+            &qs,
+            &k[ko..],
+            &v[vo..],
+            |s: &[bf16], d: &mut [f32]| s.convert_to_f32_slice(d),
+            &shape,
+            padding,
+            &mut out,
+        ),
         _ => return Ok(None),
     }
     Ok(Some(Tensor::from_vec(out, (b, h, 1, hd), q.device())?))
@@ -61,11 +79,12 @@ struct Shape {
     len: usize,
 }
 
+/// `widen` converts a row of cached values to f32 (SIMD conversions where the CPU has them).
 fn run<T: Copy + Send + Sync>(
     qs: &[f32],
     k: &[T],
     v: &[T],
-    widen: impl Fn(T) -> f32 + Sync,
+    widen: impl Fn(&[T], &mut [f32]) + Sync,
     s: &Shape,
     padding: &[usize],
     out: &mut [f32],
@@ -78,30 +97,37 @@ fn run<T: Copy + Send + Sync>(
         let q = &qs[bh * hd..(bh + 1) * hd];
         let first = padding.get(bi).copied().unwrap_or(0).min(s.len.saturating_sub(1));
         let rows = |j: usize| base + j * hd..base + (j + 1) * hd;
-        let scores: Vec<f32> = (first..s.len).map(|j| dot(q, &k[rows(j)], &widen) * scale).collect();
+        let mut row = vec![0f32; hd];
+        let scores: Vec<f32> = (first..s.len)
+            .map(|j| {
+                widen(&k[rows(j)], &mut row);
+                dot(q, &row) * scale
+            })
+            .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let weights: Vec<f32> = scores.iter().map(|&x| (x - max).exp()).collect();
         let total: f32 = weights.iter().sum();
         o.fill(0.0);
         for (j, &w) in (first..s.len).zip(&weights) {
             let p = w / total;
-            for (a, &x) in o.iter_mut().zip(&v[rows(j)]) {
-                *a += p * widen(x);
+            widen(&v[rows(j)], &mut row);
+            for (a, &x) in o.iter_mut().zip(&row) {
+                *a += p * x;
             }
         }
     });
 }
 
-fn dot<T: Copy>(q: &[f32], k: &[T], widen: &impl Fn(T) -> f32) -> f32 {
+fn dot(q: &[f32], k: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut qc = q.chunks_exact(LANES);
     let mut kc = k.chunks_exact(LANES);
     for (qq, kk) in (&mut qc).zip(&mut kc) {
         for l in 0..LANES {
-            acc[l] += qq[l] * widen(kk[l]);
+            acc[l] += qq[l] * kk[l];
         }
     }
-    let tail: f32 = qc.remainder().iter().zip(kc.remainder()).map(|(&a, &b)| a * widen(b)).sum();
+    let tail: f32 = qc.remainder().iter().zip(kc.remainder()).map(|(&a, &b)| a * b).sum();
     acc.iter().sum::<f32>() + tail
 }
 
