@@ -171,10 +171,7 @@ impl Model {
         let lm_head =
             if config.tie_word_embeddings { Weight::Float(embed.clone()) } else { take(names::LM_HEAD)? };
         let lm_head = Linear::new(lm_head)?;
-        let quantized = lm_head.is_quantized()
-            || layers.iter().any(|l| l.mlp.up_proj.is_quantized() || l.self_attn.q_proj.is_quantized());
-        let kv_dtype = if quantized && dtype == DType::F32 { DType::F16 } else { dtype };
-        Ok(Self {
+        let mut model = Self {
             embed_tokens: Embedding::new(embed, config.hidden_size),
             lm_head,
             rope: Rope::new(&config),
@@ -182,9 +179,13 @@ impl Model {
             norm,
             config,
             dtype,
-            kv_dtype,
+            kv_dtype: dtype,
             device: device.clone(),
-        })
+        };
+        if dtype == DType::F32 && model.quantized_linear_layers().0 > 0 {
+            model.kv_dtype = DType::F16;
+        }
+        Ok(model)
     }
 
     /// (quantized, all) linear layers, `lm_head` included.
