@@ -32,6 +32,9 @@ pub enum Command {
     Perplexity(crate::perplexity::PerplexityArgs),
     /// Re-save a model as sharded safetensors (with index and config), streaming shard by shard.
     Convert(crate::convert::ConvertArgs),
+    /// Write one self-contained GGUF (q8_0, q4_0 or q4_k; arch llama, with the tokenizer),
+    /// streaming the checkpoint shard by shard. Load it with `--model FILE.gguf`.
+    Quantize(crate::quantize::QuantizeArgs),
     /// Measure prompt-processing and generation speed (tok/s), like llama-bench.
     Bench(crate::bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API with streaming and continuous batching.

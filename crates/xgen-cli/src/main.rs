@@ -10,6 +10,7 @@ mod generate;
 mod jsonl;
 mod model_args;
 mod perplexity;
+mod quantize;
 mod sampling_args;
 mod serve;
 mod tokenize;
@@ -27,6 +28,7 @@ fn main() -> ExitCode {
         cli::Command::Chat(a) => chat::run(&a),
         cli::Command::Perplexity(a) => perplexity::run(&a),
         cli::Command::Convert(a) => convert::run(&a),
+        cli::Command::Quantize(a) => quantize::run(&a),
         cli::Command::Bench(a) => bench::run(&a),
         cli::Command::Serve(a) => serve::run(&a),
     };

@@ -57,8 +57,9 @@ impl Dtype {
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A model directory (config.json + weights) or a Hugging Face Hub id, resolved through the
-    /// HF cache (HF_HOME / HF_HUB_CACHE) and downloaded when missing unless HF_HUB_OFFLINE=1.
+    /// A model directory (config.json + weights), a GGUF file (`*.gguf`, from `xgen quantize` or
+    /// llama.cpp) or a Hugging Face Hub id, resolved through the HF cache (HF_HOME /
+    /// HF_HUB_CACHE) and downloaded when missing unless HF_HUB_OFFLINE=1.
     #[arg(long, default_value = hub::DEFAULT_MODEL)]
     pub model: String,
     /// Hub revision (branch, tag or commit) for a Hub id.
@@ -82,6 +83,8 @@ pub struct Loaded {
 #[derive(Clone, Debug)]
 pub enum Source {
     Dir(PathBuf),
+    /// A GGUF file (its block types are used as stored; `--dtype` applies to float files).
+    Gguf(PathBuf),
     Random(xgen_model::Config),
 }
 
@@ -90,6 +93,7 @@ impl Source {
     pub fn config(&self) -> anyhow::Result<xgen_model::Config> {
         Ok(match self {
             Source::Dir(dir) => xgen_model::Config::load(&dir.join("config.json"))?,
+            Source::Gguf(path) => xgen_model::gguf::read::GgufFile::open(path)?.config()?,
             Source::Random(config) => config.clone(),
         })
     }
@@ -102,6 +106,7 @@ impl Source {
     ) -> xgen_model::Result<Model> {
         match self {
             Source::Dir(dir) => Model::load_as(dir, format, &Device::Cpu, progress),
+            Source::Gguf(path) => Model::load_gguf(path, format.dtype, &Device::Cpu, progress),
             Source::Random(config) => {
                 let w = weights::random::tensors_with(
                     config,
@@ -121,6 +126,7 @@ impl ModelArgs {
     pub fn source(&self) -> anyhow::Result<Source> {
         Ok(match &self.random_weights {
             Some(preset) => Source::Random(weights::random::preset(preset)?),
+            None if is_gguf(&self.model) => Source::Gguf(PathBuf::from(&self.model)),
             None => Source::Dir(hub::resolve(
                 &self.model,
                 &self.revision,
@@ -138,7 +144,14 @@ impl ModelArgs {
         let source = self.source()?;
         let model = source.load(self.dtype.format(), &mut progress)?;
         let (quantized, linear) = model.quantized_linear_layers();
-        if self.dtype.format().linear.is_some() && quantized < linear {
+        let gguf = matches!(source, Source::Gguf(_));
+        if gguf && self.dtype.format().linear.is_some() {
+            eprintln!(
+                "xgen: note: --dtype {} is ignored for a GGUF file: its stored types are used",
+                self.dtype.name()
+            );
+        }
+        if !gguf && self.dtype.format().linear.is_some() && quantized < linear {
             eprintln!(
                 "xgen: note: {} of {linear} linear layers stay f32: their input width is not a multiple of the {} block",
                 linear - quantized,
@@ -147,13 +160,18 @@ impl ModelArgs {
         }
         let dir = match source {
             Source::Dir(dir) => Some(dir),
-            Source::Random(_) => None,
+            Source::Gguf(_) | Source::Random(_) => None,
         };
         let loaded = Loaded { model, dir };
         bar.finish_and_clear();
         status(&format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
         Ok(loaded)
     }
+}
+
+/// Whether `--model` names a GGUF file (`*.gguf` that exists).
+fn is_gguf(model: &str) -> bool {
+    model.ends_with(".gguf") && std::path::Path::new(model).is_file()
 }
 
 /// A progress bar over tensors (drawn only when stderr is a terminal).

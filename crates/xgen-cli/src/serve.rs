@@ -52,13 +52,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     }
     let defaults = match &source {
         Source::Dir(dir) => GenerationConfig::for_model_dir(dir, &config)?,
-        Source::Random(_) => GenerationConfig::defaults_for(&config),
+        Source::Gguf(_) | Source::Random(_) => GenerationConfig::defaults_for(&config),
     };
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .map_err(|e| bad_input(format!("--host {} --port {}: {e}", args.host, args.port)))?;
     let model_name = match &source {
-        Source::Dir(_) => args.model.model.clone(),
+        Source::Dir(_) | Source::Gguf(_) => args.model.model.clone(),
         Source::Random(_) => format!("random-{}", args.model.random_weights.as_deref().unwrap_or_default()),
     };
     let options = ServeOptions {

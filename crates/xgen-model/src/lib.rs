@@ -8,12 +8,14 @@ mod attention;
 pub mod config;
 mod decode_attention;
 pub mod error;
+pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
 pub mod matvec;
 mod mlp;
 pub mod model;
 pub mod perplexity;
+pub mod quant;
 mod rope;
 pub mod weights;
 

@@ -1,6 +1,7 @@
 //! A bias-free linear layer, `y = x Wᵀ` with `W` `[out, in]` as checkpoints store it, over float
-//! or block-quantized (GGUF layouts, candle's kernels) weights. Few-row inputs with 16-bit weights
-//! on the CPU (decode steps) use [`crate::matvec`]; other float cases use candle's matmul.
+//! or block-quantized (GGUF layouts) weights. Few-row inputs with 16-bit weights on the CPU
+//! (decode steps) use [`crate::matvec`]; other float cases use candle's matmul. q8_0/q4_0 on the
+//! CPU use [`crate::quant`]'s packed kernels; other block formats and devices use candle's.
 
 use std::sync::Arc;
 
@@ -9,7 +10,11 @@ use candle_core::{
     DType, Module, Tensor,
 };
 
-use crate::{error::Result, matvec};
+use crate::{
+    error::Result,
+    matvec,
+    quant::{BlockFormat, PackedMatrix},
+};
 
 /// Block-quantized formats for the linear layers (GGUF-compatible block layouts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,9 +41,23 @@ impl Quant {
         in_features.is_multiple_of(self.ggml().block_size())
     }
 
+    /// The packed CPU format with kernels in [`crate::quant`], if any.
+    fn packed(self) -> Option<BlockFormat> {
+        match self {
+            Quant::Q8_0 => Some(BlockFormat::Q8_0),
+            Quant::Q4_0 => Some(BlockFormat::Q4_0),
+            Quant::Q4K => None,
+        }
+    }
+
     /// Quantizes `w` `[out, in]`.
     pub fn quantize(self, w: &Tensor) -> Result<Weight> {
-        Ok(Weight::Quantized(Arc::new(QTensor::quantize(w, self.ggml())?)))
+        match self.packed() {
+            Some(format) if w.device().is_cpu() => {
+                Ok(Weight::Packed(Arc::new(PackedMatrix::quantize(w, format)?)))
+            }
+            _ => Ok(Weight::Quantized(Arc::new(QTensor::quantize(w, self.ggml())?))),
+        }
     }
 }
 
@@ -46,7 +65,10 @@ impl Quant {
 #[derive(Debug, Clone)]
 pub enum Weight {
     Float(Tensor),
+    /// Blocks in candle's storage, multiplied by candle's kernels.
     Quantized(Arc<QTensor>),
+    /// q8_0/q4_0 in [`crate::quant`]'s layout (CPU).
+    Packed(Arc<PackedMatrix>),
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +80,7 @@ pub struct Linear {
 enum Kind {
     Float(Tensor),
     Quantized { matmul: QMatMul, bytes: usize },
+    Packed(Arc<PackedMatrix>),
 }
 
 impl Linear {
@@ -68,12 +91,13 @@ impl Linear {
                 let bytes = q.storage_size_in_bytes();
                 Kind::Quantized { matmul: QMatMul::from_arc(q)?, bytes }
             }
+            Weight::Packed(p) => Kind::Packed(p),
         };
         Ok(Self { kind })
     }
 
     pub fn is_quantized(&self) -> bool {
-        matches!(self.kind, Kind::Quantized { .. })
+        !matches!(self.kind, Kind::Float(_))
     }
 
     /// Bytes of the weight as held.
@@ -81,6 +105,7 @@ impl Linear {
         match &self.kind {
             Kind::Float(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Kind::Quantized { bytes, .. } => *bytes,
+            Kind::Packed(p) => p.bytes(),
         }
     }
 
@@ -97,6 +122,7 @@ impl Linear {
             Kind::Quantized { matmul, .. } => {
                 Ok(matmul.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?)
             }
+            Kind::Packed(p) => Ok(p.forward(x)?.to_dtype(x.dtype())?),
         }
     }
 }

@@ -116,6 +116,22 @@ impl Model {
         Self::from_weights(config, weights, format.dtype, device)
     }
 
+    /// Loads a GGUF file (xgen's or llama.cpp's): configuration from its metadata, block-quantized
+    /// matrices kept in their format, float tensors in `dtype` (f32 when any matrix is quantized:
+    /// the quantized kernels take f32 activations).
+    pub fn load_gguf(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        let file = crate::gguf::read::GgufFile::open(path)?;
+        let config = file.config()?;
+        let dtype = if file.has_quantized_matrices() { DType::F32 } else { dtype };
+        let weights = file.weights(&config, dtype, device, progress)?;
+        Self::from_weights(config, weights, dtype, device)
+    }
+
     /// Builds the model from checked float tensors (see [`weights::load`]).
     pub fn from_tensors(config: Config, tensors: TensorMap, dtype: DType, device: &Device) -> Result<Self> {
         let weights = tensors.into_iter().map(|(n, t)| (n, Weight::Float(t))).collect();
@@ -134,7 +150,9 @@ impl Model {
         };
         let float = |w: Weight, name: &str| match w {
             Weight::Float(t) => Ok(t),
-            Weight::Quantized(_) => Err(ModelError::field(name, "only linear layers can be quantized")),
+            Weight::Quantized(_) | Weight::Packed(_) => {
+                Err(ModelError::field(name, "only linear layers can be quantized"))
+            }
         };
         let eps = config.rms_norm_eps;
         let embed = float(take(names::EMBED_TOKENS)?, names::EMBED_TOKENS)?;

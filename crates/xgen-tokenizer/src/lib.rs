@@ -11,6 +11,7 @@
 
 mod bpe;
 mod error;
+mod export;
 mod pretokenize;
 mod stream;
 mod vocab;
@@ -18,6 +19,7 @@ mod vocab;
 use rayon::prelude::*;
 
 pub use error::TokenizerError;
+pub use export::{byte_to_char, BpeTable, TokenKind};
 pub use stream::StreamDecoder;
 pub use vocab::{TokenId, EOS_TOKEN, EOS_TOKEN_ID, N_VOCAB};
 

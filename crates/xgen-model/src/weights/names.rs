@@ -44,6 +44,21 @@ impl LayerTensor {
         }
     }
 
+    /// Name suffix after `blk.{i}.` in GGUF (llama.cpp's names).
+    pub fn gguf_suffix(self) -> &'static str {
+        match self {
+            Self::QProj => "attn_q.weight",
+            Self::KProj => "attn_k.weight",
+            Self::VProj => "attn_v.weight",
+            Self::OProj => "attn_output.weight",
+            Self::GateProj => "ffn_gate.weight",
+            Self::UpProj => "ffn_up.weight",
+            Self::DownProj => "ffn_down.weight",
+            Self::InputLayernorm => "attn_norm.weight",
+            Self::PostAttentionLayernorm => "ffn_norm.weight",
+        }
+    }
+
     /// Shape `[out, in]` (linear layers) or `[d]` (norms) for `config`.
     pub fn shape(self, c: &Config) -> Vec<usize> {
         let (d, f) = (c.hidden_size, c.intermediate_size);
@@ -61,6 +76,33 @@ impl LayerTensor {
 pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 pub const NORM: &str = "model.norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
+
+/// GGUF names of the non-layer tensors, in the order of [`EMBED_TOKENS`], [`NORM`], [`LM_HEAD`].
+const GGUF_GLOBALS: [(&str, &str); 3] =
+    [(EMBED_TOKENS, "token_embd.weight"), (NORM, "output_norm.weight"), (LM_HEAD, "output.weight")];
+
+/// The GGUF (llama.cpp) name of checkpoint tensor `name`, if it is one of the model's.
+pub fn to_gguf(name: &str) -> Option<String> {
+    if let Some(&(_, g)) = GGUF_GLOBALS.iter().find(|(hf, _)| *hf == name) {
+        return Some(g.to_string());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let t = LayerTensor::ALL.iter().find(|t| t.suffix() == suffix)?;
+    Some(format!("blk.{layer}.{}", t.gguf_suffix()))
+}
+
+/// The checkpoint name of GGUF tensor `name` (the inverse of [`to_gguf`]).
+pub fn from_gguf(name: &str) -> Option<String> {
+    if let Some(&(hf, _)) = GGUF_GLOBALS.iter().find(|(_, g)| *g == name) {
+        return Some(hf.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let t = LayerTensor::ALL.iter().find(|t| t.gguf_suffix() == suffix)?;
+    Some(layer_name(layer, *t))
+}
 
 /// The checkpoint name of a layer tensor.
 pub fn layer_name(layer: usize, t: LayerTensor) -> String {

@@ -1,0 +1,120 @@
+//! The quantized product's driver: output features split across rayon tasks, activation rows
+//! taken in groups of [`GROUP`] per pass over a weight row (the row stays in L1 for the next
+//! group), long prompts in tiles of [`TILE`] rows so a tile's activations stay in L2. Each
+//! (weight row, row group) goes to the SIMD kernel when the CPU has one, else to [`dot_scalar`].
+
+use rayon::prelude::*;
+
+use super::{Activations, BlockFormat, PackedMatrix, BLOCK};
+
+/// Activation rows per pass over a weight row (accumulators kept in registers).
+pub(crate) const GROUP: usize = 4;
+/// Activation rows per tile.
+const TILE: usize = 64;
+/// Output features per rayon task.
+const FEATURES: usize = 16;
+/// Weight rows per tile (streams in flight, sharing each activation load).
+const WEIGHT_ROWS: usize = 4;
+
+/// `[rows, n]`: every activation row times every weight row.
+pub(super) fn matmul(w: &PackedMatrix, acts: &Activations) -> Vec<f32> {
+    assert_eq!(acts.k, w.k, "activation width must equal the weight's");
+    let (rows, n) = (acts.rows, w.n);
+    let tile_fn = pick();
+    let mut y = vec![0f32; rows * n];
+    for start in (0..rows).step_by(TILE) {
+        let tile = TILE.min(rows - start);
+        // Feature-major `[n, tile]` so each task owns a contiguous slice.
+        let mut yt = vec![0f32; n * tile];
+        yt.par_chunks_mut(FEATURES * tile).enumerate().for_each(|(b, chunk)| {
+            let features = chunk.len() / tile;
+            for jj in (0..features).step_by(WEIGHT_ROWS) {
+                let wr = WEIGHT_ROWS.min(features - jj);
+                for g in (0..tile).step_by(GROUP) {
+                    let r = GROUP.min(tile - g);
+                    let out = &mut chunk[jj * tile + g..];
+                    tile_fn(w, b * FEATURES + jj, wr, acts, start + g, r, out, tile);
+                }
+            }
+        });
+        for j in 0..n {
+            for r in 0..tile {
+                y[(start + r) * n + j] = yt[j * tile + r];
+            }
+        }
+    }
+    y
+}
+
+/// A tile: weight rows `j..j + wr` against activation rows `first..first + r`; `out[w * stride + i]`
+/// receives weight row `j + w` times activation row `first + i`.
+type TileFn = fn(&PackedMatrix, usize, usize, &Activations, usize, usize, &mut [f32], usize);
+
+fn pick() -> TileFn {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::available() {
+        return super::x86::tile;
+    }
+    tile_scalar
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tile_scalar(
+    w: &PackedMatrix,
+    j: usize,
+    wr: usize,
+    acts: &Activations,
+    first: usize,
+    r: usize,
+    out: &mut [f32],
+    stride: usize,
+) {
+    for i in 0..wr {
+        dot_scalar(w, j + i, acts, first, &mut out[i * stride..i * stride + r]);
+    }
+}
+
+/// The portable kernel, and the definition the SIMD ones must match.
+pub(crate) fn dot_scalar(w: &PackedMatrix, j: usize, acts: &Activations, first: usize, out: &mut [f32]) {
+    let (qs, wd) = (w.row_qs(j), w.row_d(j));
+    let weights = unpacked_row(w.format, qs, w.k);
+    for (i, o) in out.iter_mut().enumerate() {
+        let (xq, xd) = (acts.row_q(first + i), acts.row_d(first + i));
+        *o = weights
+            .chunks_exact(BLOCK)
+            .zip(xq.chunks_exact(BLOCK))
+            .enumerate()
+            .map(|(b, (wq, xq))| {
+                let s: i32 = wq.iter().zip(xq).map(|(&a, &c)| a as i32 * c as i32).sum();
+                half::f16::from_bits(wd[b]).to_f32() * xd[b] * s as f32
+            })
+            .sum();
+    }
+}
+
+/// A row's quants as signed values in order (q4_0 with its offset of 8 removed).
+pub(crate) fn unpacked_row(format: BlockFormat, qs: &[u8], k: usize) -> Vec<i8> {
+    match format {
+        BlockFormat::Q8_0 => qs.iter().map(|&v| v as i8).collect(),
+        BlockFormat::Q4_0 => {
+            let nb = k / BLOCK;
+            let mut out = vec![0i8; k];
+            for p in 0..nb / 2 {
+                for i in 0..BLOCK {
+                    let byte = qs[p * BLOCK + i];
+                    out[p * 2 * BLOCK + i] = (byte & 0x0F) as i8 - 8;
+                    out[p * 2 * BLOCK + BLOCK + i] = (byte >> 4) as i8 - 8;
+                }
+            }
+            if nb % 2 == 1 {
+                let b = nb - 1;
+                for i in 0..16 {
+                    let byte = qs[b * 16 + i];
+                    out[b * BLOCK + i] = (byte & 0x0F) as i8 - 8;
+                    out[b * BLOCK + 16 + i] = (byte >> 4) as i8 - 8;
+                }
+            }
+            out
+        }
+    }
+}

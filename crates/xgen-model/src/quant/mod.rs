@@ -1,0 +1,216 @@
+//! Block-quantized weight matrices (q8_0, q4_0) held once, in a layout made for the CPU kernels of
+//! this module, and their product with activation rows.
+//!
+//! The numbers are GGUF's: a row of `k` weights is cut into blocks of 32, each with an f16 scale
+//! `d`; q8_0 stores `round(w / d)` as i8, q4_0 stores `round(w / d) + 8` as a nibble (0..=15).
+//! Activations are quantized to q8_0 per 32 values (as llama.cpp and candle do), so a block's
+//! contribution is `d_w · d_x · Σ w_q·x_q`, summed exactly in i32.
+//!
+//! Layout (per row; scales separate so the kernels load aligned runs of quants):
+//! - q8_0: `k` i8 quants, then nothing else; scales `[n, k/32]` f16 bits in `d`.
+//! - q4_0: `k/2` bytes. Blocks go in pairs: byte `i` (0..32) of a pair holds weight `i` of the
+//!   first block in its low nibble and weight `i` of the second block in its high nibble, so one
+//!   32-byte load unpacks (mask, shift) into 64 weights in order. A row with an odd number of
+//!   blocks keeps its last block in GGUF's order (byte `i` = weights `i` and `i + 16`).
+//!
+//! candle's quantized matmul (`QMatMul`) is the reference in tests. Ours exists because candle's
+//! x86 path keeps a repacked second copy of q8_0/q4_k weights next to the original and has no
+//! fast q4_0 path (see docs/performance.md).
+
+mod activations;
+mod kernel;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use candle_core::{quantized::GgmlDType, DType, Tensor};
+use rayon::prelude::*;
+
+pub use activations::Activations;
+
+use crate::error::{ModelError, Result};
+
+/// Values per block.
+pub const BLOCK: usize = 32;
+
+/// The block formats with kernels here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockFormat {
+    Q8_0,
+    Q4_0,
+}
+
+impl BlockFormat {
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_0 => GgmlDType::Q4_0,
+        }
+    }
+
+    /// Bytes of one block in GGUF: f16 scale + quants.
+    pub fn ggml_block_bytes(self) -> usize {
+        2 + self.quant_bytes()
+    }
+
+    /// Quant bytes of one block.
+    fn quant_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => BLOCK,
+            Self::Q4_0 => BLOCK / 2,
+        }
+    }
+}
+
+/// An `[n, k]` weight matrix in a [`BlockFormat`].
+#[derive(Debug, Clone)]
+pub struct PackedMatrix {
+    format: BlockFormat,
+    n: usize,
+    k: usize,
+    /// `[n, k · quant_bytes / 32]`, layout in the module docs.
+    qs: Vec<u8>,
+    /// f16 scale bits, `[n, k / 32]`.
+    d: Vec<u16>,
+}
+
+impl PackedMatrix {
+    /// From GGUF block bytes of an `[n, k]` matrix (row-major blocks).
+    pub fn from_ggml(format: BlockFormat, n: usize, k: usize, bytes: &[u8]) -> Result<Self> {
+        let (nb, bb) = (k / BLOCK, format.ggml_block_bytes());
+        if !k.is_multiple_of(BLOCK) || bytes.len() != n * nb * bb {
+            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                "{format:?} [{n}, {k}] needs k divisible by {BLOCK} and {} bytes, got {}",
+                n * nb * bb,
+                bytes.len()
+            ))));
+        }
+        let row_qs = nb * format.quant_bytes();
+        let mut qs = vec![0u8; n * row_qs];
+        let mut d = vec![0u16; n * nb];
+        qs.par_chunks_mut(row_qs).zip(d.par_chunks_mut(nb)).enumerate().for_each(|(j, (q, d))| {
+            let row = &bytes[j * nb * bb..(j + 1) * nb * bb];
+            for (b, block) in row.chunks_exact(bb).enumerate() {
+                d[b] = u16::from_le_bytes([block[0], block[1]]);
+            }
+            match format {
+                BlockFormat::Q8_0 => {
+                    for (b, block) in row.chunks_exact(bb).enumerate() {
+                        q[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&block[2..]);
+                    }
+                }
+                BlockFormat::Q4_0 => pack_q4_row(row, q),
+            }
+        });
+        Ok(Self { format, n, k, qs, d })
+    }
+
+    /// Quantizes `w` `[n, k]` (any float dtype) with candle's GGUF quantizer.
+    pub fn quantize(w: &Tensor, format: BlockFormat) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        let q = candle_core::quantized::QTensor::quantize(&w.to_dtype(DType::F32)?, format.ggml())?;
+        Self::from_ggml(format, n, k, &q.data()?)
+    }
+
+    /// Back to GGUF block bytes (the inverse of [`PackedMatrix::from_ggml`]).
+    pub fn to_ggml(&self) -> Vec<u8> {
+        let (nb, bb) = (self.k / BLOCK, self.format.ggml_block_bytes());
+        let row_qs = nb * self.format.quant_bytes();
+        let mut out = vec![0u8; self.n * nb * bb];
+        for (j, row) in out.chunks_mut(nb * bb).enumerate() {
+            let q = &self.qs[j * row_qs..(j + 1) * row_qs];
+            for (b, block) in row.chunks_mut(bb).enumerate() {
+                block[..2].copy_from_slice(&self.d[j * nb + b].to_le_bytes());
+            }
+            match self.format {
+                BlockFormat::Q8_0 => {
+                    for (b, block) in row.chunks_mut(bb).enumerate() {
+                        block[2..].copy_from_slice(&q[b * BLOCK..(b + 1) * BLOCK]);
+                    }
+                }
+                BlockFormat::Q4_0 => unpack_q4_row(q, row),
+            }
+        }
+        out
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Bytes held (and read per product).
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 2 * self.d.len()
+    }
+
+    /// `x` `[.., k]` (f32 or any float dtype, CPU) -> `[.., n]` f32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / self.k.max(1);
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let acts = Activations::quantize(&xs, rows, self.k);
+        let y = self.matmul(&acts);
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("x has a last dimension") = self.n;
+        Ok(Tensor::from_vec(y, shape, x.device())?)
+    }
+
+    /// `[rows, n]` f32: each activation row times every weight row.
+    pub fn matmul(&self, acts: &Activations) -> Vec<f32> {
+        kernel::matmul(self, acts)
+    }
+
+    fn row_qs(&self, j: usize) -> &[u8] {
+        let len = self.k / BLOCK * self.format.quant_bytes();
+        &self.qs[j * len..(j + 1) * len]
+    }
+
+    fn row_d(&self, j: usize) -> &[u16] {
+        let nb = self.k / BLOCK;
+        &self.d[j * nb..(j + 1) * nb]
+    }
+}
+
+/// GGUF q4_0 blocks of one row -> the pair layout of the module docs.
+fn pack_q4_row(row: &[u8], out: &mut [u8]) {
+    let bb = BlockFormat::Q4_0.ggml_block_bytes();
+    let nb = row.len() / bb;
+    let nibbles = |b: usize| -> [u8; BLOCK] {
+        let qs = &row[b * bb + 2..(b + 1) * bb];
+        std::array::from_fn(|i| if i < 16 { qs[i] & 0x0F } else { qs[i - 16] >> 4 })
+    };
+    for p in 0..nb / 2 {
+        let (lo, hi) = (nibbles(2 * p), nibbles(2 * p + 1));
+        for i in 0..BLOCK {
+            out[p * BLOCK + i] = lo[i] | (hi[i] << 4);
+        }
+    }
+    if nb % 2 == 1 {
+        let b = nb - 1;
+        out[b * 16..(b + 1) * 16].copy_from_slice(&row[b * bb + 2..(b + 1) * bb]);
+    }
+}
+
+/// The inverse of [`pack_q4_row`] (scales are written by the caller).
+fn unpack_q4_row(q: &[u8], row: &mut [u8]) {
+    let bb = BlockFormat::Q4_0.ggml_block_bytes();
+    let nb = row.len() / bb;
+    for p in 0..nb / 2 {
+        for (half, b) in [(0, 2 * p), (4, 2 * p + 1)] {
+            let block = &mut row[b * bb + 2..(b + 1) * bb];
+            for i in 0..16 {
+                let (a, c) = ((q[p * BLOCK + i] >> half) & 0x0F, (q[p * BLOCK + i + 16] >> half) & 0x0F);
+                block[i] = a | (c << 4);
+            }
+        }
+    }
+    if nb % 2 == 1 {
+        let b = nb - 1;
+        row[b * bb + 2..(b + 1) * bb].copy_from_slice(&q[b * 16..(b + 1) * 16]);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,95 @@
+//! The packed kernels against candle's quantized matmul (same GGUF blocks, activations quantized
+//! the same way), the portable kernel against the SIMD one, and the layout round trip.
+
+use candle_core::{
+    quantized::{QMatMul, QTensor},
+    Device, Module, Tensor,
+};
+
+use super::{kernel, Activations, BlockFormat, PackedMatrix};
+
+fn random(n: usize, k: usize, seed: u64) -> Tensor {
+    // Deterministic, varied magnitudes per row (so block scales differ).
+    let v: Vec<f32> = (0..n * k)
+        .map(|i| {
+            let h = (i as u64 + seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+            let u = h as f32 / (1u64 << 24) as f32 - 0.5;
+            u * (1.0 + (i / k % 7) as f32)
+        })
+        .collect();
+    Tensor::from_vec(v, (n, k), &Device::Cpu).unwrap()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+const SHAPES: [(usize, usize, usize); 7] =
+    [(1, 4096, 37), (3, 96, 70), (4, 64, 1), (2, 1024, 129), (7, 160, 33), (16, 64, 5), (70, 128, 18)];
+
+#[test]
+fn equals_candle_quantized_matmul() {
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        for (rows, k, n) in SHAPES {
+            let w = random(n, k, 1);
+            let x = random(rows, k, 2).unsqueeze(0).unwrap();
+            let q = QTensor::quantize(&w, format.ggml()).unwrap();
+            let want: Vec<f32> = QMatMul::from_qtensor(q)
+                .unwrap()
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let packed = PackedMatrix::quantize(&w, format).unwrap();
+            let got = packed.forward(&x).unwrap();
+            assert_eq!(got.dims(), &[1, rows, n]);
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            // Same integer sums and scales; only the f32 summation order differs.
+            let err = max_rel(&want, &got);
+            assert!(err < 1e-5, "{format:?} rows {rows} k {k} n {n}: {err}");
+        }
+    }
+}
+
+#[test]
+fn portable_kernel_equals_simd_kernel() {
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        for (rows, k, n) in SHAPES {
+            let w = PackedMatrix::quantize(&random(n, k, 3), format).unwrap();
+            let xs: Vec<f32> = random(rows, k, 4).flatten_all().unwrap().to_vec1().unwrap();
+            let acts = Activations::quantize(&xs, rows, k);
+            let fast = w.matmul(&acts);
+            let mut portable = vec![0f32; rows * n];
+            for j in 0..n {
+                for r in 0..rows {
+                    kernel::dot_scalar(&w, j, &acts, r, &mut portable[r * n + j..r * n + j + 1]);
+                }
+            }
+            let err = max_rel(&portable, &fast);
+            assert!(err < 1e-5, "{format:?} rows {rows} k {k} n {n}: {err}");
+        }
+    }
+}
+
+#[test]
+fn ggml_bytes_round_trip_through_the_packed_layout() {
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        for (k, n) in [(96, 3), (64, 2), (4096, 2)] {
+            let q = QTensor::quantize(&random(n, k, 5), format.ggml()).unwrap();
+            let bytes = q.data().unwrap().into_owned();
+            let packed = PackedMatrix::from_ggml(format, n, k, &bytes).unwrap();
+            assert_eq!(packed.to_ggml(), bytes, "{format:?} [{n}, {k}]");
+            assert_eq!(packed.bytes(), bytes.len());
+        }
+    }
+}
+
+#[test]
+fn rejects_bytes_that_do_not_fit_the_shape() {
+    let err = PackedMatrix::from_ggml(BlockFormat::Q8_0, 2, 64, &[0u8; 100]).unwrap_err().to_string();
+    assert!(err.contains("136 bytes, got 100"), "{err}");
+    assert!(PackedMatrix::from_ggml(BlockFormat::Q4_0, 1, 40, &[0u8; 18]).is_err());
+}
