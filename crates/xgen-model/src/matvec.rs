@@ -41,13 +41,16 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     // Activations widened to f32 once: [rows, k].
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let (storage, layout) = w.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { return Ok(None) };
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("x has a last dimension") = n;
     let y = match cpu {
         CpuStorage::BF16(data) => {
+            if simd() {
+                xs.chunks_mut(k).for_each(even_odd);
+            }
             let y = run(bits(weights(data, layout, n * k)), &xs, rows, k, n, Kind::Bf16);
             Tensor::from_vec(y.into_iter().map(bf16::from_f32).collect::<Vec<_>>(), out_shape, w.device())?
         }
@@ -116,10 +119,32 @@ fn run(w: &[u16], xs: &[f32], rows: usize, k: usize, n: usize, kind: Kind) -> Ve
     y
 }
 
-/// `out[r] = dot(w, x[r])` for each activation row `r` (at most [`GROUP`]).
+/// Whether the AVX-512 kernel runs here.
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Reorders each full run of 32 values of an activation row to its 16 even-indexed values, then
+/// its 16 odd ones: the order in which the bf16 kernel widens a 64-byte load of weights (a shift
+/// gives the even bf16 values as f32, a mask the odd ones). The tail stays in order.
+fn even_odd(x: &mut [f32]) {
+    for run in x.chunks_exact_mut(32) {
+        let copy: [f32; 32] = run.try_into().expect("32 values");
+        for i in 0..16 {
+            run[i] = copy[2 * i];
+            run[16 + i] = copy[2 * i + 1];
+        }
+    }
+}
+
+/// `out[r] = dot(w, x[r])` for each activation row `r` (at most [`GROUP`]); bf16 activations
+/// in [`even_odd`] order when [`simd`].
 fn dot_row(w: &[u16], xs: &[f32], k: usize, kind: Kind, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
+    if simd() {
         // SAFETY: the CPU supports AVX-512F (checked above); slices are in bounds by construction.
         unsafe { avx512::dot_row(w, xs, k, kind, out) };
         return;
@@ -148,20 +173,38 @@ mod avx512 {
     pub unsafe fn dot_row(w: &[u16], xs: &[f32], k: usize, kind: Kind, out: &mut [f32]) {
         let rows = out.len();
         let mut acc = [_mm512_setzero_ps(); GROUP];
-        let full = k / 16 * 16;
+        let full = k / 32 * 32;
+        let high_halves = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
         let mut i = 0;
         while i < full {
-            // SAFETY (whole block): i + 16 <= k = w.len(); x rows are k long.
-            let raw = unsafe { _mm256_loadu_si256(w.as_ptr().add(i).cast()) };
-            let wf = match kind {
-                Kind::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw))),
-                Kind::F16 => _mm512_cvtph_ps(raw),
+            // The hardware prefetcher stops at page boundaries: fetch ahead into the next rows
+            // (a 4096-wide bf16 row is 2 pages).
+            _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().wrapping_add(i + 2 * k).cast());
+            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(i + 256).cast());
+            // SAFETY (whole block): i + 32 <= k = w.len(); x rows are k long.
+            let (lo, hi) = match kind {
+                Kind::Bf16 => {
+                    // 32 bf16: a shift widens the even ones, a mask the odd ones (x is in
+                    // even/odd order to match).
+                    let raw = unsafe { _mm512_loadu_si512(w.as_ptr().add(i).cast()) };
+                    (
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw)),
+                        _mm512_castsi512_ps(_mm512_and_si512(raw, high_halves)),
+                    )
+                }
+                Kind::F16 => unsafe {
+                    (
+                        _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(i).cast())),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(i + 16).cast())),
+                    )
+                },
             };
             for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                let xv = unsafe { _mm512_loadu_ps(xs.as_ptr().add(r * k + i)) };
-                *a = _mm512_fmadd_ps(wf, xv, *a);
+                let x = unsafe { xs.as_ptr().add(r * k + i) };
+                *a = _mm512_fmadd_ps(lo, unsafe { _mm512_loadu_ps(x) }, *a);
+                *a = _mm512_fmadd_ps(hi, unsafe { _mm512_loadu_ps(x.add(16)) }, *a);
             }
-            i += 16;
+            i += 32;
         }
         for r in 0..rows {
             let tail: f32 = (full..k).map(|t| widen(w[t], kind) * xs[r * k + t]).sum();

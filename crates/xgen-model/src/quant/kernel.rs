@@ -12,7 +12,7 @@ pub(crate) const GROUP: usize = 4;
 /// Activation rows per tile.
 const TILE: usize = 64;
 /// Output features per rayon task.
-const FEATURES: usize = 16;
+const FEATURES: usize = 256;
 /// Weight rows per tile (streams in flight, sharing each activation load).
 const WEIGHT_ROWS: usize = 4;
 
@@ -97,22 +97,9 @@ pub(crate) fn unpacked_row(format: BlockFormat, qs: &[u8], k: usize) -> Vec<i8> 
     match format {
         BlockFormat::Q8_0 => qs.iter().map(|&v| v as i8).collect(),
         BlockFormat::Q4_0 => {
-            let nb = k / BLOCK;
             let mut out = vec![0i8; k];
-            for p in 0..nb / 2 {
-                for i in 0..BLOCK {
-                    let byte = qs[p * BLOCK + i];
-                    out[p * 2 * BLOCK + i] = (byte & 0x0F) as i8 - 8;
-                    out[p * 2 * BLOCK + BLOCK + i] = (byte >> 4) as i8 - 8;
-                }
-            }
-            if nb % 2 == 1 {
-                let b = nb - 1;
-                for i in 0..16 {
-                    let byte = qs[b * 16 + i];
-                    out[b * BLOCK + i] = (byte & 0x0F) as i8 - 8;
-                    out[b * BLOCK + 16 + i] = (byte >> 4) as i8 - 8;
-                }
+            for (w, byte, shift) in super::q4_positions(k / BLOCK) {
+                out[w] = ((qs[byte] >> shift) & 0x0F) as i8 - 8;
             }
             out
         }

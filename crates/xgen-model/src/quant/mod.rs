@@ -8,10 +8,11 @@
 //!
 //! Layout (per row; scales separate so the kernels load aligned runs of quants):
 //! - q8_0: `k` i8 quants, then nothing else; scales `[n, k/32]` f16 bits in `d`.
-//! - q4_0: `k/2` bytes. Blocks go in pairs: byte `i` (0..32) of a pair holds weight `i` of the
-//!   first block in its low nibble and weight `i` of the second block in its high nibble, so one
-//!   32-byte load unpacks (mask, shift) into 64 weights in order. A row with an odd number of
-//!   blocks keeps its last block in GGUF's order (byte `i` = weights `i` and `i + 16`).
+//! - q4_0: `k/2` bytes. Blocks go in groups of 4: byte `i` (0..64) of a group holds weight `i` in
+//!   its low nibble and weight `64 + i` in its high nibble, so one 64-byte load unpacks (a mask;
+//!   a shift and a mask) into two runs of 64 weights in order. What remains of a row goes in a
+//!   group of 2 (byte `i` of 32: weights `i` and `32 + i`) and one of 1 (GGUF's own order: weights
+//!   `i` and `16 + i`); see [`q4_positions`].
 //!
 //! candle's quantized matmul (`QMatMul`) is the reference in tests. Ours exists because candle's
 //! x86 path keeps a repacked second copy of q8_0/q4_k weights next to the original and has no
@@ -114,10 +115,9 @@ impl PackedMatrix {
     /// Back to GGUF block bytes (the inverse of [`PackedMatrix::from_ggml`]).
     pub fn to_ggml(&self) -> Vec<u8> {
         let (nb, bb) = (self.k / BLOCK, self.format.ggml_block_bytes());
-        let row_qs = nb * self.format.quant_bytes();
         let mut out = vec![0u8; self.n * nb * bb];
         for (j, row) in out.chunks_mut(nb * bb).enumerate() {
-            let q = &self.qs[j * row_qs..(j + 1) * row_qs];
+            let q = self.row_qs(j);
             for (b, block) in row.chunks_mut(bb).enumerate() {
                 block[..2].copy_from_slice(&self.d[j * nb + b].to_le_bytes());
             }
@@ -162,8 +162,13 @@ impl PackedMatrix {
         kernel::matmul(self, acts)
     }
 
+    /// Quant bytes of one row (`k / 32 · quant bytes`).
+    fn row_bytes(&self) -> usize {
+        self.k / BLOCK * self.format.quant_bytes()
+    }
+
     fn row_qs(&self, j: usize) -> &[u8] {
-        let len = self.k / BLOCK * self.format.quant_bytes();
+        let len = self.row_bytes();
         &self.qs[j * len..(j + 1) * len]
     }
 
@@ -173,42 +178,47 @@ impl PackedMatrix {
     }
 }
 
-/// GGUF q4_0 blocks of one row -> the pair layout of the module docs.
+/// Where each weight of a q4_0 row of `nb` blocks sits in the packed layout: `(weight index,
+/// byte, shift)`. The row is cut into groups of 4 blocks, then a group of 2 and one of 1 for what
+/// remains; in a group of `g` blocks, weight `w` is in byte `w mod 16g`, low nibble for the first
+/// `16g` weights, high nibble for the rest. A group of 1 is GGUF's own block order.
+pub(crate) fn q4_positions(nb: usize) -> impl Iterator<Item = (usize, usize, u32)> {
+    let (quads, rest) = (nb / 4, nb % 4);
+    let groups = (0..quads)
+        .map(|q| (4 * q, 4))
+        .chain((rest >= 2).then_some((4 * quads, 2)))
+        .chain((rest % 2 == 1).then_some((nb - 1, 1)));
+    groups.flat_map(|(first, g)| {
+        let half = 16 * g;
+        (0..2 * half).map(move |w| (first * BLOCK + w, first * 16 + w % half, 4 * (w / half) as u32))
+    })
+}
+
+/// The nibble (0..=15) of weight `i` of a GGUF q4_0 block's 16 quant bytes.
+fn ggml_nibble(qs: &[u8], i: usize) -> u8 {
+    if i < 16 {
+        qs[i] & 0x0F
+    } else {
+        qs[i - 16] >> 4
+    }
+}
+
+/// GGUF q4_0 blocks of one row -> the packed layout (`out` zeroed).
 fn pack_q4_row(row: &[u8], out: &mut [u8]) {
     let bb = BlockFormat::Q4_0.ggml_block_bytes();
-    let nb = row.len() / bb;
-    let nibbles = |b: usize| -> [u8; BLOCK] {
-        let qs = &row[b * bb + 2..(b + 1) * bb];
-        std::array::from_fn(|i| if i < 16 { qs[i] & 0x0F } else { qs[i - 16] >> 4 })
-    };
-    for p in 0..nb / 2 {
-        let (lo, hi) = (nibbles(2 * p), nibbles(2 * p + 1));
-        for i in 0..BLOCK {
-            out[p * BLOCK + i] = lo[i] | (hi[i] << 4);
-        }
-    }
-    if nb % 2 == 1 {
-        let b = nb - 1;
-        out[b * 16..(b + 1) * 16].copy_from_slice(&row[b * bb + 2..(b + 1) * bb]);
+    for (w, byte, shift) in q4_positions(row.len() / bb) {
+        let (b, i) = (w / BLOCK, w % BLOCK);
+        out[byte] |= ggml_nibble(&row[b * bb + 2..(b + 1) * bb], i) << shift;
     }
 }
 
 /// The inverse of [`pack_q4_row`] (scales are written by the caller).
 fn unpack_q4_row(q: &[u8], row: &mut [u8]) {
     let bb = BlockFormat::Q4_0.ggml_block_bytes();
-    let nb = row.len() / bb;
-    for p in 0..nb / 2 {
-        for (half, b) in [(0, 2 * p), (4, 2 * p + 1)] {
-            let block = &mut row[b * bb + 2..(b + 1) * bb];
-            for i in 0..16 {
-                let (a, c) = ((q[p * BLOCK + i] >> half) & 0x0F, (q[p * BLOCK + i + 16] >> half) & 0x0F);
-                block[i] = a | (c << 4);
-            }
-        }
-    }
-    if nb % 2 == 1 {
-        let b = nb - 1;
-        row[b * bb + 2..(b + 1) * bb].copy_from_slice(&q[b * 16..(b + 1) * 16]);
+    for (w, byte, shift) in q4_positions(row.len() / bb) {
+        let (b, i) = (w / BLOCK, w % BLOCK);
+        let v = (q[byte] >> shift) & 0x0F;
+        row[b * bb + 2 + i % 16] |= v << (4 * (i / 16));
     }
 }
 

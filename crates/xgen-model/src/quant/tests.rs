@@ -25,8 +25,20 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-const SHAPES: [(usize, usize, usize); 7] =
-    [(1, 4096, 37), (3, 96, 70), (4, 64, 1), (2, 1024, 129), (7, 160, 33), (16, 64, 5), (70, 128, 18)];
+/// (rows, k, n): every grouping of q4_0 blocks (k/32 = 2, 3, 4, 5, 6, 7, 32, 128, 344) and row
+/// counts across the tile sizes.
+const SHAPES: [(usize, usize, usize); 10] = [
+    (1, 4096, 37),
+    (3, 96, 70),
+    (4, 64, 1),
+    (2, 1024, 129),
+    (7, 160, 33),
+    (16, 64, 5),
+    (70, 128, 18),
+    (1, 192, 9),
+    (5, 224, 11),
+    (1, 11008, 8),
+];
 
 #[test]
 fn equals_candle_quantized_matmul() {
@@ -77,7 +89,7 @@ fn portable_kernel_equals_simd_kernel() {
 #[test]
 fn ggml_bytes_round_trip_through_the_packed_layout() {
     for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
-        for (k, n) in [(96, 3), (64, 2), (4096, 2)] {
+        for (k, n) in [(96, 3), (64, 2), (4096, 2), (160, 2), (192, 3), (224, 2)] {
             let q = QTensor::quantize(&random(n, k, 5), format.ggml()).unwrap();
             let bytes = q.data().unwrap().into_owned();
             let packed = PackedMatrix::from_ggml(format, n, k, &bytes).unwrap();
