@@ -11,8 +11,9 @@ use super::{Activations, BlockFormat, PackedMatrix, BLOCK};
 pub(crate) const GROUP: usize = 4;
 /// Activation rows per tile.
 const TILE: usize = 64;
-/// Output features per rayon task.
-const FEATURES: usize = 256;
+/// Rayon tasks per thread: few, because each task's first rows start cold (the prefetch runs
+/// ahead within a task), yet more than one so a slow thread does not hold up the product.
+const TASKS_PER_THREAD: usize = 2;
 /// Weight rows per tile (streams in flight, sharing each activation load).
 const WEIGHT_ROWS: usize = 4;
 
@@ -26,14 +27,16 @@ pub(super) fn matmul(w: &PackedMatrix, acts: &Activations) -> Vec<f32> {
         let tile = TILE.min(rows - start);
         // Feature-major `[n, tile]` so each task owns a contiguous slice.
         let mut yt = vec![0f32; n * tile];
-        yt.par_chunks_mut(FEATURES * tile).enumerate().for_each(|(b, chunk)| {
-            let features = chunk.len() / tile;
-            for jj in (0..features).step_by(WEIGHT_ROWS) {
-                let wr = WEIGHT_ROWS.min(features - jj);
+        let features =
+            n.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).next_multiple_of(WEIGHT_ROWS);
+        yt.par_chunks_mut(features * tile).enumerate().for_each(|(b, chunk)| {
+            let in_chunk = chunk.len() / tile;
+            for jj in (0..in_chunk).step_by(WEIGHT_ROWS) {
+                let wr = WEIGHT_ROWS.min(in_chunk - jj);
                 for g in (0..tile).step_by(GROUP) {
                     let r = GROUP.min(tile - g);
                     let out = &mut chunk[jj * tile + g..];
-                    tile_fn(w, b * FEATURES + jj, wr, acts, start + g, r, out, tile);
+                    tile_fn(w, b * features + jj, wr, acts, start + g, r, out, tile);
                 }
             }
         });
