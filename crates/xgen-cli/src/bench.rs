@@ -60,6 +60,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let speeds = repeat(args.reps, || generation_speed(&model, args.depth, args.generate))?;
         tests.push((name, speeds));
     }
+    // Before the bandwidth pass, whose 1 GiB buffer is not the model's.
+    let peak_rss = peak_rss_bytes();
     // Generation reads every weight once per token: bandwidth / bytes read per token is its floor
     // (the KV cache's reads, which grow with -d, are not counted).
     let bandwidth = (!args.no_bandwidth && args.generate > 0).then(read_bandwidth);
@@ -73,7 +75,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             let mut obj = json!({
                 "test": test, "dtype": dtype, "threads": threads, "repetitions": args.reps,
                 "tok_s_median": median, "tok_s_min": min, "tok_s_max": max,
-                "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss_bytes(),
+                "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss,
             });
             if let (Some(bw), Some(floor)) = (bandwidth, floor) {
                 obj["read_bandwidth_bytes_s"] = json!(bw);
@@ -86,7 +88,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             println!(
                 "{test:>12}  {dtype:>5}  t={threads}  {median:8.2} tok/s (min {min:.2}, max {max:.2})  weights {:.2} GB  peak RSS {:.2} GB",
                 model.weight_bytes() as f64 / 1e9,
-                peak_rss_bytes() as f64 / 1e9
+                peak_rss as f64 / 1e9
             );
             if let (Some(bw), Some(floor)) = (bandwidth, floor) {
                 println!(

@@ -237,29 +237,25 @@ mod avx512 {
         let mut i = 0;
         while i < full {
             // SAFETY (whole block): i + 32 <= k; w4 is [4, k] and xs [GROUP, k].
-            let ws: [(__m512, __m512); 4] = std::array::from_fn(|row| unsafe {
-                let at = w4.as_ptr().add(row * k + i);
-                match kind {
-                    Kind::Bf16 => {
-                        let raw = _mm512_loadu_si512(at.cast());
-                        (
-                            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw)),
-                            _mm512_castsi512_ps(_mm512_and_si512(raw, high_halves)),
-                        )
+            let raw: [__m512i; 4] =
+                std::array::from_fn(|row| unsafe { _mm512_loadu_si512(w4.as_ptr().add(row * k + i).cast()) });
+            // One half (16 values) at a time keeps 16 accumulators, 4 weights and one activation
+            // vector in registers (both halves at once spilled).
+            for half in 0..2 {
+                let ws: [__m512; 4] = std::array::from_fn(|row| match kind {
+                    Kind::Bf16 if half == 0 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw[row])),
+                    Kind::Bf16 => _mm512_castsi512_ps(_mm512_and_si512(raw[row], high_halves)),
+                    Kind::F16 => _mm512_cvtph_ps(if half == 0 {
+                        _mm512_castsi512_si256(raw[row])
+                    } else {
+                        _mm512_extracti64x4_epi64::<1>(raw[row])
+                    }),
+                });
+                for r in 0..GROUP {
+                    let x = unsafe { _mm512_loadu_ps(xs.as_ptr().add(r * k + i + 16 * half)) };
+                    for (row_acc, wv) in acc.iter_mut().zip(&ws) {
+                        row_acc[r] = _mm512_fmadd_ps(*wv, x, row_acc[r]);
                     }
-                    Kind::F16 => (
-                        _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
-                        _mm512_cvtph_ps(_mm256_loadu_si256(at.add(16).cast())),
-                    ),
-                }
-            });
-            let xv: [(__m512, __m512); GROUP] = std::array::from_fn(|r| unsafe {
-                let x = xs.as_ptr().add(r * k + i);
-                (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)))
-            });
-            for (row_acc, (wl, wh)) in acc.iter_mut().zip(&ws) {
-                for (a, (lo, hi)) in row_acc.iter_mut().zip(&xv) {
-                    *a = _mm512_fmadd_ps(*wh, *hi, _mm512_fmadd_ps(*wl, *lo, *a));
                 }
             }
             i += 32;
