@@ -41,8 +41,12 @@ impl Quant {
         in_features.is_multiple_of(self.ggml().block_size())
     }
 
-    /// The packed CPU format with kernels in [`crate::quant`], if any.
+    /// The packed CPU format with kernels in [`crate::quant`], if any (and if this CPU runs them
+    /// fast; see [`crate::quant::has_fast_kernels`]).
     fn packed(self) -> Option<BlockFormat> {
+        if !crate::quant::has_fast_kernels() {
+            return None;
+        }
         match self {
             Quant::Q8_0 => Some(BlockFormat::Q8_0),
             Quant::Q4_0 => Some(BlockFormat::Q4_0),

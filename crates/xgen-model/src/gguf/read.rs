@@ -1,7 +1,8 @@
 //! Reading GGUF (files xgen writes and llama.cpp's XGen conversions), memory-mapped: the
 //! configuration from the metadata, and each tensor checked against it, un-permuted (q/k) and
-//! turned into a model [`Weight`]: q8_0/q4_0 matrices into the packed CPU layout, other block
-//! types into candle's quantized storage, quantized embeddings dequantized, floats converted.
+//! turned into a model [`Weight`]: q8_0/q4_0 matrices into the packed CPU layout (where the CPU
+//! runs its kernels), other block types into candle's quantized storage, quantized embeddings
+//! dequantized, floats converted.
 
 use std::{
     collections::HashMap,
@@ -183,9 +184,9 @@ impl GgufFile {
         let linear = names::is_linear(hf);
         let float = matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         Ok(match packed {
-            Some(format) if linear && device.is_cpu() => Weight::Packed(std::sync::Arc::new(
-                PackedMatrix::from_ggml(format, shape[0], shape[1], bytes)?,
-            )),
+            Some(format) if linear && device.is_cpu() && crate::quant::has_fast_kernels() => Weight::Packed(
+                std::sync::Arc::new(PackedMatrix::from_ggml(format, shape[0], shape[1], bytes)?),
+            ),
             _ if linear && !float => {
                 Weight::Quantized(std::sync::Arc::new(qtensor_from_ggml(t, bytes, shape.to_vec(), device)?))
             }

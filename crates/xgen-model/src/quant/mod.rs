@@ -33,6 +33,15 @@ use crate::error::{ModelError, Result};
 /// Values per block.
 pub const BLOCK: usize = 32;
 
+/// Whether this CPU runs the SIMD kernels (AVX-512 with VNNI). Elsewhere the portable kernel is
+/// correct but slow, and the model uses candle's quantized kernels (AVX2/NEON) instead.
+pub fn has_fast_kernels() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return x86::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The block formats with kernels here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockFormat {
