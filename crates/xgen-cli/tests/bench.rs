@@ -1,0 +1,59 @@
+//! `xgen bench --json`: the fields outside scripts read (the issue's contract), one object per
+//! test, and a peak RSS that is the model's (not the bandwidth pass's 1 GiB buffer).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_xgen")).arg("bench").args(args).output().expect("run xgen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+#[test]
+fn json_has_one_object_per_test_with_the_contract_fields() {
+    let tests = bench(&[
+        "--random-weights",
+        "tiny",
+        "--dtype",
+        "f32",
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "-d",
+        "8",
+        "-t",
+        "1",
+        "-r",
+        "2",
+        "--json",
+    ]);
+    let names: Vec<&str> = tests.iter().map(|t| t["test"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pp8", "tg4@d8"]);
+    for t in &tests {
+        assert_eq!(t["dtype"], "f32");
+        assert_eq!(t["threads"], 1);
+        assert_eq!(t["repetitions"], 2);
+        let (min, median, max) = (
+            t["tok_s_min"].as_f64().unwrap(),
+            t["tok_s_median"].as_f64().unwrap(),
+            t["tok_s_max"].as_f64().unwrap(),
+        );
+        assert!(0.0 < min && min <= median && median <= max, "{t}");
+        assert!(t["weight_bytes"].as_u64().unwrap() > 0);
+        // The tiny model and its caches take a few MB; the bandwidth pass's buffer is 1 GiB and
+        // must not be counted (it was, before).
+        let rss = t["peak_rss_bytes"].as_u64().unwrap();
+        assert!(rss > 0 && rss < 1 << 30, "peak RSS {rss}");
+    }
+    let tg = &tests[1];
+    let floor = tg["floor_tok_s"].as_f64().unwrap();
+    let fraction = tg["fraction_of_floor"].as_f64().unwrap();
+    assert!((fraction - tg["tok_s_median"].as_f64().unwrap() / floor).abs() < 1e-9, "{tg}");
+}
