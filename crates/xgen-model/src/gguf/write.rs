@@ -236,22 +236,21 @@ pub fn quantize_checkpoint(
         .map(|((hf, _), p)| (hf, p))
         .collect();
     let mut writer = GgufWriter::create(out, &meta, &plans)?;
-    let mut done = 0;
-    weights::stream(&checkpoint, &entries, DType::F32, &Device::Cpu, &mut |entry, tensor| {
-        let plan = &by_hf[&entry.name];
-        let mut bytes = encode(&tensor, plan.dtype)?;
-        if is_rope_permuted(&entry.name) {
-            bytes = permute_rope_rows(&bytes, bytes.len() / plan.shape[0], config.head_dim, true);
-        }
-        writer.write_tensor(&plan.name, &bytes)?;
-        done += 1;
-        progress(LoadProgress {
-            file: &checkpoint.shards[entry.shard],
-            tensors_done: done,
-            tensors_total: entries.len(),
-        });
-        Ok(())
-    })?;
+    weights::stream_with_progress(
+        &checkpoint,
+        &entries,
+        DType::F32,
+        &Device::Cpu,
+        progress,
+        &mut |entry, tensor| {
+            let plan = &by_hf[&entry.name];
+            let mut bytes = encode(&tensor, plan.dtype)?;
+            if is_rope_permuted(&entry.name) {
+                bytes = permute_rope_rows(&bytes, bytes.len() / plan.shape[0], config.head_dim, true);
+            }
+            writer.write_tensor(&plan.name, &bytes)
+        },
+    )?;
     writer.finish()?;
     let bytes = std::fs::metadata(out).map_err(|e| ModelError::io(out, e))?.len();
     Ok(QuantizeReport { tensors: plans.len(), bytes, kept_f16 })

@@ -220,6 +220,25 @@ pub fn stream(
     Ok(())
 }
 
+/// [`stream`], reporting each tensor to `progress` once `sink` has taken it.
+pub fn stream_with_progress(
+    checkpoint: &Checkpoint,
+    entries: &[Entry],
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn FnMut(LoadProgress),
+    sink: &mut dyn FnMut(&Entry, Tensor) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0;
+    stream(checkpoint, entries, dtype, device, &mut |entry, tensor| {
+        sink(entry, tensor)?;
+        done += 1;
+        let file = &checkpoint.shards[entry.shard];
+        progress(LoadProgress { file, tensors_done: done, tensors_total: entries.len() });
+        Ok(())
+    })
+}
+
 /// Checks and loads every tensor of `checkpoint` for `config`, converted to `dtype` on `device`.
 pub fn load(
     checkpoint: &Checkpoint,
@@ -243,10 +262,8 @@ pub fn load_with<W>(
 ) -> Result<HashMap<String, W>> {
     let entries = check(checkpoint, config)?;
     let mut loaded = HashMap::with_capacity(entries.len());
-    stream(checkpoint, &entries, dtype, device, &mut |entry, tensor| {
+    stream_with_progress(checkpoint, &entries, dtype, device, progress, &mut |entry, tensor| {
         loaded.insert(entry.name.clone(), convert(&entry.name, tensor)?);
-        let file = &checkpoint.shards[entry.shard];
-        progress(LoadProgress { file, tensors_done: loaded.len(), tensors_total: entries.len() });
         Ok(())
     })?;
     Ok(loaded)

@@ -9,7 +9,7 @@ use std::{
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{check, names, stream, torch_zip::TorchZipWriter, Checkpoint, LoadProgress};
+use super::{check, names, stream_with_progress, torch_zip::TorchZipWriter, Checkpoint, LoadProgress};
 use crate::{
     config::Config,
     error::{ModelError, Result},
@@ -191,16 +191,8 @@ pub fn convert(
         .map(|e| (e.name.clone(), (e.shape.iter().product::<usize>() * dtype.size_in_bytes()) as u64))
         .collect();
     let mut writer = ShardedWriter::new(out, format, &sizes, max_shard_bytes)?;
-    let mut done = 0;
-    stream(&checkpoint, &entries, dtype, &Device::Cpu, &mut |entry, tensor| {
-        writer.push(&entry.name, tensor)?;
-        done += 1;
-        progress(LoadProgress {
-            file: &checkpoint.shards[entry.shard],
-            tensors_done: done,
-            tensors_total: entries.len(),
-        });
-        Ok(())
+    stream_with_progress(&checkpoint, &entries, dtype, &Device::Cpu, progress, &mut |entry, tensor| {
+        writer.push(&entry.name, tensor)
     })?;
     let files = writer.finish()?;
     copy_small_files(src, out, dtype)?;
