@@ -36,7 +36,8 @@ pub(super) fn matmul(w: &PackedMatrix, acts: &Activations) -> Vec<f32> {
                 for g in (0..tile).step_by(GROUP) {
                     let r = GROUP.min(tile - g);
                     let out = &mut chunk[jj * tile + g..];
-                    tile_fn(w, b * features + jj, wr, acts, start + g, r, out, tile);
+                    let at = Tile { j: b * features + jj, wr, first: start + g, r, stride: tile };
+                    tile_fn(w, acts, at, out);
                 }
             }
         });
@@ -49,9 +50,18 @@ pub(super) fn matmul(w: &PackedMatrix, acts: &Activations) -> Vec<f32> {
     y
 }
 
-/// A tile: weight rows `j..j + wr` against activation rows `first..first + r`; `out[w * stride + i]`
-/// receives weight row `j + w` times activation row `first + i`.
-type TileFn = fn(&PackedMatrix, usize, usize, &Activations, usize, usize, &mut [f32], usize);
+/// A tile: weight rows `j..j + wr` (wr ≤ 4) against activation rows `first..first + r` (r ≤ 4);
+/// `out[w * stride + i]` receives weight row `j + w` times activation row `first + i`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tile {
+    pub j: usize,
+    pub wr: usize,
+    pub first: usize,
+    pub r: usize,
+    pub stride: usize,
+}
+
+type TileFn = fn(&PackedMatrix, &Activations, Tile, &mut [f32]);
 
 fn pick() -> TileFn {
     #[cfg(target_arch = "x86_64")]
@@ -61,19 +71,9 @@ fn pick() -> TileFn {
     tile_scalar
 }
 
-#[allow(clippy::too_many_arguments)]
-fn tile_scalar(
-    w: &PackedMatrix,
-    j: usize,
-    wr: usize,
-    acts: &Activations,
-    first: usize,
-    r: usize,
-    out: &mut [f32],
-    stride: usize,
-) {
-    for i in 0..wr {
-        dot_scalar(w, j + i, acts, first, &mut out[i * stride..i * stride + r]);
+fn tile_scalar(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
+    for i in 0..t.wr {
+        dot_scalar(w, t.j + i, acts, t.first, &mut out[i * t.stride..i * t.stride + t.r]);
     }
 }
 

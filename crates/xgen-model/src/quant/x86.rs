@@ -17,7 +17,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{kernel::unpacked_row, Activations, PackedMatrix, BLOCK};
+use super::{
+    kernel::{unpacked_row, Tile},
+    Activations, PackedMatrix, BLOCK,
+};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -46,19 +49,9 @@ const fn pair_scale_index() -> [[i32; 16]; 8] {
     table
 }
 
-/// A tile: weight rows `j..j + wr` (wr ≤ 4) against activation rows `first..first + r`
-/// (r ≤ 4); `out[w * stride + i]` receives weight row `j + w` times activation row `first + i`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn tile(
-    w: &PackedMatrix,
-    j: usize,
-    wr: usize,
-    acts: &Activations,
-    first: usize,
-    r: usize,
-    out: &mut [f32],
-    stride: usize,
-) {
+/// One [`Tile`] (see its docs) on the SIMD kernels.
+pub(super) fn tile(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
+    let Tile { j, wr, first, r, stride } = t;
     macro_rules! go {
         ($wr:literal, $q8:literal, $j:expr, $out:expr) => {
             // SAFETY: `available()` was checked by the caller (kernel::pick); every pointer below
