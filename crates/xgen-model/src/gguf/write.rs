@@ -215,7 +215,8 @@ pub fn quantize_checkpoint(
     let mut meta = model_metadata(&config, &name, file_type);
     meta.extend(metadata);
     let mut kept_f16 = Vec::new();
-    let plans: Vec<TensorPlan> = names::expected_tensors(&config)
+    // (checkpoint name, plan) in the file's order.
+    let planned: Vec<(String, TensorPlan)> = names::expected_tensors(&config)
         .into_iter()
         .map(|(hf, shape)| {
             let dtype = match shape.as_slice() {
@@ -227,14 +228,11 @@ pub fn quantize_checkpoint(
                 _ => GgmlDType::F32,
             };
             let name = names::to_gguf(&hf).expect("every expected tensor has a GGUF name");
-            TensorPlan { name, shape, dtype }
+            (hf, TensorPlan { name, shape, dtype })
         })
         .collect();
-    let by_hf: HashMap<String, TensorPlan> = names::expected_tensors(&config)
-        .into_iter()
-        .zip(plans.iter().cloned())
-        .map(|((hf, _), p)| (hf, p))
-        .collect();
+    let plans: Vec<TensorPlan> = planned.iter().map(|(_, p)| p.clone()).collect();
+    let by_hf: HashMap<String, TensorPlan> = planned.into_iter().collect();
     let mut writer = GgufWriter::create(out, &meta, &plans)?;
     weights::stream_with_progress(
         &checkpoint,

@@ -17,10 +17,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{
-    kernel::{unpacked_row, Tile},
-    Activations, PackedMatrix, BLOCK,
-};
+use super::{kernel::Tile, Activations, PackedMatrix, BLOCK};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -227,11 +224,12 @@ fn odd_block(w: &PackedMatrix, j: usize, acts: &Activations, row: usize) -> f32 
         return 0.0;
     }
     let b = nb - 1;
-    let weights = unpacked_row(w.format, w.row_qs(j), w.k);
-    let s: i32 = weights[b * BLOCK..]
-        .iter()
-        .zip(&acts.row_q(row)[b * BLOCK..])
-        .map(|(&a, &c)| a as i32 * c as i32)
-        .sum();
+    // The last block alone: q8_0 quants, or a q4_0 group of one block (GGUF's order).
+    let quants = &w.row_qs(j)[b * w.format.quant_bytes()..];
+    let weight = |i: usize| match w.format {
+        super::BlockFormat::Q8_0 => quants[i] as i8 as i32,
+        super::BlockFormat::Q4_0 => ((quants[i % 16] >> (4 * (i / 16))) & 0x0F) as i32 - 8,
+    };
+    let s: i32 = acts.row_q(row)[b * BLOCK..].iter().enumerate().map(|(i, &c)| weight(i) * c as i32).sum();
     half::f16::from_bits(w.row_d(j)[b]).to_f32() * acts.row_d(row)[b] * s as f32
 }
