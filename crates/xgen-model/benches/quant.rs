@@ -1,8 +1,10 @@
 //! Decode-step matrix × vector with block-quantized weights: xgen's packed kernels against candle's
-//! `QMatMul` on the same GGUF blocks, same run, XGen-7B shapes. Weights rotate over > 1 GB so they
-//! stream from memory as in a decode step. Prints GB/s of weights read (each side's own bytes).
+//! `QMatMul` on the same GGUF blocks, and against a plain parallel read of memory, same run, XGen-7B
+//! shapes. Weights rotate over > 1 GB so they stream from memory as in a decode step. Prints GB/s of
+//! weights read (each side's own bytes). Runs inside the rayon pool, as the engine does.
 //!
-//! `cargo bench -p xgen-model --bench quant`
+//! `cargo bench -p xgen-model --bench quant` (env: ROWS activation rows, TOTAL_MB rotated weights,
+//! SMALL=1 for an in-cache 1024×1024 shape)
 
 use std::{hint::black_box, time::Instant};
 
@@ -10,14 +12,25 @@ use candle_core::{
     quantized::{QMatMul, QTensor},
     Device, Module, Tensor,
 };
+use rayon::prelude::*;
 use xgen_model::quant::{BlockFormat, PackedMatrix};
 
 const SHAPES: [(usize, usize, &str); 3] =
     [(4096, 4096, "q/k/v/o"), (11008, 4096, "gate/up"), (4096, 11008, "down")];
 
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 fn main() {
+    rayon::ThreadPoolBuilder::new().build().unwrap().install(run);
+}
+
+fn run() {
     let dev = Device::Cpu;
-    let rows: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let (rows, total) = (env("ROWS", 1), env("TOTAL_MB", 1024));
+    let read = read_gb_per_s(total.max(1024));
+    println!("plain parallel read: {read:6.2} GB/s");
     for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
         let small = [(1024, 1024, "in-cache")];
         let shapes: &[(usize, usize, &str)] = if std::env::var("SMALL").is_ok() { &small } else { &SHAPES };
@@ -25,7 +38,6 @@ fn main() {
             let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
             let q = QTensor::quantize(&w, format.ggml()).unwrap();
             let bytes = q.storage_size_in_bytes();
-            let total: usize = std::env::var("TOTAL_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
             let count = (total << 20) / bytes + 1;
             let packed: Vec<PackedMatrix> = (0..count)
                 .map(|_| PackedMatrix::from_ggml(format, n, k, &q.data().unwrap()).unwrap())
@@ -38,7 +50,8 @@ fn main() {
                 .collect();
             let theirs = gb_per_s(&candle, bytes, |m| m.forward(&x).unwrap());
             println!(
-                "{format:?} {n}x{k} ({name}) rows {rows}: xgen {ours:6.2} GB/s   candle {theirs:6.2} GB/s   ratio {:.2}x",
+                "{format:?} {n}x{k} ({name}) rows {rows}: xgen {ours:6.2} GB/s ({:3.0}% of read)   candle {theirs:6.2} GB/s   ratio {:.2}x",
+                100.0 * ours / read,
                 ours / theirs
             );
         }
@@ -48,20 +61,36 @@ fn main() {
 /// Median over 5 passes of (bytes of all matrices) / (time to multiply each once).
 fn gb_per_s<M>(ms: &[M], bytes: usize, f: impl Fn(&M) -> Tensor) -> f64 {
     f(&ms[0]);
-    let mut rates: Vec<f64> = (0..5)
-        .map(|_| {
-            // At least 0.2 s per pass, so small (in-cache) runs measure too.
-            let start = Instant::now();
-            let mut passes = 0;
-            while passes == 0 || start.elapsed().as_secs_f64() < 0.2 {
-                for m in ms {
-                    black_box(f(m));
-                }
-                passes += 1;
+    median_of_5(|| {
+        // At least 0.2 s per pass, so small (in-cache) runs measure too.
+        let start = Instant::now();
+        let mut passes = 0;
+        while passes == 0 || start.elapsed().as_secs_f64() < 0.2 {
+            for m in ms {
+                black_box(f(m));
             }
-            (passes * ms.len() * bytes) as f64 / start.elapsed().as_secs_f64() / 1e9
-        })
-        .collect();
+            passes += 1;
+        }
+        (passes * ms.len() * bytes) as f64 / start.elapsed().as_secs_f64() / 1e9
+    })
+}
+
+/// The baseline: summing `mb` MB of u64 in parallel chunks (STREAM's read kernel).
+fn read_gb_per_s(mb: usize) -> f64 {
+    let data: Vec<u64> = (0..(mb << 17) as u64).collect();
+    median_of_5(|| {
+        let start = Instant::now();
+        let sum = data
+            .par_chunks(1 << 15)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
+        black_box(sum);
+        (data.len() * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
+    })
+}
+
+fn median_of_5(f: impl Fn() -> f64) -> f64 {
+    let mut rates: Vec<f64> = (0..5).map(|_| f()).collect();
     rates.sort_by(f64::total_cmp);
     rates[2]
 }

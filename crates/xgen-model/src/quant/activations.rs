@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::BLOCK;
+use super::{layout::position, BlockFormat, BLOCK};
 
 /// `rows` activation rows of `k` values, quantized per block of 32.
 pub struct Activations {
@@ -13,20 +13,17 @@ pub struct Activations {
     pub(crate) q: Vec<i8>,
     /// `[rows, k / 32]`: the block scales, rounded to f16 as GGUF stores them.
     pub(crate) d: Vec<f32>,
-    /// `[rows, k]`: `q + 128` (the unsigned operand of `vpdpbusd` against signed q8_0 weights).
-    pub(crate) q_biased: Vec<u8>,
-    /// `[rows, k / 64, 16]`: the scales of a block pair spread over the 16 i32 lanes that
-    /// `vpdpbusd` fills from 64 values (lanes 0..8: first block, 8..16: second).
-    pub(crate) d_lanes: Vec<f32>,
-    /// `[rows, k / 64, 16]`: `-8 · Σ q` over each lane's 4 values (q4_0's nibble offset).
-    pub(crate) q4_offset: Vec<i32>,
+    /// `[rows, k]`: `q` in the packed weights' run order (q8_0's, see [`super::layout`]).
+    pub(crate) grouped: Vec<i8>,
+    /// `[rows, k / 32]`: `Σ q` per block (to remove the weights' offsets).
+    pub(crate) sums: Vec<i32>,
 }
 
 impl Activations {
     /// Quantizes `xs` `[rows, k]`; `k` must be a multiple of 32.
     pub fn quantize(xs: &[f32], rows: usize, k: usize) -> Self {
         debug_assert!(k.is_multiple_of(BLOCK) && xs.len() == rows * k);
-        let (nb, pairs) = (k / BLOCK, k / (2 * BLOCK));
+        let nb = k / BLOCK;
         let mut q = vec![0i8; rows * k];
         let mut d = vec![0f32; rows * nb];
         let quantize_row = |(x, (q, d)): (&[f32], (&mut [i8], &mut [f32]))| {
@@ -46,20 +43,17 @@ impl Activations {
         } else {
             parts.for_each(quantize_row);
         }
-        let q_biased = q.iter().map(|&v| (v as i32 + 128) as u8).collect();
-        let mut d_lanes = vec![0f32; rows * pairs * 16];
-        let mut q4_offset = vec![0i32; rows * pairs * 16];
-        for r in 0..rows {
-            for p in 0..pairs {
-                let at = (r * pairs + p) * 16;
-                for lane in 0..16 {
-                    d_lanes[at + lane] = d[r * nb + 2 * p + lane / 8];
-                    let x = &q[r * k + p * 2 * BLOCK + 4 * lane..][..4];
-                    q4_offset[at + lane] = -8 * x.iter().map(|&v| v as i32).sum::<i32>();
+        let mut grouped = vec![0i8; rows * k];
+        for (q, g) in q.chunks_exact(k).zip(grouped.chunks_exact_mut(k)) {
+            for (b, block) in q.chunks_exact(BLOCK).enumerate() {
+                for i in (0..BLOCK).step_by(4) {
+                    let (at, _) = position(BlockFormat::Q8_0, nb, b, i);
+                    g[at..at + 4].copy_from_slice(&block[i..i + 4]);
                 }
             }
         }
-        Self { rows, k, q, d, q_biased, d_lanes, q4_offset }
+        let sums = q.chunks_exact(BLOCK).map(|b| b.iter().map(|&v| v as i32).sum()).collect();
+        Self { rows, k, q, d, grouped, sums }
     }
 
     pub fn rows(&self) -> usize {
@@ -73,5 +67,14 @@ impl Activations {
     pub(crate) fn row_d(&self, r: usize) -> &[f32] {
         let nb = self.k / BLOCK;
         &self.d[r * nb..(r + 1) * nb]
+    }
+
+    pub(crate) fn row_grouped(&self, r: usize) -> &[i8] {
+        &self.grouped[r * self.k..(r + 1) * self.k]
+    }
+
+    pub(crate) fn row_sums(&self, r: usize) -> &[i32] {
+        let nb = self.k / BLOCK;
+        &self.sums[r * nb..(r + 1) * nb]
     }
 }

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{Activations, BlockFormat, PackedMatrix, BLOCK};
+use super::{layout::signed_block, Activations, PackedMatrix, BLOCK};
 
 /// Activation rows per pass over a weight row (accumulators kept in registers).
 pub(crate) const GROUP: usize = 4;
@@ -79,12 +79,12 @@ fn tile_scalar(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
 
 /// The portable kernel, and the definition the SIMD ones must match.
 pub(crate) fn dot_scalar(w: &PackedMatrix, j: usize, acts: &Activations, first: usize, out: &mut [f32]) {
-    let (qs, wd) = (w.row_qs(j), w.row_d(j));
-    let weights = unpacked_row(w.format, qs, w.k);
+    let (qs, wd, nb) = (w.row_qs(j), w.row_d(j), w.k / BLOCK);
+    let weights: Vec<[i8; BLOCK]> = (0..nb).map(|b| signed_block(w.format, qs, nb, b)).collect();
     for (i, o) in out.iter_mut().enumerate() {
         let (xq, xd) = (acts.row_q(first + i), acts.row_d(first + i));
         *o = weights
-            .chunks_exact(BLOCK)
+            .iter()
             .zip(xq.chunks_exact(BLOCK))
             .enumerate()
             .map(|(b, (wq, xq))| {
@@ -92,19 +92,5 @@ pub(crate) fn dot_scalar(w: &PackedMatrix, j: usize, acts: &Activations, first: 
                 half::f16::from_bits(wd[b]).to_f32() * xd[b] * s as f32
             })
             .sum();
-    }
-}
-
-/// A row's quants as signed values in order (q4_0 with its offset of 8 removed).
-pub(crate) fn unpacked_row(format: BlockFormat, qs: &[u8], k: usize) -> Vec<i8> {
-    match format {
-        BlockFormat::Q8_0 => qs.iter().map(|&v| v as i8).collect(),
-        BlockFormat::Q4_0 => {
-            let mut out = vec![0i8; k];
-            for (w, byte, shift) in super::q4_positions(k / BLOCK) {
-                out[w] = ((qs[byte] >> shift) & 0x0F) as i8 - 8;
-            }
-            out
-        }
     }
 }

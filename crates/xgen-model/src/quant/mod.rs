@@ -6,13 +6,8 @@
 //! Activations are quantized to q8_0 per 32 values (as llama.cpp and candle do), so a block's
 //! contribution is `d_w · d_x · Σ w_q·x_q`, summed exactly in i32.
 //!
-//! Layout (per row; scales separate so the kernels load aligned runs of quants):
-//! - q8_0: `k` i8 quants, then nothing else; scales `[n, k/32]` f16 bits in `d`.
-//! - q4_0: `k/2` bytes. Blocks go in groups of 4: byte `i` (0..64) of a group holds weight `i` in
-//!   its low nibble and weight `64 + i` in its high nibble, so one 64-byte load unpacks (a mask;
-//!   a shift and a mask) into two runs of 64 weights in order. What remains of a row goes in a
-//!   group of 2 (byte `i` of 32: weights `i` and `32 + i`) and one of 1 (GGUF's own order: weights
-//!   `i` and `16 + i`); see [`q4_positions`].
+//! Layout: per row, the quants in groups of 16 blocks interleaved so that one `vpdpbusd` sums 4
+//! products of each of 16 blocks ([`layout`] has the details); scales `[n, k/32]` f16 bits apart.
 //!
 //! candle's quantized matmul (`QMatMul`) is the reference in tests. Ours exists because candle's
 //! x86 path keeps a repacked second copy of q8_0/q4_k weights next to the original and has no
@@ -20,6 +15,7 @@
 
 mod activations;
 mod kernel;
+mod layout;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -97,20 +93,10 @@ impl PackedMatrix {
         let row_qs = nb * format.quant_bytes();
         let mut qs = vec![0u8; n * row_qs];
         let mut d = vec![0u16; n * nb];
-        qs.par_chunks_mut(row_qs).zip(d.par_chunks_mut(nb)).enumerate().for_each(|(j, (q, d))| {
-            let row = &bytes[j * nb * bb..(j + 1) * nb * bb];
-            for (b, block) in row.chunks_exact(bb).enumerate() {
-                d[b] = u16::from_le_bytes([block[0], block[1]]);
-            }
-            match format {
-                BlockFormat::Q8_0 => {
-                    for (b, block) in row.chunks_exact(bb).enumerate() {
-                        q[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&block[2..]);
-                    }
-                }
-                BlockFormat::Q4_0 => pack_q4_row(row, q),
-            }
-        });
+        qs.par_chunks_mut(row_qs)
+            .zip(d.par_chunks_mut(nb))
+            .enumerate()
+            .for_each(|(j, (q, d))| layout::pack_row(format, &bytes[j * nb * bb..(j + 1) * nb * bb], q, d));
         Ok(Self { format, n, k, qs, d })
     }
 
@@ -126,18 +112,7 @@ impl PackedMatrix {
         let (nb, bb) = (self.k / BLOCK, self.format.ggml_block_bytes());
         let mut out = vec![0u8; self.n * nb * bb];
         for (j, row) in out.chunks_mut(nb * bb).enumerate() {
-            let q = self.row_qs(j);
-            for (b, block) in row.chunks_mut(bb).enumerate() {
-                block[..2].copy_from_slice(&self.d[j * nb + b].to_le_bytes());
-            }
-            match self.format {
-                BlockFormat::Q8_0 => {
-                    for (b, block) in row.chunks_mut(bb).enumerate() {
-                        block[2..].copy_from_slice(&q[b * BLOCK..(b + 1) * BLOCK]);
-                    }
-                }
-                BlockFormat::Q4_0 => unpack_q4_row(q, row),
-            }
+            layout::unpack_row(self.format, self.row_qs(j), self.row_d(j), row);
         }
         out
     }
@@ -184,50 +159,6 @@ impl PackedMatrix {
     fn row_d(&self, j: usize) -> &[u16] {
         let nb = self.k / BLOCK;
         &self.d[j * nb..(j + 1) * nb]
-    }
-}
-
-/// Where each weight of a q4_0 row of `nb` blocks sits in the packed layout: `(weight index,
-/// byte, shift)`. The row is cut into groups of 4 blocks, then a group of 2 and one of 1 for what
-/// remains; in a group of `g` blocks, weight `w` is in byte `w mod 16g`, low nibble for the first
-/// `16g` weights, high nibble for the rest. A group of 1 is GGUF's own block order.
-pub(crate) fn q4_positions(nb: usize) -> impl Iterator<Item = (usize, usize, u32)> {
-    let (quads, rest) = (nb / 4, nb % 4);
-    let groups = (0..quads)
-        .map(|q| (4 * q, 4))
-        .chain((rest >= 2).then_some((4 * quads, 2)))
-        .chain((rest % 2 == 1).then_some((nb - 1, 1)));
-    groups.flat_map(|(first, g)| {
-        let half = 16 * g;
-        (0..2 * half).map(move |w| (first * BLOCK + w, first * 16 + w % half, 4 * (w / half) as u32))
-    })
-}
-
-/// The nibble (0..=15) of weight `i` of a GGUF q4_0 block's 16 quant bytes.
-fn ggml_nibble(qs: &[u8], i: usize) -> u8 {
-    if i < 16 {
-        qs[i] & 0x0F
-    } else {
-        qs[i - 16] >> 4
-    }
-}
-
-/// GGUF q4_0 blocks of one row -> the packed layout (`out` zeroed).
-fn pack_q4_row(row: &[u8], out: &mut [u8]) {
-    let bb = BlockFormat::Q4_0.ggml_block_bytes();
-    for (w, byte, shift) in q4_positions(row.len() / bb) {
-        let (b, i) = (w / BLOCK, w % BLOCK);
-        out[byte] |= ggml_nibble(&row[b * bb + 2..(b + 1) * bb], i) << shift;
-    }
-}
-
-/// The inverse of [`pack_q4_row`] (scales are written by the caller).
-fn unpack_q4_row(q: &[u8], row: &mut [u8]) {
-    let bb = BlockFormat::Q4_0.ggml_block_bytes();
-    for (w, byte, shift) in q4_positions(row.len() / bb) {
-        let (b, i) = (w / BLOCK, w % BLOCK);
-        let v = (q[byte] >> shift) & 0x0F;
-        row[b * bb + 2 + i % 16] |= v << (4 * (i / 16));
     }
 }
 
