@@ -4,7 +4,7 @@
 //! weights read (each side's own bytes). Runs inside the rayon pool, as the engine does.
 //!
 //! `cargo bench -p xgen-model --bench quant` (env: ROWS activation rows, TOTAL_MB rotated weights,
-//! SMALL=1 for an in-cache 1024×1024 shape)
+//! SMALL=NxK for one shape, e.g. 512x4096 with TOTAL_MB=1 to stay in cache)
 
 use std::{hint::black_box, time::Instant};
 
@@ -32,8 +32,15 @@ fn run() {
     let read = read_gb_per_s(total.max(1024));
     println!("plain parallel read: {read:6.2} GB/s");
     for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
-        let small = [(1024, 1024, "in-cache")];
-        let shapes: &[(usize, usize, &str)] = if std::env::var("SMALL").is_ok() { &small } else { &SHAPES };
+        // SMALL=NxK: one shape small enough to stay in cache (with TOTAL_MB=1).
+        let small: Vec<(usize, usize, &str)> = std::env::var("SMALL")
+            .ok()
+            .and_then(|v| {
+                v.split_once('x').and_then(|(n, k)| Some((n.parse().ok()?, k.parse().ok()?, "small")))
+            })
+            .into_iter()
+            .collect();
+        let shapes: &[(usize, usize, &str)] = if small.is_empty() { &SHAPES } else { &small };
         for &(n, k, name) in shapes {
             let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
             let q = QTensor::quantize(&w, format.ggml()).unwrap();

@@ -112,30 +112,30 @@ unsafe fn rows<const WR: usize, const R: usize, const Q8: bool>(
             });
             let mut sum = [start; WR];
             let mut sum2 = [[_mm512_setzero_si512(); R]; WR];
-            if Q8 {
-                for u in 0..8 {
-                    let x: [__m512i; R] = std::array::from_fn(|r| x_run(r, u));
-                    for i in 0..WR {
-                        let wv = weight_run(i, u);
-                        for r in 0..R {
-                            let s = if split && u % 2 == 1 { &mut sum2[i][r] } else { &mut sum[i][r] };
-                            *s = _mm512_dpbusd_epi32(*s, wv, x[r]);
-                        }
-                    }
+            // Runs in pairs: the second of each goes to the second chain when `split`.
+            let mut add = |i: usize, r: usize, first: (__m512i, __m512i), second: (__m512i, __m512i)| {
+                sum[i][r] = _mm512_dpbusd_epi32(sum[i][r], first.0, first.1);
+                if split {
+                    sum2[i][r] = _mm512_dpbusd_epi32(sum2[i][r], second.0, second.1);
+                } else {
+                    sum[i][r] = _mm512_dpbusd_epi32(sum[i][r], second.0, second.1);
                 }
-            } else {
-                for v in 0..4 {
-                    let low_x: [__m512i; R] = std::array::from_fn(|r| x_run(r, 2 * v));
-                    let high_x: [__m512i; R] = std::array::from_fn(|r| x_run(r, 2 * v + 1));
-                    for i in 0..WR {
+            };
+            for v in 0..4 {
+                let x0: [__m512i; R] = std::array::from_fn(|r| x_run(r, 2 * v));
+                let x1: [__m512i; R] = std::array::from_fn(|r| x_run(r, 2 * v + 1));
+                for i in 0..WR {
+                    let (w0, w1) = if Q8 {
+                        (weight_run(i, 2 * v), weight_run(i, 2 * v + 1))
+                    } else {
                         let packed = weight_run(i, v);
-                        let low = _mm512_and_si512(packed, nibble);
-                        let high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibble);
-                        for r in 0..R {
-                            sum[i][r] = _mm512_dpbusd_epi32(sum[i][r], low, low_x[r]);
-                            let s = if split { &mut sum2[i][r] } else { &mut sum[i][r] };
-                            *s = _mm512_dpbusd_epi32(*s, high, high_x[r]);
-                        }
+                        (
+                            _mm512_and_si512(packed, nibble),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibble),
+                        )
+                    };
+                    for r in 0..R {
+                        add(i, r, (w0, x0[r]), (w1, x1[r]));
                     }
                 }
             }
