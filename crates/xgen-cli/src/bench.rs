@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 use xgen_model::{Model, Tensor};
 
-use crate::model_args::ModelArgs;
+use crate::model_args::{kv_type_name, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -65,21 +65,27 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // Generation reads every weight once per token: bandwidth / bytes read per token is its floor
     // (the KV cache's reads, which grow with -d, are not counted).
     let bandwidth = (!args.no_bandwidth && args.generate > 0).then(read_bandwidth);
+    let kv_bytes_per_position = model.new_cache(1, 1)?.size_bytes();
+    let kv_type = kv_type_name(model.kv_type());
     for (test, mut speeds) in tests {
         speeds.sort_by(f64::total_cmp);
         let (min, median, max) = (speeds[0], speeds[speeds.len() / 2], speeds[speeds.len() - 1]);
         let dtype = args.model.dtype.name();
-        let floor =
-            bandwidth.filter(|_| test.starts_with("tg")).map(|bw| bw / model.weight_bytes_per_token() as f64);
+        // Bytes a generated token reads: every weight once, and the cached keys and values of
+        // (on average) depth + n/2 positions.
+        let kv_bytes = kv_bytes_per_position * (args.depth + args.generate.div_ceil(2));
+        let bytes_per_token = model.weight_bytes_per_token() + kv_bytes;
+        let floor = bandwidth.filter(|_| test.starts_with("tg")).map(|bw| bw / bytes_per_token as f64);
         if args.json {
             let mut obj = json!({
                 "test": test, "dtype": dtype, "threads": threads, "repetitions": args.reps,
                 "tok_s_median": median, "tok_s_min": min, "tok_s_max": max,
-                "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss,
+                "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss, "kv_type": kv_type,
             });
             if let (Some(bw), Some(floor)) = (bandwidth, floor) {
                 obj["read_bandwidth_bytes_s"] = json!(bw);
                 obj["weight_bytes_per_token"] = json!(model.weight_bytes_per_token());
+                obj["kv_bytes_per_token"] = json!(kv_bytes);
                 obj["floor_tok_s"] = json!(floor);
                 obj["fraction_of_floor"] = json!(median / floor);
             }
@@ -92,9 +98,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             );
             if let (Some(bw), Some(floor)) = (bandwidth, floor) {
                 println!(
-                    "{:>12}  read bandwidth {:.1} GB/s -> floor {floor:.2} tok/s; median is {:.0}% of it",
+                    "{:>12}  read bandwidth {:.1} GB/s, {:.2} GB per token ({kv_type} KV {:.2} GB) -> floor {floor:.2} tok/s; median is {:.0}% of it",
                     "",
                     bw / 1e9,
+                    bytes_per_token as f64 / 1e9,
+                    kv_bytes as f64 / 1e9,
                     100.0 * median / floor
                 );
             }
@@ -103,23 +111,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bytes per second read by summing a 1 GiB buffer on the rayon pool (best of 3), like STREAM's
-/// read kernel.
+/// Bytes per second of a parallel read of 1 GiB (best of 3): generation's floor.
 fn read_bandwidth() -> f64 {
-    use rayon::prelude::*;
-    // Integer sums vectorise (float sums would be bound by the add latency, not memory).
-    let data: Vec<u64> = (0..1u64 << 27).collect();
-    (0..3)
-        .map(|_| {
-            let start = Instant::now();
-            let sum = data
-                .par_chunks(1 << 15)
-                .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-                .reduce(|| 0, u64::wrapping_add);
-            std::hint::black_box(sum);
-            (data.len() * 8) as f64 / start.elapsed().as_secs_f64()
-        })
-        .fold(0.0, f64::max)
+    xgen_model::bandwidth::read_bytes_per_s(1 << 30, 1 << 18, 3)
 }
 
 fn repeat(reps: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Vec<f64>> {

@@ -6,7 +6,7 @@ use std::{io::IsTerminal, path::PathBuf, time::Instant};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use xgen_generate::hub::{self, HubCache, Network};
-use xgen_model::{weights, DType, Device, Model, Quant, WeightFormat};
+use xgen_model::{weights, DType, Device, KvType, Model, Quant, WeightFormat};
 
 /// How the weights are held: a float compute dtype, or linear layers quantized on load (GGUF
 /// block formats; activations, embeddings and norms then in f32).
@@ -55,6 +55,40 @@ impl Dtype {
     }
 }
 
+/// How the KV cache stores keys and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvTypeArg {
+    /// The compute dtype (f16 for quantized weights).
+    Auto,
+    F32,
+    Bf16,
+    F16,
+    /// 8-bit blocks (GGUF q8_0): about half the bytes of f16.
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl KvTypeArg {
+    /// `None` for the model's own choice.
+    pub fn kind(self) -> Option<KvType> {
+        match self {
+            KvTypeArg::Auto => None,
+            KvTypeArg::F32 => Some(KvType::Float(DType::F32)),
+            KvTypeArg::Bf16 => Some(KvType::Float(DType::BF16)),
+            KvTypeArg::F16 => Some(KvType::Float(DType::F16)),
+            KvTypeArg::Q8_0 => Some(KvType::Q8_0),
+        }
+    }
+}
+
+/// A short name for a cache storage (`f16`, `q8_0`, ...).
+pub fn kv_type_name(kind: KvType) -> String {
+    match kind {
+        KvType::Float(dtype) => dtype.as_str().to_string(),
+        KvType::Q8_0 => "q8_0".to_string(),
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A model directory (config.json + weights), a GGUF file (`*.gguf`, from `xgen quantize` or
@@ -71,6 +105,9 @@ pub struct ModelArgs {
     /// Compute dtype (weights are converted on load).
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     pub dtype: Dtype,
+    /// KV cache storage: the compute dtype (auto), a float dtype, or q8_0 (half of f16's memory).
+    #[arg(long, value_enum, default_value_t = KvTypeArg::Auto)]
+    pub kv_type: KvTypeArg,
 }
 
 /// A loaded model and the directory it came from (`None` for random weights).
@@ -142,7 +179,10 @@ impl ModelArgs {
         let bar = tensor_progress_bar();
         let mut progress = |p: weights::LoadProgress| show_progress(&bar, &p);
         let source = self.source()?;
-        let model = source.load(self.dtype.format(), &mut progress)?;
+        let mut model = source.load(self.dtype.format(), &mut progress)?;
+        if let Some(kind) = self.kv_type.kind() {
+            model.set_kv_type(kind)?;
+        }
         let (quantized, linear) = model.quantized_linear_layers();
         let gguf = matches!(source, Source::Gguf(_));
         if gguf && self.dtype.format().linear.is_some() {

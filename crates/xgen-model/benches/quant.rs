@@ -1,5 +1,5 @@
 //! Decode-step matrix × vector with block-quantized weights: xgen's packed kernels against candle's
-//! `QMatMul` on the same GGUF blocks, and against a plain parallel read of memory, same run, XGen-7B
+//! `QMatMul` on the same GGUF blocks, and against a plain parallel read of as many bytes, same run, XGen-7B
 //! shapes. Weights rotate over > 1 GB so they stream from memory as in a decode step. Prints GB/s of
 //! weights read (each side's own bytes). Runs inside the rayon pool, as the engine does.
 //!
@@ -12,8 +12,10 @@ use candle_core::{
     quantized::{QMatMul, QTensor},
     Device, Module, Tensor,
 };
-use rayon::prelude::*;
-use xgen_model::quant::{BlockFormat, PackedMatrix};
+use xgen_model::{
+    bandwidth,
+    quant::{BlockFormat, PackedMatrix},
+};
 
 const SHAPES: [(usize, usize, &str); 3] =
     [(4096, 4096, "q/k/v/o"), (11008, 4096, "gate/up"), (4096, 11008, "down")];
@@ -29,8 +31,6 @@ fn main() {
 fn run() {
     let dev = Device::Cpu;
     let (rows, total) = (env("ROWS", 1), env("TOTAL_MB", 1024));
-    let read = read_gb_per_s(total.max(1024));
-    println!("plain parallel read: {read:6.2} GB/s");
     for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
         // SMALL=NxK: one shape small enough to stay in cache (with TOTAL_MB=1).
         let small: Vec<(usize, usize, &str)> = std::env::var("SMALL")
@@ -50,6 +50,9 @@ fn run() {
                 .map(|_| PackedMatrix::from_ggml(format, n, k, &q.data().unwrap()).unwrap())
                 .collect();
             let x = Tensor::randn(0f32, 1., (1, rows, k), &dev).unwrap();
+            // The same bytes read plainly, in as many chunks per matrix as the kernel's tasks.
+            let chunk = bytes / (2 * rayon::current_num_threads());
+            let read = median_of_5(|| bandwidth::read_bytes_per_s(count * bytes, chunk, 1) / 1e9);
             let ours = gb_per_s(&packed, bytes, |m| m.forward(&x).unwrap());
             drop(packed);
             let candle: Vec<QMatMul> = (0..count)
@@ -57,7 +60,7 @@ fn run() {
                 .collect();
             let theirs = gb_per_s(&candle, bytes, |m| m.forward(&x).unwrap());
             println!(
-                "{format:?} {n}x{k} ({name}) rows {rows}: xgen {ours:6.2} GB/s ({:3.0}% of read)   candle {theirs:6.2} GB/s   ratio {:.2}x",
+                "{format:?} {n}x{k} ({name}) rows {rows}: read {read:6.2}   xgen {ours:6.2} GB/s ({:3.0}%)   candle {theirs:6.2} GB/s   ratio {:.2}x",
                 100.0 * ours / read,
                 ours / theirs
             );
@@ -79,20 +82,6 @@ fn gb_per_s<M>(ms: &[M], bytes: usize, f: impl Fn(&M) -> Tensor) -> f64 {
             passes += 1;
         }
         (passes * ms.len() * bytes) as f64 / start.elapsed().as_secs_f64() / 1e9
-    })
-}
-
-/// The baseline: summing `mb` MB of u64 in parallel chunks (STREAM's read kernel).
-fn read_gb_per_s(mb: usize) -> f64 {
-    let data: Vec<u64> = (0..(mb << 17) as u64).collect();
-    median_of_5(|| {
-        let start = Instant::now();
-        let sum = data
-            .par_chunks(1 << 15)
-            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-            .reduce(|| 0, u64::wrapping_add);
-        black_box(sum);
-        (data.len() * 8) as f64 / start.elapsed().as_secs_f64() / 1e9
     })
 }
 

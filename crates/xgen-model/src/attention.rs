@@ -72,12 +72,13 @@ impl Attention {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let n_rep = self.num_heads / self.num_kv_heads;
-        let past = cache.len();
-        let (k, v) = cache.append(layer, k, v)?; // [b, kv_h, s, hd], s = past + t
-        let (keys, values) = cache.buffers(layer); // [b, kv_h, capacity, hd]
-        if let Some(out) = decode_attention(q, keys, values, past + q.dim(2)?, cache.padding())? {
+        let (past, s) = (cache.len(), cache.len() + q.dim(2)?);
+        cache.append(layer, k, v)?;
+        let (keys, values) = cache.buffers(layer); // [b, kv_h, capacity, ..]
+        if let Some(out) = decode_attention(q, keys, values, s, cache.padding())? {
             return Ok(out);
         }
+        let (k, v) = cache.views(layer, s)?; // [b, kv_h, s, hd]
         let (k, v) = (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?); // [b, h, s, hd]
         causal_attention(q, &k, &v, past, cache.padding())
     }

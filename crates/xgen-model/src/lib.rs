@@ -5,6 +5,7 @@
 //! [`Model::logits`]. The model knows nothing of text; the tokenizer is another crate.
 
 mod attention;
+pub mod bandwidth;
 pub mod config;
 mod decode_attention;
 pub mod error;
@@ -22,6 +23,6 @@ pub mod weights;
 pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use config::{Config, RopeScaling};
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvType};
 pub use linear::{Quant, Weight};
 pub use model::{Model, WeightFormat};

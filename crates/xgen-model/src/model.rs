@@ -10,7 +10,7 @@ use crate::{
     attention::{Attention, Caches},
     config::Config,
     error::{ModelError, Result},
-    kv_cache::KvCache,
+    kv_cache::{KvCache, KvType},
     linear::{Linear, Quant, Weight},
     mlp::Mlp,
     rope::Rope,
@@ -85,7 +85,7 @@ pub struct Model {
     dtype: DType,
     /// Dtype of the KV cache: the compute dtype, except f16 when the linear layers are quantized
     /// (their f32 activations would double the cache: 8.4 GB at 8K tokens for the 7B).
-    kv_dtype: DType,
+    kv: KvType,
     device: Device,
 }
 
@@ -197,11 +197,11 @@ impl Model {
             norm,
             config,
             dtype,
-            kv_dtype: dtype,
+            kv: KvType::Float(dtype),
             device: device.clone(),
         };
         if dtype == DType::F32 && model.quantized_linear_layers().0 > 0 {
-            model.kv_dtype = DType::F16;
+            model.kv = KvType::Float(DType::F16);
         }
         Ok(model)
     }
@@ -261,6 +261,25 @@ impl Model {
         &self.device
     }
 
+    /// How new caches store keys and values: the compute dtype by default (f16 when the linear
+    /// layers are quantized and the compute dtype is f32).
+    pub fn kv_type(&self) -> KvType {
+        self.kv
+    }
+
+    /// Stores keys and values of new caches as `kind` (q8_0 needs a head_dim divisible by 32).
+    pub fn set_kv_type(&mut self, kind: KvType) -> Result<()> {
+        if kind == KvType::Q8_0 && !self.config.head_dim.is_multiple_of(32) {
+            return Err(candle_core::Error::Msg(format!(
+                "a q8_0 KV cache needs head_dim divisible by 32, this model has {}",
+                self.config.head_dim
+            ))
+            .into());
+        }
+        self.kv = kind;
+        Ok(())
+    }
+
     /// An empty cache for `batch` sequences of up to `capacity` positions.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         let c = &self.config;
@@ -270,7 +289,7 @@ impl Model {
             c.num_key_value_heads,
             c.head_dim,
             capacity,
-            self.kv_dtype,
+            self.kv,
             &self.device,
         )
     }
