@@ -181,7 +181,7 @@ impl ModelArgs {
         let source = self.source()?;
         let mut model = source.load(self.dtype.format(), &mut progress)?;
         if let Some(kind) = self.kv_type.kind() {
-            model.set_kv_type(kind)?;
+            model.set_kv_type(kind).map_err(|e| crate::exit::bad_input(format!("--kv-type: {e}")))?;
         }
         let (quantized, linear) = model.quantized_linear_layers();
         let gguf = matches!(source, Source::Gguf(_));

@@ -56,4 +56,27 @@ fn json_has_one_object_per_test_with_the_contract_fields() {
     let floor = tg["floor_tok_s"].as_f64().unwrap();
     let fraction = tg["fraction_of_floor"].as_f64().unwrap();
     assert!((fraction - tg["tok_s_median"].as_f64().unwrap() / floor).abs() < 1e-9, "{tg}");
+    // The floor counts the cached keys and values a token reads: f32 KV of 2 layers × K,V × 64
+    // values per position, over depth 8 + 4/2 positions.
+    assert_eq!(tg["kv_type"], "f32");
+    assert_eq!(tg["kv_bytes_per_token"], 2 * 2 * 64 * 4 * (8 + 2));
+    let bytes = tg["weight_bytes_per_token"].as_f64().unwrap() + tg["kv_bytes_per_token"].as_f64().unwrap();
+    let bandwidth = tg["read_bandwidth_bytes_s"].as_f64().unwrap();
+    assert!((floor - bandwidth / bytes).abs() < 1e-9 * floor, "{tg}");
+}
+
+#[test]
+fn q8_0_kv_cache_is_an_option_where_head_dim_allows() {
+    let args = ["-p", "0", "-n", "2", "-d", "4", "-t", "1", "-r", "1", "--no-bandwidth", "--json", "--kv-type", "q8_0"];
+    // `small`: head_dim 64.
+    let tests = bench(&[&["--random-weights", "small", "--dtype", "f32"][..], &args[..]].concat());
+    assert_eq!(tests[0]["kv_type"], "q8_0");
+    // `tiny`: head_dim 16, refused with the reason.
+    let out = Command::new(env!("CARGO_BIN_EXE_xgen"))
+        .args([&["bench", "--random-weights", "tiny", "--dtype", "f32"][..], &args[..]].concat())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--kv-type") && err.contains("head_dim divisible by 32"), "{err}");
 }
