@@ -67,7 +67,8 @@ fn json_has_one_object_per_test_with_the_contract_fields() {
 
 #[test]
 fn q8_0_kv_cache_is_an_option_where_head_dim_allows() {
-    let args = ["-p", "0", "-n", "2", "-d", "4", "-t", "1", "-r", "1", "--no-bandwidth", "--json", "--kv-type", "q8_0"];
+    let args: Vec<&str> =
+        "-p 0 -n 2 -d 4 -t 1 -r 1 --no-bandwidth --json --kv-type q8_0".split(' ').collect();
     // `small`: head_dim 64.
     let tests = bench(&[&["--random-weights", "small", "--dtype", "f32"][..], &args[..]].concat());
     assert_eq!(tests[0]["kv_type"], "q8_0");
