@@ -217,6 +217,21 @@ mod tests {
     use super::*;
     use crate::attention::causal_attention;
 
+    /// `causal_attention` of the last query over `k`, `v` `[b, kv_h, len, hd]`, each key/value
+    /// head shared by `h / kv_h` query heads.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, padding: &[usize]) -> Tensor {
+        let (h, (b, kv_h, len, hd)) = (q.dim(1).unwrap(), k.dims4().unwrap());
+        let rep = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .expand((b, kv_h, h / kv_h, len, hd))
+                .unwrap()
+                .reshape((b, h, len, hd))
+                .unwrap()
+        };
+        causal_attention(q, &rep(k), &rep(v), len - 1, padding).unwrap()
+    }
+
     #[test]
     fn equals_the_reference_attention() {
         let dev = Device::Cpu;
@@ -235,18 +250,8 @@ mod tests {
                     Tensor::randn(0f32, 1., (b, kv_h, capacity, hd), &dev).unwrap().to_dtype(dtype).unwrap();
                 let (kb, vb) = (KvBuffer::Float(k.clone()), KvBuffer::Float(v.clone()));
                 let got = decode_attention(&q, &kb, &vb, len, &padding).unwrap().expect("applies on the CPU");
-                let n_rep = h / kv_h;
-                let rep = |x: &Tensor| {
-                    let x = x.narrow(2, 0, len).unwrap();
-                    let (b, kv, s, d) = x.dims4().unwrap();
-                    x.unsqueeze(2)
-                        .unwrap()
-                        .expand((b, kv, n_rep, s, d))
-                        .unwrap()
-                        .reshape((b, kv * n_rep, s, d))
-                        .unwrap()
-                };
-                let want = causal_attention(&q, &rep(&k), &rep(&v), len - 1, &padding).unwrap();
+                let at = |x: &Tensor| x.narrow(2, 0, len).unwrap();
+                let want = reference(&q, &at(&k), &at(&v), &padding);
                 let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(err < 1e-4, "{dtype:?} b{b} h{h}/{kv_h} len {len}: {err}");
             }
@@ -269,18 +274,7 @@ mod tests {
                 buf
             });
             let got = decode_attention(&q, &k, &v, len, &padding).unwrap().expect("applies on the CPU");
-            let n_rep = h / kv_h;
-            let rep = |x: &KvBuffer| {
-                let x = x.view(len).unwrap();
-                let (b, kv, s, d) = x.dims4().unwrap();
-                x.unsqueeze(2)
-                    .unwrap()
-                    .expand((b, kv, n_rep, s, d))
-                    .unwrap()
-                    .reshape((b, kv * n_rep, s, d))
-                    .unwrap()
-            };
-            let want = causal_attention(&q, &rep(&k), &rep(&v), len - 1, &padding).unwrap();
+            let want = reference(&q, &k.view(len).unwrap(), &v.view(len).unwrap(), &padding);
             let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(err < 1e-4, "q8_0 b{b} h{h}/{kv_h} len {len}: {err}");
         }
