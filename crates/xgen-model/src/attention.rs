@@ -36,13 +36,15 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kv_h, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |proj: &Linear, n: usize| -> Result<Tensor> {
-            // [b, t, d] -> [b, t, n * hd] -> [b, n, t, hd]
-            Ok(proj.forward(x)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        // [b, t, d] -> [b, t, n * hd] each (one pass over the three weights where it can).
+        let [q, k, v] = Linear::forward_many([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            // [b, t, n * hd] -> [b, n, t, hd]
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope::apply(&heads(&self.q_proj, h)?, cos, sin)?; // [b, h, t, hd]
-        let k = rope::apply(&heads(&self.k_proj, kv_h)?, cos, sin)?; // [b, kv_h, t, hd]
-        let v = heads(&self.v_proj, kv_h)?; // [b, kv_h, t, hd]
+        let q = rope::apply(&heads(q, h)?, cos, sin)?; // [b, h, t, hd]
+        let k = rope::apply(&heads(k, kv_h)?, cos, sin)?; // [b, kv_h, t, hd]
+        let v = heads(v, kv_h)?; // [b, kv_h, t, hd]
         let attn = match caches {
             Caches::Batch(cache) => self.attend(&q, &k, &v, layer, cache)?,
             Caches::Rows(rows) => {

@@ -113,6 +113,28 @@ impl Linear {
         }
     }
 
+    /// Each of `linears` applied to the same `x`: packed q8_0/q4_0 weights of equal input width in
+    /// one parallel pass ([`PackedMatrix::forward_many`]), anything else one by one.
+    pub fn forward_many<const N: usize>(linears: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let packed: Vec<&PackedMatrix> = linears
+            .iter()
+            .filter_map(|l| match &l.kind {
+                Kind::Packed(p) => Some(p.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let ys: Vec<Tensor> =
+            if packed.len() == N && packed.windows(2).all(|p| p[0].dims().1 == p[1].dims().1) {
+                PackedMatrix::forward_many(&packed, x)?
+                    .into_iter()
+                    .map(|y| Ok(y.to_dtype(x.dtype())?))
+                    .collect::<Result<_>>()?
+            } else {
+                linears.iter().map(|l| l.forward(x)).collect::<Result<_>>()?
+            };
+        Ok(ys.try_into().expect("one output per linear"))
+    }
+
     /// `x` `[.., in]` -> `[.., out]`, in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.kind {

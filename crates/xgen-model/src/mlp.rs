@@ -14,8 +14,7 @@ pub struct Mlp {
 impl Mlp {
     /// `x` `[b, t, d]` -> `[b, t, d]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?; // [b, t, f]
-        let up = self.up_proj.forward(x)?; // [b, t, f]
-        self.down_proj.forward(&(gate * up)?) // [b, t, f] -> [b, t, d]
+        let [gate, up] = Linear::forward_many([&self.gate_proj, &self.up_proj], x)?; // [b, t, f] each
+        self.down_proj.forward(&(gate.silu()? * up)?) // [b, t, f] -> [b, t, d]
     }
 }

@@ -19,10 +19,22 @@ const WEIGHT_ROWS: usize = 4;
 
 /// `[rows, n]`: every activation row times every weight row.
 pub(super) fn matmul(w: &PackedMatrix, acts: &Activations) -> Vec<f32> {
-    assert_eq!(acts.k, w.k, "activation width must equal the weight's");
-    let (rows, n) = (acts.rows, w.n);
+    matmul_many(&[w], acts).pop().expect("one matrix")
+}
+
+/// `[rows, n_m]` per matrix `m`: matrices sharing the activations (q/k/v, gate/up) multiplied in
+/// one parallel pass over their rows taken end to end, so the threads meet once instead of once
+/// per matrix (each meeting costs streams that restart cold and a tail where one thread waits).
+pub(super) fn matmul_many(ws: &[&PackedMatrix], acts: &Activations) -> Vec<Vec<f32>> {
+    for w in ws {
+        assert_eq!(acts.k, w.k, "activation width must equal the weight's");
+    }
+    let rows = acts.rows;
+    // Feature f of the concatenation is row f - starts[m] of matrix m.
+    let starts: Vec<usize> = ws.iter().scan(0, |at, w| Some(std::mem::replace(at, *at + w.n))).collect();
+    let n: usize = ws.iter().map(|w| w.n).sum();
     let tile_fn = pick();
-    let mut y = vec![0f32; rows * n];
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; rows * w.n]).collect();
     for start in (0..rows).step_by(TILE) {
         let tile = TILE.min(rows - start);
         // Feature-major `[n, tile]` so each task owns a contiguous slice.
@@ -30,24 +42,32 @@ pub(super) fn matmul(w: &PackedMatrix, acts: &Activations) -> Vec<f32> {
         let features =
             n.div_ceil(TASKS_PER_THREAD * rayon::current_num_threads()).next_multiple_of(WEIGHT_ROWS);
         yt.par_chunks_mut(features * tile).enumerate().for_each(|(b, chunk)| {
-            let in_chunk = chunk.len() / tile;
-            for jj in (0..in_chunk).step_by(WEIGHT_ROWS) {
-                let wr = WEIGHT_ROWS.min(in_chunk - jj);
+            let (first, in_chunk) = (b * features, chunk.len() / tile);
+            let mut jj = 0;
+            while jj < in_chunk {
+                let f = first + jj;
+                let m = starts.partition_point(|&s| s <= f) - 1;
+                let (w, j) = (ws[m], f - starts[m]);
+                // A tile stays within one matrix.
+                let wr = WEIGHT_ROWS.min(in_chunk - jj).min(w.n - j);
                 for g in (0..tile).step_by(GROUP) {
                     let r = GROUP.min(tile - g);
                     let out = &mut chunk[jj * tile + g..];
-                    let at = Tile { j: b * features + jj, wr, first: start + g, r, stride: tile };
-                    tile_fn(w, acts, at, out);
+                    tile_fn(w, acts, Tile { j, wr, first: start + g, r, stride: tile }, out);
                 }
+                jj += wr;
             }
         });
-        for j in 0..n {
-            for r in 0..tile {
-                y[(start + r) * n + j] = yt[j * tile + r];
+        for (m, y) in ys.iter_mut().enumerate() {
+            let (s0, nm) = (starts[m], ws[m].n);
+            for j in 0..nm {
+                for r in 0..tile {
+                    y[(start + r) * nm + j] = yt[(s0 + j) * tile + r];
+                }
             }
         }
     }
-    y
+    ys
 }
 
 /// A tile: weight rows `j..j + wr` (wr ≤ 4) against activation rows `first..first + r` (r ≤ 4);

@@ -146,6 +146,29 @@ impl PackedMatrix {
         kernel::matmul(self, acts)
     }
 
+    /// `x` `[.., k]` times each of `ws` (all `[n_m, k]`) in one pass: `[.., n_m]` f32 per matrix.
+    /// Same numbers as [`PackedMatrix::forward`] on each.
+    pub fn forward_many(ws: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
+        let k = ws.first().map_or(0, |w| w.k);
+        if ws.iter().any(|w| w.k != k) {
+            return Err(ModelError::Candle(candle_core::Error::Msg(
+                "matrices multiplied together must share their input width".into(),
+            )));
+        }
+        let rows = x.elem_count() / k.max(1);
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let acts = Activations::quantize(&xs, rows, k);
+        let ys = kernel::matmul_many(ws, &acts);
+        ws.iter()
+            .zip(ys)
+            .map(|(w, y)| {
+                let mut shape = x.dims().to_vec();
+                *shape.last_mut().expect("x has a last dimension") = w.n;
+                Ok(Tensor::from_vec(y, shape, x.device())?)
+            })
+            .collect()
+    }
+
     /// Quant bytes of one row (`k / 32 · quant bytes`).
     fn row_bytes(&self) -> usize {
         self.k / BLOCK * self.format.quant_bytes()

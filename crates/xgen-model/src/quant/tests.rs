@@ -105,3 +105,31 @@ fn rejects_bytes_that_do_not_fit_the_shape() {
     assert!(err.contains("136 bytes, got 100"), "{err}");
     assert!(PackedMatrix::from_ggml(BlockFormat::Q4_0, 1, 40, &[0u8; 18]).is_err());
 }
+
+#[test]
+fn matrices_multiplied_together_equal_each_alone() {
+    // Row counts that split 4-row tiles across matrices, one and several activation rows.
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        let ws: Vec<PackedMatrix> = [37, 70, 5]
+            .iter()
+            .map(|&n| PackedMatrix::quantize(&random(n, 96, n as u64), format).unwrap())
+            .collect();
+        for rows in [1, 70] {
+            let x = random(rows, 96, 9).unsqueeze(0).unwrap();
+            let together = PackedMatrix::forward_many(&ws.iter().collect::<Vec<_>>(), &x).unwrap();
+            for (w, got) in ws.iter().zip(together) {
+                let want: Vec<f32> = w.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    want,
+                    "{format:?} rows {rows}"
+                );
+            }
+        }
+    }
+    let mismatched = [
+        PackedMatrix::quantize(&random(4, 64, 1), BlockFormat::Q8_0).unwrap(),
+        PackedMatrix::quantize(&random(4, 96, 1), BlockFormat::Q8_0).unwrap(),
+    ];
+    assert!(PackedMatrix::forward_many(&[&mismatched[0], &mismatched[1]], &random(1, 64, 2)).is_err());
+}
