@@ -102,13 +102,13 @@ pub(crate) fn dot_scalar(w: &PackedMatrix, j: usize, acts: &Activations, first: 
     let (qs, wd, nb) = (w.row_qs(j), w.row_d(j), w.k / BLOCK);
     let weights: Vec<[i8; BLOCK]> = (0..nb).map(|b| signed_block(w.format, qs, nb, b)).collect();
     for (i, o) in out.iter_mut().enumerate() {
-        let (xq, xd) = (acts.row_q(first + i), acts.row_d(first + i));
+        let xd = acts.row_d(first + i);
         *o = weights
             .iter()
-            .zip(xq.chunks_exact(BLOCK))
             .enumerate()
-            .map(|(b, (wq, xq))| {
-                let s: i32 = wq.iter().zip(xq).map(|(&a, &c)| a as i32 * c as i32).sum();
+            .map(|(b, wq)| {
+                let xq = acts.block_q(first + i, b);
+                let s: i32 = wq.iter().zip(&xq).map(|(&a, &c)| a as i32 * c as i32).sum();
                 half::f16::from_bits(wd[b]).to_f32() * xd[b] * s as f32
             })
             .sum();

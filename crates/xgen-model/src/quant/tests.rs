@@ -25,8 +25,8 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-/// (rows, k, n): every grouping of q4_0 blocks (k/32 = 2, 3, 4, 5, 6, 7, 32, 128, 344) and row
-/// counts across the tile sizes.
+/// (rows, k, n): full groups of 16 blocks and every kind of short last group (k/32 = 2, 3, 4, 5,
+/// 6, 7, 32, 128, 344) and row counts across the tile sizes.
 const SHAPES: [(usize, usize, usize); 10] = [
     (1, 4096, 37),
     (3, 96, 70),
