@@ -27,6 +27,10 @@ pub const TILE_ROWS: usize = 32;
 const GROUP: usize = 4;
 /// Output features per rayon task.
 const BLOCK: usize = 32;
+/// Prompt tiles run over `k` in blocks of this many values, so that a group's activations
+/// (4 rows × 1024 × f32 = 16 KB) stay in L1 while the task's weight tiles pass them; over the
+/// whole width they came from L2 on every weight tile.
+const K_BLOCK: usize = 1024;
 
 /// `x` `[.., k]` times `w`ᵀ, `w` `[n, k]` bf16/f16, on the CPU, in tiles of [`TILE_ROWS`] rows.
 /// Returns `None` when the kernel does not apply (other dtype or device).
@@ -111,33 +115,24 @@ fn run(w: &[u16], xs: &[f32], rows: usize, k: usize, n: usize, kind: Kind) -> Ve
     // Computed feature-major ([n, rows]) so each task owns a contiguous slice, then transposed.
     let mut yt = vec![0f32; n * rows];
     yt.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(b, chunk)| {
+        let first = b * BLOCK;
         let features = chunk.len() / rows;
-        let mut jj = 0;
-        // Prompts: 4 weight rows × 4 activation rows per pass, each activation load shared by
-        // four weight rows.
-        while rows > GROUP && simd() && jj + 4 <= features {
-            let j = b * BLOCK + jj;
-            let w4 = &w[j * k..(j + 4) * k];
-            for g in 0..rows / GROUP {
-                let mut out = [[0f32; GROUP]; 4];
-                dot_tile(w4, &xs[g * GROUP * k..(g + 1) * GROUP * k], k, kind, &mut out);
-                for (i, o) in out.iter().enumerate() {
-                    chunk[(jj + i) * rows + g * GROUP..][..GROUP].copy_from_slice(o);
-                }
-            }
-            let done = rows / GROUP * GROUP;
-            for i in 0..4 {
-                let out = &mut chunk[(jj + i) * rows + done..(jj + i + 1) * rows];
-                if !out.is_empty() {
-                    dot_row(&w[(j + i) * k..(j + i + 1) * k], &xs[done * k..], k, kind, out);
-                }
-            }
-            jj += 4;
-        }
-        for (jj, out) in chunk.chunks_mut(rows).enumerate().skip(jj) {
-            let j = b * BLOCK + jj;
-            for (g, out) in out.chunks_mut(GROUP).enumerate() {
-                dot_row(&w[j * k..(j + 1) * k], &xs[g * GROUP * k..], k, kind, out);
+        // Prompts: 4 weight rows × 4 activation rows per pass (features in tiles of 4, rows in
+        // groups of 4), then what is left over one weight row at a time.
+        let tiles = if rows > GROUP && simd() { features / 4 } else { 0 };
+        prompt_tiles(
+            &w[first * k..(first + 4 * tiles) * k],
+            xs,
+            rows,
+            k,
+            kind,
+            &mut chunk[..4 * tiles * rows],
+        );
+        let done = if tiles > 0 { rows / GROUP * GROUP } else { 0 };
+        for (jj, out) in chunk.chunks_mut(rows).enumerate() {
+            let (j, from) = (first + jj, if jj < 4 * tiles { done } else { 0 });
+            for (g, out) in out[from..].chunks_mut(GROUP).enumerate() {
+                dot_row(&w[j * k..(j + 1) * k], &xs[(from + g * GROUP) * k..], k, kind, out);
             }
         }
     });
@@ -148,6 +143,39 @@ fn run(w: &[u16], xs: &[f32], rows: usize, k: usize, n: usize, kind: Kind) -> Ve
         }
     }
     y
+}
+
+/// `out` `[4t, rows]` (feature-major): the first `rows / GROUP · GROUP` rows of each feature,
+/// for the `t` weight tiles `w` `[4t, k]`. The width is taken in blocks of [`K_BLOCK`], a group's
+/// activations staying in L1 while every tile passes them, with partial sums kept between blocks.
+fn prompt_tiles(w: &[u16], xs: &[f32], rows: usize, k: usize, kind: Kind, out: &mut [f32]) {
+    let (tiles, groups) = (w.len() / (4 * k).max(1), rows / GROUP);
+    let mut partial = vec![Partial::default(); tiles * groups];
+    for start in (0..k).step_by(K_BLOCK) {
+        let end = (start + K_BLOCK).min(k);
+        for g in 0..groups {
+            let x = &xs[g * GROUP * k..(g + 1) * GROUP * k];
+            for t in 0..tiles {
+                dot_tile(
+                    &w[4 * t * k..4 * (t + 1) * k],
+                    x,
+                    k,
+                    start..end,
+                    kind,
+                    &mut partial[t * groups + g],
+                );
+            }
+        }
+    }
+    for t in 0..tiles {
+        for g in 0..groups {
+            let x = &xs[g * GROUP * k..(g + 1) * GROUP * k];
+            let sums = partial[t * groups + g].finish(&w[4 * t * k..4 * (t + 1) * k], x, k, kind);
+            for (i, o) in sums.iter().enumerate() {
+                out[(4 * t + i) * rows + g * GROUP..][..GROUP].copy_from_slice(o);
+            }
+        }
+    }
 }
 
 /// Whether the AVX-512 kernel runs here.
@@ -186,17 +214,37 @@ fn dot_row(w: &[u16], xs: &[f32], stride: usize, kind: Kind, out: &mut [f32]) {
     }
 }
 
-/// `out[i][r] = dot(weight row i of w4, activation row r)`: 4 weight rows (`w4`, `[4, k]`) by
-/// [`GROUP`] activation rows (`xs`, `[GROUP, k]`), AVX-512 only (see [`simd`]).
-fn dot_tile(w4: &[u16], xs: &[f32], k: usize, kind: Kind, out: &mut [[f32; GROUP]; 4]) {
+/// Unreduced sums of a 4 × [`GROUP`] tile: 16 lanes per (weight row, activation row), over the
+/// full 32-value runs of `k` seen so far.
+#[derive(Clone, Copy, Default)]
+struct Partial([[[f32; 16]; GROUP]; 4]);
+
+impl Partial {
+    /// `out[i][r] = dot(weight row i, activation row r)`: the lanes summed, plus the tail of `k`
+    /// past its last full run of 32.
+    fn finish(&self, w4: &[u16], xs: &[f32], k: usize, kind: Kind) -> [[f32; GROUP]; 4] {
+        let full = k / 32 * 32;
+        std::array::from_fn(|i| {
+            std::array::from_fn(|r| {
+                let tail: f32 = (full..k).map(|t| widen(w4[i * k + t], kind) * xs[r * k + t]).sum();
+                self.0[i][r].iter().sum::<f32>() + tail
+            })
+        })
+    }
+}
+
+/// Adds the full runs of 32 values within `range` (which starts on a run) of 4 weight rows (`w4`,
+/// `[4, k]`) times [`GROUP`] activation rows (`xs`, `[GROUP, k]`) to `acc`; AVX-512 only (see
+/// [`simd`]).
+fn dot_tile(w4: &[u16], xs: &[f32], k: usize, range: std::ops::Range<usize>, kind: Kind, acc: &mut Partial) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: callers check `simd()`; slices are [4, k] and [GROUP, k].
+    // SAFETY: callers check `simd()`; slices are [4, k] and [GROUP, k], range within k.
     unsafe {
-        avx512::tile(w4, xs, k, kind, out)
+        avx512::tile(w4, xs, k, range, kind, acc)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (w4, xs, k, kind, out);
+        let _ = (w4, xs, k, range, kind, acc);
         unreachable!("dot_tile runs only where simd() holds")
     }
 }
@@ -213,7 +261,7 @@ fn widen(b: u16, kind: Kind) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{widen, Kind, GROUP};
+    use super::{widen, Kind, Partial, GROUP};
 
     pub unsafe fn dot_row(w: &[u16], xs: &[f32], stride: usize, kind: Kind, out: &mut [f32]) {
         // SAFETY: as the caller's.
@@ -227,15 +275,24 @@ mod avx512 {
         }
     }
 
-    /// 4 weight rows × [`GROUP`] activation rows over the whole width: 16 accumulators, each
+    /// 4 weight rows × [`GROUP`] activation rows over a block of the width: 16 accumulators, each
     /// activation load used by four weight rows.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile(w4: &[u16], xs: &[f32], k: usize, kind: Kind, out: &mut [[f32; GROUP]; 4]) {
-        let mut acc = [[_mm512_setzero_ps(); GROUP]; 4];
-        let full = k / 32 * 32;
+    pub unsafe fn tile(
+        w4: &[u16],
+        xs: &[f32],
+        k: usize,
+        range: std::ops::Range<usize>,
+        kind: Kind,
+        partial: &mut Partial,
+    ) {
+        // SAFETY: `Partial` is 16 rows of 16 f32, one register each.
+        let mut acc: [[__m512; GROUP]; 4] = std::array::from_fn(|i| {
+            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(partial.0[i][r].as_ptr()) })
+        });
         let high_halves = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        let mut i = 0;
-        while i < full {
+        let mut i = range.start;
+        while i + 32 <= range.end {
             // SAFETY (whole block): i + 32 <= k; w4 is [4, k] and xs [GROUP, k].
             let raw: [__m512i; 4] =
                 std::array::from_fn(|row| unsafe { _mm512_loadu_si512(w4.as_ptr().add(row * k + i).cast()) });
@@ -260,10 +317,10 @@ mod avx512 {
             }
             i += 32;
         }
-        for row in 0..4 {
-            for r in 0..GROUP {
-                let tail: f32 = (full..k).map(|t| widen(w4[row * k + t], kind) * xs[r * k + t]).sum();
-                out[row][r] = _mm512_reduce_add_ps(acc[row][r]) + tail;
+        for (row, acc) in acc.iter().enumerate() {
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: 16 f32 in each.
+                unsafe { _mm512_storeu_ps(partial.0[row][r].as_mut_ptr(), *a) };
             }
         }
     }
@@ -331,6 +388,8 @@ mod tests {
                 (16, 64, 5),
                 (37, 96, 9),
                 (9, 1100, 7),
+                // Prompt tiles over several blocks of the width, with leftover rows and a tail.
+                (13, 2100, 40),
             ] {
                 let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap().to_dtype(dtype).unwrap();
                 let x = Tensor::randn(0f32, 1., (1, rows, k), &dev).unwrap().to_dtype(dtype).unwrap();
