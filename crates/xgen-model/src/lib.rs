@@ -4,6 +4,8 @@
 //! Data flow: ids → [`Model::forward_hidden`] (embed → layers → norm, writing the [`KvCache`]) →
 //! [`Model::logits`]. The model knows nothing of text; the tokenizer is another crate.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod attention;
 pub mod bandwidth;
 pub mod config;

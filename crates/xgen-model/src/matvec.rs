@@ -43,6 +43,10 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !matches!(w.dtype(), DType::BF16 | DType::F16) || !w.is_contiguous() {
         return Ok(None);
     }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(y) = amx_product(x, w, rows, k, n)? {
+        return Ok(Some(y));
+    }
     // Activations widened to f32 once: [rows, k].
     let mut xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let (storage, layout) = w.storage_and_layout();
@@ -64,6 +68,25 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         _ => return Ok(None),
     };
     Ok(Some(y))
+}
+
+/// Prompts with bf16 weights and activations on AMX tiles ([`crate::amx`]) where the CPU has them
+/// and the shape is in whole blocks of 32; `None` otherwise.
+#[cfg(target_arch = "x86_64")]
+fn amx_product(x: &Tensor, w: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Tensor>> {
+    use crate::amx;
+    let whole = n.is_multiple_of(amx::BLOCK) && k.is_multiple_of(amx::BLOCK);
+    if rows <= GROUP || !whole || w.dtype() != DType::BF16 || x.dtype() != DType::BF16 || !amx::available() {
+        return Ok(None);
+    }
+    let xb: Vec<bf16> = x.flatten_all()?.to_vec1()?;
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(CpuStorage::BF16(data)) = &*storage else { return Ok(None) };
+    let y = amx::matmul(bits(weights(data, layout, n * k)), bits(&xb), rows, k, n);
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().expect("x has a last dimension") = n;
+    let y: Vec<bf16> = y.into_iter().map(bf16::from_f32).collect();
+    Ok(Some(Tensor::from_vec(y, out_shape, w.device())?))
 }
 
 fn weights<'a, T>(data: &'a [T], layout: &Layout, len: usize) -> &'a [T] {
@@ -390,6 +413,10 @@ mod tests {
                 (9, 1100, 7),
                 // Prompt tiles over several blocks of the width, with leftover rows and a tail.
                 (13, 2100, 40),
+                // Whole blocks of 32: bf16 prompts take the AMX path where the CPU has it.
+                (40, 96, 64),
+                (33, 2048, 96),
+                (5, 32, 160),
             ] {
                 let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap().to_dtype(dtype).unwrap();
                 let x = Tensor::randn(0f32, 1., (1, rows, k), &dev).unwrap().to_dtype(dtype).unwrap();
