@@ -7,7 +7,7 @@
 //! contribution is `d_w · d_x · Σ w_q·x_q`, summed exactly in i32.
 //!
 //! Layout: per row, the quants in groups of 16 blocks interleaved so that one `vpdpbusd` sums 4
-//! products of each of 16 blocks ([`layout`] has the details); scales `[n, k/32]` f16 bits apart.
+//! products of each of 16 blocks (`layout.rs` has the details); scales `[n, k/32]` f16 bits apart.
 //!
 //! candle's quantized matmul (`QMatMul`) is the reference in tests. Ours exists because candle's
 //! x86 path keeps a repacked second copy of q8_0/q4_k weights next to the original and has no
