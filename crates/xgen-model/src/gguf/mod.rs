@@ -2,7 +2,7 @@
 //! ([`crate::weights::names::to_gguf`]), q/k rows permuted for llama.cpp's RoPE, every
 //! hyper-parameter under `llama.*`, the HF `config.json` under [`HF_CONFIG_KEY`] (so a reload
 //! restores the exact configuration) and, written by the caller, the tokenizer under
-//! `tokenizer.ggml.*`. [`write`] streams a checkpoint into one; [`read`] loads ours and
+//! `tokenizer.ggml.*`. [`write`](mod@write) streams a checkpoint into one; [`read`] loads ours and
 //! llama.cpp's.
 //!
 //! The permutation: llama.cpp rotates adjacent pairs (2i, 2i+1) of a head, HF's `rotate_half`
