@@ -52,16 +52,15 @@ pub(crate) fn matmul(w: &[u16], x: &[u16], rows: usize, k: usize, n: usize) -> V
     // Feature-major blocks: [n / 32][groups][32 features × 32 rows].
     let mut yt = vec![0f32; n * groups * BLOCK];
     yt.par_chunks_mut(4 * BLOCK * groups * BLOCK).enumerate().for_each(|(t, chunk)| {
-        let tile = TileConfig::load();
+        let _tiles = TileConfig::load();
         for (fb, out) in chunk.chunks_mut(groups * BLOCK * BLOCK).enumerate() {
             let f = (t * 4 + fb) * BLOCK;
             for (g, block) in out.chunks_mut(BLOCK * BLOCK).enumerate() {
-                // SAFETY: tiles configured by `tile`; 32 weight rows from `f`, the group's pairs,
+                // SAFETY: tiles configured by `_tiles`; 32 weight rows from `f`, the group's pairs,
                 // and a 32 × 32 output block, all in bounds (shapes asserted above).
                 unsafe { block_product(&w[f * k..(f + BLOCK) * k], k, &packed[g * k * BLOCK..], block) };
             }
         }
-        drop(tile);
     });
     let mut y = vec![0f32; rows * n];
     for (fb, blocks) in yt.chunks(groups * BLOCK * BLOCK).enumerate() {

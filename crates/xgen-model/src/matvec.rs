@@ -43,50 +43,52 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !matches!(w.dtype(), DType::BF16 | DType::F16) || !w.is_contiguous() {
         return Ok(None);
     }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(y) = amx_product(x, w, rows, k, n)? {
-        return Ok(Some(y));
-    }
-    // Activations widened to f32 once: [rows, k].
-    let mut xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let (storage, layout) = w.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else { return Ok(None) };
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("x has a last dimension") = n;
+    // Activations widened to f32 once: [rows, k].
+    let widened = || -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
     let y = match cpu {
         CpuStorage::BF16(data) => {
-            if simd() {
-                xs.chunks_mut(k).for_each(even_odd);
-            }
-            let y = tiled(bits(weights(data, layout, n * k)), &xs, rows, k, n, Kind::Bf16);
-            Tensor::from_vec(y.into_iter().map(bf16::from_f32).collect::<Vec<_>>(), out_shape, w.device())?
+            let w = bits(weights(data, layout, n * k));
+            let y = match amx_product(w, x, rows, k, n)? {
+                Some(y) => y,
+                None => {
+                    let mut xs = widened()?;
+                    if simd() {
+                        xs.chunks_mut(k).for_each(even_odd);
+                    }
+                    tiled(w, &xs, rows, k, n, Kind::Bf16)
+                }
+            };
+            Tensor::from_vec(y.into_iter().map(bf16::from_f32).collect::<Vec<_>>(), out_shape, x.device())?
         }
         CpuStorage::F16(data) => {
-            let y = tiled(bits(weights(data, layout, n * k)), &xs, rows, k, n, Kind::F16);
-            Tensor::from_vec(y.into_iter().map(f16::from_f32).collect::<Vec<_>>(), out_shape, w.device())?
+            let y = tiled(bits(weights(data, layout, n * k)), &widened()?, rows, k, n, Kind::F16);
+            Tensor::from_vec(y.into_iter().map(f16::from_f32).collect::<Vec<_>>(), out_shape, x.device())?
         }
         _ => return Ok(None),
     };
     Ok(Some(y))
 }
 
-/// Prompts with bf16 weights and activations on AMX tiles ([`crate::amx`]) where the CPU has them
-/// and the shape is in whole blocks of 32; `None` otherwise.
+/// `[rows, n]` f32 for prompts with bf16 activations on AMX tiles ([`crate::amx`]), where the CPU
+/// has them and the shape is in whole blocks of 32; `None` otherwise.
 #[cfg(target_arch = "x86_64")]
-fn amx_product(x: &Tensor, w: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Tensor>> {
+fn amx_product(w: &[u16], x: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Vec<f32>>> {
     use crate::amx;
     let whole = n.is_multiple_of(amx::BLOCK) && k.is_multiple_of(amx::BLOCK);
-    if rows <= GROUP || !whole || w.dtype() != DType::BF16 || x.dtype() != DType::BF16 || !amx::available() {
+    if rows <= GROUP || !whole || x.dtype() != DType::BF16 || !amx::available() {
         return Ok(None);
     }
     let xb: Vec<bf16> = x.flatten_all()?.to_vec1()?;
-    let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(CpuStorage::BF16(data)) = &*storage else { return Ok(None) };
-    let y = amx::matmul(bits(weights(data, layout, n * k)), bits(&xb), rows, k, n);
-    let mut out_shape = x.dims().to_vec();
-    *out_shape.last_mut().expect("x has a last dimension") = n;
-    let y: Vec<bf16> = y.into_iter().map(bf16::from_f32).collect();
-    Ok(Some(Tensor::from_vec(y, out_shape, w.device())?))
+    Ok(Some(amx::matmul(w, bits(&xb), rows, k, n)))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_product(_: &[u16], _: &Tensor, _: usize, _: usize, _: usize) -> Result<Option<Vec<f32>>> {
+    Ok(None)
 }
 
 fn weights<'a, T>(data: &'a [T], layout: &Layout, len: usize) -> &'a [T] {
@@ -173,27 +175,20 @@ fn run(w: &[u16], xs: &[f32], rows: usize, k: usize, n: usize, kind: Kind) -> Ve
 /// activations staying in L1 while every tile passes them, with partial sums kept between blocks.
 fn prompt_tiles(w: &[u16], xs: &[f32], rows: usize, k: usize, kind: Kind, out: &mut [f32]) {
     let (tiles, groups) = (w.len() / (4 * k).max(1), rows / GROUP);
+    let tile = |t: usize| &w[4 * t * k..4 * (t + 1) * k];
+    let group = |g: usize| &xs[g * GROUP * k..(g + 1) * GROUP * k];
     let mut partial = vec![Partial::default(); tiles * groups];
     for start in (0..k).step_by(K_BLOCK) {
         let end = (start + K_BLOCK).min(k);
         for g in 0..groups {
-            let x = &xs[g * GROUP * k..(g + 1) * GROUP * k];
             for t in 0..tiles {
-                dot_tile(
-                    &w[4 * t * k..4 * (t + 1) * k],
-                    x,
-                    k,
-                    start..end,
-                    kind,
-                    &mut partial[t * groups + g],
-                );
+                dot_tile(tile(t), group(g), k, start..end, kind, &mut partial[t * groups + g]);
             }
         }
     }
     for t in 0..tiles {
         for g in 0..groups {
-            let x = &xs[g * GROUP * k..(g + 1) * GROUP * k];
-            let sums = partial[t * groups + g].finish(&w[4 * t * k..4 * (t + 1) * k], x, k, kind);
+            let sums = partial[t * groups + g].finish(tile(t), group(g), k, kind);
             for (i, o) in sums.iter().enumerate() {
                 out[(4 * t + i) * rows + g * GROUP..][..GROUP].copy_from_slice(o);
             }
