@@ -3,8 +3,8 @@
 //! shapes. Weights rotate over > 1 GB so they stream from memory as in a decode step. Prints GB/s of
 //! weights read (each side's own bytes). Runs inside the rayon pool, as the engine does.
 //!
-//! `cargo bench -p xgen-model --bench quant` (env: ROWS activation rows, TOTAL_MB rotated weights,
-//! SMALL=NxK for one shape, e.g. 512x4096 with TOTAL_MB=1 to stay in cache)
+//! `cargo bench -p xgen-model --bench quant` (env: ROWS activation rows, TOTAL_MB rotated weights, ROUNDS
+//! alternations of the read and the kernel, SMALL=NxK for one shape, e.g. 512x4096 with TOTAL_MB=1 to stay in cache)
 
 use std::{hint::black_box, time::Instant};
 
@@ -50,43 +50,57 @@ fn run() {
                 .map(|_| PackedMatrix::from_ggml(format, n, k, &q.data().unwrap()).unwrap())
                 .collect();
             let x = Tensor::randn(0f32, 1., (1, rows, k), &dev).unwrap();
-            // The same bytes read plainly, in as many chunks per matrix as the kernel's tasks.
+            // The same bytes read plainly, in as many chunks per matrix as the kernel's tasks,
+            // alternated with the kernel's passes so both see the same moments of a shared host.
+            let plain = vec![1u8; count * bytes];
             let chunk = bytes / (2 * rayon::current_num_threads());
-            let read = median_of_5(|| bandwidth::read_bytes_per_s(count * bytes, chunk, 1) / 1e9);
-            let ours = gb_per_s(&packed, bytes, |m| m.forward(&x).unwrap());
+            let (read, ours, of_read) = alternate(
+                || bandwidth::read_once(&plain, chunk) / 1e9,
+                || gb_per_s(&packed, bytes, |m| m.forward(&x).unwrap()),
+            );
+            drop(plain);
             drop(packed);
             let candle: Vec<QMatMul> = (0..count)
                 .map(|_| QMatMul::from_qtensor(QTensor::quantize(&w, format.ggml()).unwrap()).unwrap())
                 .collect();
-            let theirs = gb_per_s(&candle, bytes, |m| m.forward(&x).unwrap());
+            let theirs = median_of(5, || gb_per_s(&candle, bytes, |m| m.forward(&x).unwrap()));
             println!(
-                "{format:?} {n}x{k} ({name}) rows {rows}: read {read:6.2}   xgen {ours:6.2} GB/s ({:3.0}%)   candle {theirs:6.2} GB/s   ratio {:.2}x",
-                100.0 * ours / read,
+                "{format:?} {n}x{k} ({name}) rows {rows}: read {read:6.2}   xgen {ours:6.2} GB/s ({:3.0}% of read)   candle {theirs:6.2} GB/s   ratio {:.2}x",
+                100.0 * of_read,
                 ours / theirs
             );
         }
     }
 }
 
-/// Median over 5 passes of (bytes of all matrices) / (time to multiply each once).
-fn gb_per_s<M>(ms: &[M], bytes: usize, f: impl Fn(&M) -> Tensor) -> f64 {
-    f(&ms[0]);
-    median_of_5(|| {
-        // At least 0.2 s per pass, so small (in-cache) runs measure too.
-        let start = Instant::now();
-        let mut passes = 0;
-        while passes == 0 || start.elapsed().as_secs_f64() < 0.2 {
-            for m in ms {
-                black_box(f(m));
-            }
-            passes += 1;
-        }
-        (passes * ms.len() * bytes) as f64 / start.elapsed().as_secs_f64() / 1e9
-    })
+/// `ROUNDS` (default 9) alternated passes of `read` and `kernel` (GB/s each): their medians and
+/// the median of the per-round ratio kernel / read.
+fn alternate(read: impl Fn() -> f64, kernel: impl Fn() -> f64) -> (f64, f64, f64) {
+    kernel();
+    let rounds: Vec<(f64, f64)> = (0..env("ROUNDS", 9).max(1)).map(|_| (read(), kernel())).collect();
+    let median = |f: fn(&(f64, f64)) -> f64| median(rounds.iter().map(f).collect());
+    (median(|r| r.0), median(|r| r.1), median(|r| r.1 / r.0))
 }
 
-fn median_of_5(f: impl Fn() -> f64) -> f64 {
-    let mut rates: Vec<f64> = (0..5).map(|_| f()).collect();
-    rates.sort_by(f64::total_cmp);
-    rates[2]
+/// Bytes of all matrices / time to multiply each once, over at least 0.2 s (so small,
+/// in-cache runs measure too).
+fn gb_per_s<M>(ms: &[M], bytes: usize, f: impl Fn(&M) -> Tensor) -> f64 {
+    let start = Instant::now();
+    let mut passes = 0;
+    while passes == 0 || start.elapsed().as_secs_f64() < 0.2 {
+        for m in ms {
+            black_box(f(m));
+        }
+        passes += 1;
+    }
+    (passes * ms.len() * bytes) as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+fn median_of(n: usize, f: impl Fn() -> f64) -> f64 {
+    median((0..n).map(|_| f()).collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }

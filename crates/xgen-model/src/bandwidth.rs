@@ -12,14 +12,15 @@ use rayon::prelude::*;
 /// pool; the best of `passes`.
 pub fn read_bytes_per_s(bytes: usize, chunk: usize, passes: usize) -> f64 {
     let data = vec![1u8; bytes.next_multiple_of(256)];
-    (0..passes.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            let sum = data.par_chunks(chunk.max(256)).map(read_chunk).reduce(|| 0, u64::wrapping_add);
-            black_box(sum);
-            data.len() as f64 / start.elapsed().as_secs_f64()
-        })
-        .fold(0.0, f64::max)
+    (0..passes.max(1)).map(|_| read_once(&data, chunk)).fold(0.0, f64::max)
+}
+
+/// Bytes per second of one parallel read of `data` in chunks of `chunk` bytes.
+pub fn read_once(data: &[u8], chunk: usize) -> f64 {
+    let start = Instant::now();
+    let sum = data.par_chunks(chunk.max(256)).map(read_chunk).reduce(|| 0, u64::wrapping_add);
+    black_box(sum);
+    data.len() as f64 / start.elapsed().as_secs_f64()
 }
 
 /// Every byte of `c` loaded once; the xor of all 8-byte words (so nothing is optimised away).

@@ -21,6 +21,7 @@ pub mod perplexity;
 pub mod quant;
 mod rope;
 pub mod weights;
+mod work_split;
 
 pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use config::{Config, RopeScaling};

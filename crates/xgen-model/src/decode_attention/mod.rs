@@ -81,11 +81,15 @@ fn float_cache(
         }
         #[cfg(target_arch = "x86_64")]
         (CpuStorage::F16(k), CpuStorage::F16(v)) if x86::applies(hd) => {
-            x86::run(qs, bits(&k[ko..]), bits(&v[vo..]), x86::Widen::F16, &shape, padding, &mut out)
+            let (k, v) = (bits(&k[ko..]), bits(&v[vo..]));
+            let rows = |base: usize| (x86::F16Rows(&k[base * hd..]), x86::F16Rows(&v[base * hd..]));
+            x86::run(qs, rows, &shape, padding, &mut out)
         }
         #[cfg(target_arch = "x86_64")]
         (CpuStorage::BF16(k), CpuStorage::BF16(v)) if x86::applies(hd) => {
-            x86::run(qs, bits(&k[ko..]), bits(&v[vo..]), x86::Widen::Bf16, &shape, padding, &mut out)
+            let (k, v) = (bits(&k[ko..]), bits(&v[vo..]));
+            let rows = |base: usize| (x86::Bf16Rows(&k[base * hd..]), x86::Bf16Rows(&v[base * hd..]));
+            x86::run(qs, rows, &shape, padding, &mut out)
         }
         (CpuStorage::F16(k), CpuStorage::F16(v)) => {
             run(qs, rows(&k[ko..], hd, f16s), rows(&v[vo..], hd, f16s), &shape, padding, &mut out)
@@ -134,8 +138,12 @@ fn q8_cache(
     let mut out = vec![0f32; b * h * hd];
     #[cfg(target_arch = "x86_64")]
     if x86::applies(hd) {
-        let (k, v) = (x86::Q8Rows { q: kq, d: bits(kd) }, x86::Q8Rows { q: vq, d: bits(vd) });
-        x86::run_q8(qs, k, v, &shape, padding, &mut out);
+        let (kd, vd, nb) = (bits(kd), bits(vd), hd / 32);
+        let rows = |base: usize| {
+            let k = x86::Q8Rows { q: &kq[base * hd..], d: &kd[base * nb..] };
+            (k, x86::Q8Rows { q: &vq[base * hd..], d: &vd[base * nb..] })
+        };
+        x86::run(qs, rows, &shape, padding, &mut out);
         return Ok(Some(out));
     }
     run(qs, dequant(kq, kd, hd), dequant(vq, vd, hd), &shape, padding, &mut out);
@@ -255,6 +263,27 @@ mod tests {
                 let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(err < 1e-4, "{dtype:?} b{b} h{h}/{kv_h} len {len}: {err}");
             }
+        }
+    }
+
+    #[test]
+    fn scores_that_keep_rising_rescale_what_came_before() {
+        // Keys grow along the positions, so each block of the online softmax raises the max
+        // (the earlier weights and output are rescaled every block); and the reverse.
+        let dev = Device::Cpu;
+        let (b, h, hd, len) = (1, 2, 128, 700);
+        let q = Tensor::ones((b, h, 1, hd), DType::F32, &dev).unwrap();
+        let ramp = Tensor::arange(0f32, len as f32, &dev).unwrap().affine(2.0 / len as f64, 0.0).unwrap();
+        let ramp = ramp.reshape((1, 1, len, 1)).unwrap();
+        for ramp in [ramp.clone(), ramp.affine(-1.0, 2.0).unwrap()] {
+            let k = Tensor::randn(0f32, 0.01, (b, h, len, hd), &dev).unwrap().broadcast_add(&ramp).unwrap();
+            let v = Tensor::randn(0f32, 1., (b, h, len, hd), &dev).unwrap();
+            let (k, v) = (k.to_dtype(DType::F16).unwrap(), v.to_dtype(DType::F16).unwrap());
+            let (kb, vb) = (KvBuffer::Float(k.clone()), KvBuffer::Float(v.clone()));
+            let got = decode_attention(&q, &kb, &vb, len, &[0]).unwrap().expect("applies on the CPU");
+            let want = reference(&q, &k, &v, &[0]);
+            let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err < 1e-4, "{err}");
         }
     }
 

@@ -1,8 +1,16 @@
-//! AVX-512 per-head kernels for 16-bit and q8_0 caches with head_dim 64 or 128: the query
-//! (scaled) and the output stay in registers; each cached row is widened in registers and
-//! prefetched a few rows ahead. The parent's `run` stays the reference path (and the tests compare
-//! both to `causal_attention`). At 4096 cached positions the generic path read the f16 cache at about
-//! 10 GB/s (widening each row into a buffer, the output accumulated through memory).
+//! AVX-512 per-head kernel for 16-bit and q8_0 caches with head_dim 64 or 128: one pass over the
+//! cached positions in blocks of 16 with an online softmax (running max `m` and sum `l`; the
+//! output is rescaled when a block raises the max), so each block's keys and values stream
+//! together with the arithmetic between them. The query (scaled) and the output stay in
+//! registers; rows are widened in registers and prefetched a block ahead; the exponentials are
+//! vectorised ([`exp`]). The parent's `run` stays the reference path (the tests compare both to
+//! `causal_attention`).
+//!
+//! Performance notes: the previous kernel made three passes per head (all scores, then a scalar
+//! `expf` per position, then the values): at 4096 cached positions the exponentials alone were
+//! ~10% of the attention's time and left memory idle, and the value pass restarted cold streams.
+//! The first version (a per-row buffer widened by `half`, output accumulated through memory) read
+//! the f16 cache at about 10 GB/s.
 
 use std::arch::x86_64::*;
 
@@ -10,200 +18,234 @@ use rayon::prelude::*;
 
 use super::Shape;
 
-#[derive(Clone, Copy)]
-pub enum Widen {
-    F16,
-    Bf16,
-}
-
 pub fn applies(hd: usize) -> bool {
     matches!(hd, 64 | 128) && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c")
 }
 
-/// Rows of a q8_0 cache: quants (`+ 128`) and f16 scale bits (`hd / 32` per row).
+/// Positions per block of the online softmax: one score per lane.
+const BLOCK_ROWS: usize = 16;
+/// Below this many cache bytes read per step (keys and values of all heads), heads run on the
+/// calling thread: waking a second one costs more (30-50 µs) than it saves.
+const PARALLEL_BYTES: usize = 512 << 10;
+
+/// Cached rows of one key or value head in a storage format, read 16 values at a time.
+pub trait Rows: Sync {
+    /// Bytes per cached row.
+    fn row_bytes(hd: usize) -> usize;
+    /// Values `16c..16c + 16` of row `j` as f32.
+    ///
+    /// # Safety
+    /// AVX-512F and F16C are available and row `j` is within the rows.
+    unsafe fn chunk(&self, hd: usize, j: usize, c: usize) -> __m512;
+    /// Where row `j` starts, for prefetching (may point past the rows).
+    fn row_ptr(&self, hd: usize, j: usize) -> *const u8;
+}
+
+/// A 16-bit float cache (bit patterns, `[.., hd]` per row).
+pub struct F16Rows<'a>(pub &'a [u16]);
+/// A bf16 cache.
+pub struct Bf16Rows<'a>(pub &'a [u16]);
+/// A q8_0 cache: quants (`+ 128`, `hd` per row) and f16 scale bits (`hd / 32` per row).
 pub struct Q8Rows<'a> {
     pub q: &'a [u8],
     pub d: &'a [u16],
 }
 
-/// [`run`] for a q8_0 cache.
-pub fn run_q8<'a>(qs: &[f32], k: Q8Rows<'a>, v: Q8Rows<'a>, s: &Shape, padding: &[usize], out: &mut [f32]) {
-    let (hd, n_rep, nb) = (s.hd, s.h / s.kv_h, s.hd / 32);
-    out.par_chunks_mut(hd).enumerate().for_each(|(bh, o)| {
-        let (bi, head) = (bh / s.h, bh % s.h);
-        let base = (bi * s.kv_h + head / n_rep) * s.capacity;
-        let rows = |r: &Q8Rows<'a>| Q8Rows {
-            q: &r.q[base * hd..(base + s.len) * hd],
-            d: &r.d[base * nb..(base + s.len) * nb],
-        };
-        let q = &qs[bh * hd..(bh + 1) * hd];
-        let first = padding.get(bi).copied().unwrap_or(0).min(s.len.saturating_sub(1));
-        // SAFETY: `applies` checked AVX-512F and F16C; the rows hold `len` positions.
+impl Rows for F16Rows<'_> {
+    fn row_bytes(hd: usize) -> usize {
+        2 * hd
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn chunk(&self, hd: usize, j: usize, c: usize) -> __m512 {
+        // SAFETY: the caller guarantees row j exists and the CPU features.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(self.0.as_ptr().add(j * hd + 16 * c).cast())) }
+    }
+
+    fn row_ptr(&self, hd: usize, j: usize) -> *const u8 {
+        self.0.as_ptr().wrapping_add(j * hd).cast()
+    }
+}
+
+impl Rows for Bf16Rows<'_> {
+    fn row_bytes(hd: usize) -> usize {
+        2 * hd
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn chunk(&self, hd: usize, j: usize, c: usize) -> __m512 {
+        // SAFETY: as for F16Rows.
+        let raw = unsafe { _mm256_loadu_si256(self.0.as_ptr().add(j * hd + 16 * c).cast()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+    }
+
+    fn row_ptr(&self, hd: usize, j: usize) -> *const u8 {
+        self.0.as_ptr().wrapping_add(j * hd).cast()
+    }
+}
+
+impl Rows for Q8Rows<'_> {
+    fn row_bytes(hd: usize) -> usize {
+        hd + hd / 16
+    }
+
+    /// `d_b (u - 128)` for the 16 values, `b = c / 2` the block of 32 they belong to.
+    #[inline]
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn chunk(&self, hd: usize, j: usize, c: usize) -> __m512 {
+        // SAFETY: as for F16Rows; row j holds hd quants and hd / 32 scales.
         unsafe {
-            match hd {
-                64 => one_head_q8::<4>(q, rows(&k), rows(&v), first, o),
-                _ => one_head_q8::<8>(q, rows(&k), rows(&v), first, o),
-            }
-        }
-    });
-}
-
-/// 16 quants at `p` (`+ 128`) as f32 (still offset by 128).
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn load16_q8(p: *const u8) -> __m512 {
-    // SAFETY: the caller guarantees 16 readable bytes.
-    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p.cast()) }))
-}
-
-/// The `NB` (≤ 4) f16 scales at `p` as f32.
-#[inline]
-#[target_feature(enable = "avx512f,f16c")]
-unsafe fn scales<const NB: usize>(p: *const u16) -> [f32; 4] {
-    let mut raw = [0u16; 8];
-    // SAFETY: the caller guarantees NB readable scales.
-    unsafe { std::ptr::copy_nonoverlapping(p, raw.as_mut_ptr(), NB) };
-    let mut d = [0f32; 4];
-    // SAFETY: 16 bytes read from `raw`, 16 written to `d`.
-    unsafe { _mm_storeu_ps(d.as_mut_ptr(), _mm_cvtph_ps(_mm_loadu_si128(raw.as_ptr().cast()))) };
-    d
-}
-
-/// One head over a q8_0 cache (`C` × 16 values per row, blocks of 32 = 2 chunks). A key row
-/// is `d_b (u - 128)` per block: the dot product sums `u · q` per block, scales it, and
-/// removes `128 · d_b · Σ q_b`; values add `p d_b u` per chunk and take `128 Σ p d_b` off
-/// each block at the end.
-#[target_feature(enable = "avx512f,f16c")]
-unsafe fn one_head_q8<const C: usize>(q: &[f32], k: Q8Rows, v: Q8Rows, first: usize, o: &mut [f32]) {
-    let (hd, nb) = (16 * C, C / 2);
-    let len = k.q.len() / hd;
-    let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
-    // SAFETY (all loads and prefetches): rows `first..len` are within the slices;
-    // prefetches may point past them (harmless).
-    let qv: [__m512; C] =
-        std::array::from_fn(|c| unsafe { _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(16 * c)), scale) });
-    let q_offset: [f32; 4] = std::array::from_fn(|b| {
-        if b < nb {
-            128.0 * _mm512_reduce_add_ps(_mm512_add_ps(qv[2 * b], qv[2 * b + 1]))
-        } else {
-            0.0
-        }
-    });
-    let scores: Vec<f32> = (first..len)
-        .map(|j| {
-            let row = unsafe { k.q.as_ptr().add(j * hd) };
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(8 * hd).cast());
-            let d = unsafe { scales::<4>(k.d.as_ptr().add(j * nb)) };
-            let mut total = _mm512_setzero_ps();
-            let mut offset = 0.0;
-            for b in 0..nb {
-                let block = _mm512_fmadd_ps(
-                    unsafe { load16_q8(row.add(32 * b)) },
-                    qv[2 * b],
-                    _mm512_mul_ps(unsafe { load16_q8(row.add(32 * b + 16)) }, qv[2 * b + 1]),
-                );
-                total = _mm512_fmadd_ps(block, _mm512_set1_ps(d[b]), total);
-                offset += d[b] * q_offset[b];
-            }
-            _mm512_reduce_add_ps(total) - offset
-        })
-        .collect();
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f32> = scores.iter().map(|&x| (x - max).exp()).collect();
-    let total: f32 = weights.iter().sum();
-    let mut acc = [_mm512_setzero_ps(); C];
-    let mut block_weight = [0f32; 4];
-    for (j, &w) in (first..len).zip(&weights) {
-        let row = unsafe { v.q.as_ptr().add(j * hd) };
-        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(8 * hd).cast());
-        let d = unsafe { scales::<4>(v.d.as_ptr().add(j * nb)) };
-        let p = w / total;
-        for (c, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(unsafe { load16_q8(row.add(16 * c)) }, _mm512_set1_ps(p * d[c / 2]), *a);
-        }
-        for b in 0..nb {
-            block_weight[b] += p * d[b];
+            let u = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                self.q.as_ptr().add(j * hd + 16 * c).cast(),
+            )));
+            let bits = *self.d.get_unchecked(j * (hd / 32) + c / 2);
+            let d = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
+            _mm512_mul_ps(_mm512_sub_ps(u, _mm512_set1_ps(128.0)), d)
         }
     }
-    for (c, a) in acc.iter().enumerate() {
-        let value = _mm512_sub_ps(*a, _mm512_set1_ps(128.0 * block_weight[c / 2]));
-        // SAFETY: o holds hd = 16 · C values.
-        unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), value) };
+
+    fn row_ptr(&self, hd: usize, j: usize) -> *const u8 {
+        self.q.as_ptr().wrapping_add(j * hd)
     }
 }
 
-pub fn run(qs: &[f32], k: &[u16], v: &[u16], widen: Widen, s: &Shape, padding: &[usize], out: &mut [f32]) {
+/// Every head `bh` of `out` (`[b·h, hd]`): query `qs[bh]` over positions `padding[b]..len` of
+/// its key/value head; `rows(base)` gives the key and value rows of the key/value head whose
+/// first row is `base` (flat index over `[b, kv_h, capacity]`).
+pub fn run<K: Rows, V: Rows>(
+    qs: &[f32],
+    rows: impl Fn(usize) -> (K, V) + Sync,
+    s: &Shape,
+    padding: &[usize],
+    out: &mut [f32],
+) {
     let (hd, n_rep) = (s.hd, s.h / s.kv_h);
-    out.par_chunks_mut(hd).enumerate().for_each(|(bh, o)| {
+    let head = |(bh, o): (usize, &mut [f32])| {
         let (bi, head) = (bh / s.h, bh % s.h);
-        let base = (bi * s.kv_h + head / n_rep) * s.capacity * hd;
-        let (k, v) = (&k[base..base + s.len * hd], &v[base..base + s.len * hd]);
+        let (k, v) = rows((bi * s.kv_h + head / n_rep) * s.capacity);
         let q = &qs[bh * hd..(bh + 1) * hd];
         let first = padding.get(bi).copied().unwrap_or(0).min(s.len.saturating_sub(1));
-        // SAFETY: `applies` checked AVX-512F; k and v hold `len` rows of `hd`.
+        // SAFETY: `applies` checked AVX-512F and F16C; `rows` holds `len` positions.
         unsafe {
             match hd {
-                64 => one_head::<4>(q, k, v, first, widen, o),
-                _ => one_head::<8>(q, k, v, first, widen, o),
+                64 => one_head::<4, K, V>(q, &k, &v, first, s.len, o),
+                _ => one_head::<8, K, V>(q, &k, &v, first, s.len, o),
             }
         }
-    });
-}
-
-/// 16 cached values at `p`, widened to f32.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn load16(p: *const u16, widen: Widen) -> __m512 {
-    // SAFETY: the caller guarantees 16 readable values.
-    let raw = unsafe { _mm256_loadu_si256(p.cast()) };
-    match widen {
-        Widen::F16 => _mm512_cvtph_ps(raw),
-        Widen::Bf16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw))),
+    };
+    let bytes = out.len() / hd * s.len * (K::row_bytes(hd) + V::row_bytes(hd));
+    if bytes < PARALLEL_BYTES {
+        out.chunks_mut(hd).enumerate().for_each(head);
+    } else {
+        out.par_chunks_mut(hd).enumerate().for_each(head);
     }
 }
 
-/// One head: rows `first..` of `k`/`v` (`C` × 16 values each).
-#[target_feature(enable = "avx512f")]
-unsafe fn one_head<const C: usize>(
+/// One head: positions `first..len` of `k`/`v` (`C` × 16 values per row) -> `o`.
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn one_head<const C: usize, K: Rows, V: Rows>(
     q: &[f32],
-    k: &[u16],
-    v: &[u16],
+    k: &K,
+    v: &V,
     first: usize,
-    widen: Widen,
+    len: usize,
     o: &mut [f32],
 ) {
     let hd = 16 * C;
-    let len = k.len() / hd;
     let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
-    // SAFETY (all loads and prefetches): rows `first..len` are within k and v; prefetches
-    // may point past them (harmless).
+    // SAFETY (all loads): q and o hold hd values; rows first..len exist (the caller's promise).
     let qv: [__m512; C] =
         std::array::from_fn(|c| unsafe { _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(16 * c)), scale) });
-    let scores: Vec<f32> = (first..len)
-        .map(|j| {
-            let row = unsafe { k.as_ptr().add(j * hd) };
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(8 * hd).cast());
-            let mut acc = [_mm512_setzero_ps(); 2];
-            for c in 0..C {
-                acc[c % 2] = _mm512_fmadd_ps(unsafe { load16(row.add(16 * c), widen) }, qv[c], acc[c % 2]);
-            }
-            _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
-        })
-        .collect();
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f32> = scores.iter().map(|&x| (x - max).exp()).collect();
-    let total: f32 = weights.iter().sum();
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
     let mut acc = [_mm512_setzero_ps(); C];
-    for (j, &w) in (first..len).zip(&weights) {
-        let row = unsafe { v.as_ptr().add(j * hd) };
-        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(8 * hd).cast());
-        let p = _mm512_set1_ps(w / total);
-        for (c, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(unsafe { load16(row.add(16 * c), widen) }, p, *a);
+    for j0 in (first..len).step_by(BLOCK_ROWS) {
+        let n = BLOCK_ROWS.min(len - j0);
+        // Scores q·k_j (scaled) of the block; missing lanes stay -inf.
+        let mut scores = [f32::NEG_INFINITY; BLOCK_ROWS];
+        for (r, score) in scores[..n].iter_mut().enumerate() {
+            let j = j0 + r;
+            _mm_prefetch::<_MM_HINT_T0>(k.row_ptr(hd, j + BLOCK_ROWS).cast());
+            let mut dot = [_mm512_setzero_ps(); 2];
+            for c in 0..C {
+                dot[c % 2] = _mm512_fmadd_ps(unsafe { k.chunk(hd, j, c) }, qv[c], dot[c % 2]);
+            }
+            *score = _mm512_reduce_add_ps(_mm512_add_ps(dot[0], dot[1]));
+        }
+        let s = unsafe { _mm512_loadu_ps(scores.as_ptr()) };
+        let block_max = _mm512_reduce_max_ps(s);
+        if block_max > max {
+            // Earlier weights were relative to the old max.
+            let rescale = (max - block_max).exp();
+            acc.iter_mut().for_each(|a| *a = _mm512_mul_ps(*a, _mm512_set1_ps(rescale)));
+            sum *= rescale;
+            max = block_max;
+        }
+        let valid: __mmask16 = ((1u32 << n) - 1) as u16;
+        let p = _mm512_maskz_mov_ps(valid, exp(_mm512_sub_ps(s, _mm512_set1_ps(max))));
+        sum += _mm512_reduce_add_ps(p);
+        let mut weights = [0f32; BLOCK_ROWS];
+        unsafe { _mm512_storeu_ps(weights.as_mut_ptr(), p) };
+        for (r, &w) in weights[..n].iter().enumerate() {
+            let j = j0 + r;
+            _mm_prefetch::<_MM_HINT_T0>(v.row_ptr(hd, j + BLOCK_ROWS).cast());
+            let w = _mm512_set1_ps(w);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(unsafe { v.chunk(hd, j, c) }, w, *a);
+            }
         }
     }
+    let inv = _mm512_set1_ps(1.0 / sum);
     for (c, a) in acc.iter().enumerate() {
-        // SAFETY: o holds hd = 16 · C values.
-        unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), *a) };
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), _mm512_mul_ps(*a, inv)) };
+    }
+}
+
+/// `e^x` per lane for `x ≤ 0` (larger inputs are not needed here), within 2 ulp of `f32::exp`
+/// down to `e^-87` (below that, ~1e-38): Cephes' `expf` — `x = n ln 2 + r`, a degree-6 polynomial
+/// for `e^r`, times `2^n` by `vscalefps`.
+#[target_feature(enable = "avx512f")]
+pub(crate) fn exp(x: __m512) -> __m512 {
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.336_55));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        x,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    // r = x - n ln 2, ln 2 split in two so the product is exact.
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm512_set1_ps(1.987_569_2e-4);
+    for coefficient in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(coefficient));
+    }
+    let y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    _mm512_scalef_ps(y, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::arch::x86_64::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_the_standard_library() {
+        if !super::applies(128) {
+            eprintln!("skipped: no AVX-512F/F16C on this CPU");
+            return;
+        }
+        let xs: Vec<f32> =
+            (0..=100_000).map(|i| -87.0 * i as f32 / 100_000.0).chain([0.0, -1e-7, -0.5]).collect();
+        for x in xs.chunks(16) {
+            let mut lanes = [0f32; 16];
+            lanes[..x.len()].copy_from_slice(x);
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512F checked above; 16 values read and written.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), super::exp(_mm512_loadu_ps(lanes.as_ptr()))) };
+            for (&x, &got) in lanes.iter().zip(&got) {
+                let want = x.exp();
+                let ulp = (got.to_bits() as i64 - want.to_bits() as i64).abs();
+                assert!(ulp <= 2, "exp({x}) = {got}, want {want} ({ulp} ulp)");
+            }
+        }
     }
 }
