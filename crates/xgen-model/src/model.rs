@@ -19,6 +19,7 @@ use crate::{
         names::{self, LayerTensor},
         Checkpoint, LoadProgress, TensorMap,
     },
+    work_split,
 };
 
 /// How weights are held: the compute dtype of activations and float weights, and optionally a
@@ -384,11 +385,12 @@ impl Model {
     }
 }
 
-/// Runs `f` on a rayon worker (inline when already on one). The kernels' parallel loops then start
-/// on a worker that takes its share at once, instead of parking the caller and waking the pool for
-/// every product: in-cache q8_0 products ran 2x faster this way (`cargo bench --bench quant`).
+/// Runs `f` on a rayon worker (inline when already on one), the pool's other workers kept awake
+/// meanwhile ([`work_split::on_pool_awake`]). The kernels' parallel loops then start on a worker
+/// that takes its share at once, instead of parking the caller and waking the pool for every
+/// product: in-cache q8_0 products ran 2x faster this way (`cargo bench --bench quant`).
 fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    work_split::on_pool_awake(f)
 }
 
 /// Natural-log softmax over the last dimension, in f32.
