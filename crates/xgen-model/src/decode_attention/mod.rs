@@ -82,13 +82,17 @@ fn float_cache(
         #[cfg(target_arch = "x86_64")]
         (CpuStorage::F16(k), CpuStorage::F16(v)) if x86::applies(hd) => {
             let (k, v) = (bits(&k[ko..]), bits(&v[vo..]));
-            let rows = |base: usize| (x86::F16Rows(&k[base * hd..]), x86::F16Rows(&v[base * hd..]));
+            let rows = |base: usize| {
+                (x86::HalfRows::<false>(&k[base * hd..]), x86::HalfRows::<false>(&v[base * hd..]))
+            };
             x86::run(qs, rows, &shape, padding, &mut out)
         }
         #[cfg(target_arch = "x86_64")]
         (CpuStorage::BF16(k), CpuStorage::BF16(v)) if x86::applies(hd) => {
             let (k, v) = (bits(&k[ko..]), bits(&v[vo..]));
-            let rows = |base: usize| (x86::Bf16Rows(&k[base * hd..]), x86::Bf16Rows(&v[base * hd..]));
+            let rows = |base: usize| {
+                (x86::HalfRows::<true>(&k[base * hd..]), x86::HalfRows::<true>(&v[base * hd..]))
+            };
             x86::run(qs, rows, &shape, padding, &mut out)
         }
         (CpuStorage::F16(k), CpuStorage::F16(v)) => {

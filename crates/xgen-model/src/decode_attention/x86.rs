@@ -41,17 +41,15 @@ pub trait Rows: Sync {
     fn row_ptr(&self, hd: usize, j: usize) -> *const u8;
 }
 
-/// A 16-bit float cache (bit patterns, `[.., hd]` per row).
-pub struct F16Rows<'a>(pub &'a [u16]);
-/// A bf16 cache.
-pub struct Bf16Rows<'a>(pub &'a [u16]);
+/// A 16-bit float cache (bit patterns, `[.., hd]` per row): bf16 when `BF16`, else f16.
+pub struct HalfRows<'a, const BF16: bool>(pub &'a [u16]);
 /// A q8_0 cache: quants (`+ 128`, `hd` per row) and f16 scale bits (`hd / 32` per row).
 pub struct Q8Rows<'a> {
     pub q: &'a [u8],
     pub d: &'a [u16],
 }
 
-impl Rows for F16Rows<'_> {
+impl<const BF16: bool> Rows for HalfRows<'_, BF16> {
     fn row_bytes(hd: usize) -> usize {
         2 * hd
     }
@@ -60,25 +58,12 @@ impl Rows for F16Rows<'_> {
     #[target_feature(enable = "avx512f,f16c")]
     unsafe fn chunk(&self, hd: usize, j: usize, c: usize) -> __m512 {
         // SAFETY: the caller guarantees row j exists and the CPU features.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(self.0.as_ptr().add(j * hd + 16 * c).cast())) }
-    }
-
-    fn row_ptr(&self, hd: usize, j: usize) -> *const u8 {
-        self.0.as_ptr().wrapping_add(j * hd).cast()
-    }
-}
-
-impl Rows for Bf16Rows<'_> {
-    fn row_bytes(hd: usize) -> usize {
-        2 * hd
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,f16c")]
-    unsafe fn chunk(&self, hd: usize, j: usize, c: usize) -> __m512 {
-        // SAFETY: as for F16Rows.
         let raw = unsafe { _mm256_loadu_si256(self.0.as_ptr().add(j * hd + 16 * c).cast()) };
-        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        if BF16 {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+        } else {
+            _mm512_cvtph_ps(raw)
+        }
     }
 
     fn row_ptr(&self, hd: usize, j: usize) -> *const u8 {
@@ -95,7 +80,8 @@ impl Rows for Q8Rows<'_> {
     #[inline]
     #[target_feature(enable = "avx512f,f16c")]
     unsafe fn chunk(&self, hd: usize, j: usize, c: usize) -> __m512 {
-        // SAFETY: as for F16Rows; row j holds hd quants and hd / 32 scales.
+        // SAFETY: the caller guarantees row j exists (hd quants, hd / 32 scales) and the CPU
+        // features.
         unsafe {
             let u = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
                 self.q.as_ptr().add(j * hd + 16 * c).cast(),
