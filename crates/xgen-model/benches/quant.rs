@@ -3,8 +3,9 @@
 //! shapes. Weights rotate over > 1 GB so they stream from memory as in a decode step. Prints GB/s of
 //! weights read (each side's own bytes). Runs inside the rayon pool, as the engine does.
 //!
-//! `cargo bench -p xgen-model --bench quant` (env: ROWS activation rows, TOTAL_MB rotated weights, ROUNDS
-//! alternations of the read and the kernel, SMALL=NxK for one shape, e.g. 512x4096 with TOTAL_MB=1 to stay in cache)
+//! `cargo bench -p xgen-model --bench quant` (env: ROWS activation rows, TOTAL_MB rotated
+//! weights, ROUNDS alternations of the read and the kernel, SMALL=NxK for one shape, e.g.
+//! 512x4096 with TOTAL_MB=1 to stay in cache)
 
 use std::{hint::black_box, time::Instant};
 

@@ -7,7 +7,8 @@
 //! others' shares, one at a time, from the front. A thread that wakes late (an idle rayon worker
 //! takes 30-50 µs to wake) or streams slower only gives chunks away instead of making the others
 //! wait for its whole share, which is what a static split per thread (or rayon's few large tasks)
-//! did: in a q4_0 decode step the workers were idle 10-17% of the time.
+//! did: in an 8-layer q4_0 decode the threads were busy 85.5% of each product's wall time that
+//! way, 92.6% with chunks.
 
 use std::{
     ops::Range,

@@ -4,7 +4,8 @@
 //! and runs candle matmuls over strided views; at 4096 cached positions that dominated a decode
 //! step (a q8_0 7B fell from 3.4 to 0.27 tok/s). Here each head reads its keys and values once,
 //! straight from the cache buffers `[b, kv_h, capacity, hd]` in their stored dtype, widening in
-//! registers: scores `q·k_j / √hd` in f32, a softmax, and `Σ p_j v_j`. Heads run in parallel.
+//! registers: scores `q·k_j / √hd` in f32, a softmax, and `Σ p_j v_j`. Heads run in parallel
+//! (on the calling thread when the step reads little of the cache).
 //! `causal_attention` is the reference in the test.
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};

@@ -1,8 +1,8 @@
 //! The quantized product's driver: output features split across the pool's threads in chunks
 //! ([`work_split`]), activation rows taken in groups of [`GROUP`] per pass over a weight row (the
 //! row stays in L1 for the next group), long prompts in tiles of [`TILE`] rows so a tile's
-//! activations stay in L2. Each
-//! (weight row, row group) goes to the SIMD kernel when the CPU has one, else to [`dot_scalar`].
+//! activations stay in L2. Each (weight row, row group) goes to the SIMD kernel when the CPU has
+//! one, else to [`dot_scalar`].
 
 use super::{layout::signed_block, Activations, PackedMatrix, BLOCK};
 use crate::work_split;
