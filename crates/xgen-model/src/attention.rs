@@ -7,7 +7,9 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::{decode_attention::decode_attention, error::Result, kv_cache::KvCache, linear::Linear, rope};
+use crate::{
+    error::Result, kernels::decode_attention::decode_attention, kv_cache::KvCache, linear::Linear, rope,
+};
 
 /// Upper bound on the f32 scores materialised per chunk of query rows.
 const SCORE_BUDGET_BYTES: usize = 64 << 20;

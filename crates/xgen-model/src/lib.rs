@@ -4,28 +4,23 @@
 //! Data flow: ids → [`Model::forward_hidden`] (embed → layers → norm, writing the [`KvCache`]) →
 //! [`Model::logits`]. The model knows nothing of text; the tokenizer is another crate.
 
-#[cfg(target_arch = "x86_64")]
-mod amx;
 mod attention;
-pub mod bandwidth;
 pub mod config;
-mod decode_attention;
 pub mod error;
 pub mod gguf;
+pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
-pub mod matvec;
 mod mlp;
 pub mod model;
 pub mod perplexity;
-pub mod quant;
 mod rope;
 pub mod weights;
-mod work_split;
 
 pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use config::{Config, RopeScaling};
 pub use error::{ModelError, Result};
+pub use kernels::{bandwidth, matvec, quant};
 pub use kv_cache::{KvCache, KvType};
 pub use linear::{Quant, Weight};
 pub use model::{Model, WeightFormat};

@@ -1,7 +1,7 @@
 //! A bias-free linear layer, `y = x Wᵀ` with `W` `[out, in]` as checkpoints store it, over float
 //! or block-quantized (GGUF layouts) weights. Few-row inputs with 16-bit weights on the CPU
-//! (decode steps) use [`crate::matvec`]; other float cases use candle's matmul. q8_0/q4_0 on the
-//! CPU use [`crate::quant`]'s packed kernels; other block formats and devices use candle's.
+//! (decode steps) use [`crate::kernels::matvec`]; other float cases use candle's matmul. q8_0/q4_0 on the
+//! CPU use [`crate::kernels::quant`]'s packed kernels; other block formats and devices use candle's.
 
 use std::sync::Arc;
 
@@ -12,8 +12,10 @@ use candle_core::{
 
 use crate::{
     error::Result,
-    matvec,
-    quant::{BlockFormat, PackedMatrix},
+    kernels::{
+        matvec,
+        quant::{BlockFormat, PackedMatrix},
+    },
 };
 
 /// Block-quantized formats for the linear layers (GGUF-compatible block layouts).
@@ -41,10 +43,10 @@ impl Quant {
         in_features.is_multiple_of(self.ggml().block_size())
     }
 
-    /// The packed CPU format with kernels in [`crate::quant`], if any (and if this CPU runs them
-    /// fast; see [`crate::quant::has_fast_kernels`]).
+    /// The packed CPU format with kernels in [`crate::kernels::quant`], if any (and if this CPU runs them
+    /// fast; see [`crate::kernels::quant::has_fast_kernels`]).
     fn packed(self) -> Option<BlockFormat> {
-        if !crate::quant::has_fast_kernels() {
+        if !crate::kernels::quant::has_fast_kernels() {
             return None;
         }
         match self {
@@ -71,7 +73,7 @@ pub enum Weight {
     Float(Tensor),
     /// Blocks in candle's storage, multiplied by candle's kernels.
     Quantized(Arc<QTensor>),
-    /// q8_0/q4_0 in [`crate::quant`]'s layout (CPU).
+    /// q8_0/q4_0 in [`crate::kernels::quant`]'s layout (CPU).
     Packed(Arc<PackedMatrix>),
 }
 

@@ -10,6 +10,7 @@ use crate::{
     attention::{Attention, Caches},
     config::Config,
     error::{ModelError, Result},
+    kernels::work_split,
     kv_cache::{KvCache, KvType},
     linear::{Linear, Quant, Weight},
     mlp::Mlp,
@@ -19,7 +20,6 @@ use crate::{
         names::{self, LayerTensor},
         Checkpoint, LoadProgress, TensorMap,
     },
-    work_split,
 };
 
 /// How weights are held: the compute dtype of activations and float weights, and optionally a

@@ -19,8 +19,8 @@ use super::{is_rope_permuted, permute_rope_rows, type_bytes, Value, HF_CONFIG_KE
 use crate::{
     config::Config,
     error::{ModelError, Result},
+    kernels::quant::{BlockFormat, PackedMatrix},
     linear::Weight,
-    quant::{BlockFormat, PackedMatrix},
     weights::{names, LoadProgress},
 };
 
@@ -184,9 +184,11 @@ impl GgufFile {
         let linear = names::is_linear(hf);
         let float = matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         Ok(match packed {
-            Some(format) if linear && device.is_cpu() && crate::quant::has_fast_kernels() => Weight::Packed(
-                std::sync::Arc::new(PackedMatrix::from_ggml(format, shape[0], shape[1], bytes)?),
-            ),
+            Some(format) if linear && device.is_cpu() && crate::kernels::quant::has_fast_kernels() => {
+                Weight::Packed(std::sync::Arc::new(PackedMatrix::from_ggml(
+                    format, shape[0], shape[1], bytes,
+                )?))
+            }
             _ if linear && !float => {
                 Weight::Quantized(std::sync::Arc::new(qtensor_from_ggml(t, bytes, shape.to_vec(), device)?))
             }

@@ -5,7 +5,7 @@
 //! one, else to [`dot_scalar`].
 
 use super::{layout::signed_block, Activations, PackedMatrix, BLOCK};
-use crate::work_split;
+use crate::kernels::work_split;
 
 /// Activation rows per pass over a weight row (accumulators kept in registers).
 pub(crate) const GROUP: usize = 4;

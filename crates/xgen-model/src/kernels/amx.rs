@@ -10,7 +10,7 @@
 //! Measured on the 2-core VM this is tuned on: one core 343-356 GFLOP/s on `[32, 4096] ×
 //! [4096, 11008]`, where the AVX-512 FMA tile reaches about 100 (docs/performance.md).
 //! Tests compare it with plain f32 sums of the same products and with candle's matmul; without
-//! AMX the AVX-512 path of [`crate::matvec`] runs.
+//! AMX the AVX-512 path of [`crate::kernels::matvec`] runs.
 
 use std::arch::asm;
 

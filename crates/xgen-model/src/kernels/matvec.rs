@@ -73,11 +73,11 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(y))
 }
 
-/// `[rows, n]` f32 for prompts with bf16 activations on AMX tiles ([`crate::amx`]), where the CPU
+/// `[rows, n]` f32 for prompts with bf16 activations on AMX tiles ([`crate::kernels::amx`]), where the CPU
 /// has them and the shape is in whole blocks of 32; `None` otherwise.
 #[cfg(target_arch = "x86_64")]
 fn amx_product(w: &[u16], x: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Vec<f32>>> {
-    use crate::amx;
+    use crate::kernels::amx;
     let whole = n.is_multiple_of(amx::BLOCK) && k.is_multiple_of(amx::BLOCK);
     if rows <= GROUP || !whole || x.dtype() != DType::BF16 || !amx::available() {
         return Ok(None);

@@ -1,0 +1,18 @@
+//! The machine's side: CPU kernels for the products and attention the model (`model.rs`,
+//! `attention.rs`, `linear.rs`) describes, chosen at run time by what the CPU offers, each with a
+//! portable path and tested against a reference kept in the repo (candle's matmul, the f32
+//! `causal_attention`). The model reads as the paper; these files read as the machine.
+//!
+//! - [`matvec`]: 16-bit float products (decode rows, AMX prompt tiles via `amx`).
+//! - [`quant`]: q8_0/q4_0 matrices in a VNNI layout and their products.
+//! - [`decode_attention`]: one query per sequence over the KV cache.
+//! - [`work_split`]: splitting products over the thread pool.
+//! - [`bandwidth`]: the memory-read probe behind `xgen bench`'s floors.
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+pub mod bandwidth;
+pub(crate) mod decode_attention;
+pub mod matvec;
+pub mod quant;
+pub(crate) mod work_split;
