@@ -8,7 +8,11 @@
 use candle_core::{DType, Tensor};
 
 use crate::{
-    error::Result, kernels::decode_attention::decode_attention, kv_cache::KvCache, linear::Linear, rope,
+    error::Result,
+    kernels::{decode_attention::decode_attention, prompt_attention::prompt_attention},
+    kv_cache::KvCache,
+    linear::Linear,
+    rope,
 };
 
 /// Upper bound on the f32 scores materialised per chunk of query rows.
@@ -80,6 +84,9 @@ impl Attention {
         cache.append(layer, k, v)?;
         let (keys, values) = cache.buffers(layer); // [b, kv_h, capacity, ..]
         if let Some(out) = decode_attention(q, keys, values, s, cache.padding())? {
+            return Ok(out);
+        }
+        if let Some(out) = prompt_attention(q, keys, values, past, cache.padding())? {
             return Ok(out);
         }
         let (k, v) = cache.views(layer, s)?; // [b, kv_h, s, hd]

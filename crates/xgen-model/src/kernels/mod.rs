@@ -6,6 +6,7 @@
 //! - [`matvec`]: 16-bit float products (decode rows, AMX prompt tiles via `amx`).
 //! - [`quant`]: q8_0/q4_0 matrices in a VNNI layout and their products.
 //! - [`decode_attention`]: one query per sequence over the KV cache.
+//! - [`prompt_attention`]: a prompt chunk over the KV cache, flash-attention style.
 //! - [`work_split`]: splitting products over the thread pool.
 //! - [`bandwidth`]: the memory-read probe behind `xgen bench`'s floors.
 
@@ -14,5 +15,8 @@ mod amx;
 pub mod bandwidth;
 pub(crate) mod decode_attention;
 pub mod matvec;
+pub mod prompt_attention;
 pub mod quant;
 pub(crate) mod work_split;
+#[cfg(target_arch = "x86_64")]
+mod x86_math;
