@@ -65,23 +65,35 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // Generation reads every weight once per token: bandwidth / bytes read per token is its floor
     // (the KV cache's reads, which grow with -d, are not counted).
     let bandwidth = (!args.no_bandwidth && args.generate > 0).then(read_bandwidth);
+    // The f32 FMA peak of the same threads, for prompt speeds: FLOPs per token over it is theirs.
+    let fma_peak = (args.prompt > 0).then(|| xgen_model::kernels::peak::f32_fma_flops(3));
     let kv_bytes_per_position = model.new_cache(1, 1)?.size_bytes();
+    let (weights, kernel) = (model.weight_format_name(), model.prompt_kernel_name());
+    let attention_kernel = model.attention_kernel_name();
     let kv_type = kv_type_name(model.kv_type());
     for (test, mut speeds) in tests {
         speeds.sort_by(f64::total_cmp);
         let (min, median, max) = (speeds[0], speeds[speeds.len() / 2], speeds[speeds.len() - 1]);
-        let dtype = args.model.dtype.name();
         // Bytes a generated token reads: every weight once, and the cached keys and values of
         // (on average) depth + n/2 positions.
         let kv_bytes = kv_bytes_per_position * (args.depth + args.generate.div_ceil(2));
+        // A prompt token's products: 2 FLOPs per weight of the linear layers (attention's own,
+        // which grow with the prompt, are not counted).
+        let flops_per_token = 2.0 * model.linear_parameters() as f64;
         let bytes_per_token = model.weight_bytes_per_token() + kv_bytes;
         let floor = bandwidth.filter(|_| test.starts_with("tg")).map(|bw| bw / bytes_per_token as f64);
         if args.json {
             let mut obj = json!({
-                "test": test, "dtype": dtype, "threads": threads, "repetitions": args.reps,
+                "test": test, "dtype": weights, "threads": threads, "repetitions": args.reps,
                 "tok_s_median": median, "tok_s_min": min, "tok_s_max": max,
                 "weight_bytes": model.weight_bytes(), "peak_rss_bytes": peak_rss, "kv_type": kv_type,
+                "kernel": kernel, "attention_kernel": attention_kernel,
             });
+            if let (Some(peak), true) = (fma_peak, test.starts_with("pp")) {
+                obj["f32_fma_peak_flops"] = json!(peak);
+                obj["flops_per_token"] = json!(flops_per_token);
+                obj["fraction_of_f32_peak"] = json!(median * flops_per_token / peak);
+            }
             if let (Some(bw), Some(floor)) = (bandwidth, floor) {
                 obj["read_bandwidth_bytes_s"] = json!(bw);
                 obj["weight_bytes_per_token"] = json!(model.weight_bytes_per_token());
@@ -92,10 +104,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             println!("{obj}");
         } else {
             println!(
-                "{test:>12}  {dtype:>5}  t={threads}  {median:8.2} tok/s (min {min:.2}, max {max:.2})  weights {:.2} GB  peak RSS {:.2} GB",
+                "{test:>12}  {weights:>5}  t={threads}  {median:8.2} tok/s (min {min:.2}, max {max:.2})  weights {:.2} GB  peak RSS {:.2} GB  kernels {kernel}, attention {attention_kernel}",
                 model.weight_bytes() as f64 / 1e9,
                 peak_rss as f64 / 1e9
             );
+            if let (Some(peak), true) = (fma_peak, test.starts_with("pp")) {
+                println!(
+                    "{:>12}  f32 FMA peak of these threads {:.0} GFLOP/s; {:.1} GFLOP per token -> {:.2}x of it",
+                    "",
+                    peak / 1e9,
+                    flops_per_token / 1e9,
+                    median * flops_per_token / peak
+                );
+            }
             if let (Some(bw), Some(floor)) = (bandwidth, floor) {
                 println!(
                     "{:>12}  read bandwidth {:.1} GB/s, {:.2} GB per token ({kv_type} KV {:.2} GB) -> floor {floor:.2} tok/s; median is {:.0}% of it",

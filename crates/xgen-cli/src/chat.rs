@@ -2,7 +2,10 @@
 //! interactive on a terminal or from piped stdin. Answers are printed without the prompt, the
 //! leading ` Assistant:` and special tokens; each ends at `<|endoftext|>` or the next `###`.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::{
+    io::{BufRead, IsTerminal, Write},
+    path::PathBuf,
+};
 
 use clap::Args;
 use rand::{rngs::StdRng, SeedableRng};
@@ -12,7 +15,12 @@ use xgen_generate::{
 };
 use xgen_tokenizer::Tokenizer;
 
-use crate::{exit::bad_input, model_args::ModelArgs, sampling_args::SamplingArgs};
+use crate::{
+    exit::bad_input,
+    model_args::ModelArgs,
+    sampling_args::SamplingArgs,
+    text_input::{is_stdin, read_text},
+};
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
@@ -21,6 +29,10 @@ pub struct ChatArgs {
     /// The system header placed before the conversation (default: the model card's).
     #[arg(long)]
     pub header: Option<String>,
+    /// A UTF-8 text file placed before the first message ("summarize this"): the document, a blank
+    /// line, then the message, in the first turn.
+    #[arg(long, value_name = "FILE")]
+    pub document: Option<PathBuf>,
     /// Longest answer, in tokens (the model card uses 2048).
     #[arg(long, default_value_t = 2048)]
     pub max_new_tokens: usize,
@@ -31,6 +43,13 @@ pub struct ChatArgs {
 
 pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::xgen();
+    let mut document = match &args.document {
+        Some(path) if is_stdin(path) => {
+            return Err(bad_input("--document -: stdin carries the messages; name a file"));
+        }
+        Some(path) => Some(read_text(path)?),
+        None => None,
+    };
     let loaded = args.model.load()?;
     let model = &loaded.model;
     let context = model.config().max_position_embeddings;
@@ -57,6 +76,8 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         if message.is_empty() {
             continue;
         }
+        let with_document = document.as_ref().map(|d| format!("{d}\n\n{message}"));
+        let message = with_document.as_deref().unwrap_or(message);
         let mut prompt = tokenizer.encode(&conversation.prompt(message));
         // Keep room for an answer of at least a quarter of the context: forget the oldest turns.
         while prompt.len() + args.max_new_tokens.min(context / 4) > context && conversation.forget_oldest() {
@@ -65,8 +86,9 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         }
         let room = context.saturating_sub(prompt.len());
         if room == 0 {
+            let what = if with_document.is_some() { "the document and message" } else { "the message" };
             return Err(bad_input(format!(
-                "the message is {} tokens with the header: beyond the context of {context}",
+                "{what} are {} tokens with the header: beyond the context of {context}",
                 prompt.len()
             )));
         }
@@ -79,6 +101,8 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         })?;
         writeln!(stdout)?;
         conversation.push_turn(message, &clean_answer(&out.text));
+        // The document is part of the first turn from now on.
+        document = None;
     }
     Ok(())
 }

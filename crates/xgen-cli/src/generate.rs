@@ -1,7 +1,7 @@
 //! `xgen generate`: continue a prompt, streaming the text, with transformers' `generate` defaults
 //! from the model's generation_config.json.
 
-use std::io::Write;
+use std::{io::Write, path::PathBuf};
 
 use clap::{Args, ValueEnum};
 use rand::{rngs::StdRng, SeedableRng};
@@ -9,7 +9,7 @@ use serde_json::json;
 use xgen_generate::{GenerationConfig, Generator, Truncation};
 use xgen_tokenizer::{Specials, Tokenizer};
 
-use crate::{exit::bad_input, model_args::ModelArgs, sampling_args::SamplingArgs};
+use crate::{exit::bad_input, model_args::ModelArgs, sampling_args::SamplingArgs, text_input::read_text};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TruncateSide {
@@ -22,12 +22,15 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt text (special-token strings such as <|endoftext|> are recognised, as in transformers).
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(long, conflicts_with_all = ["prompt_ids", "file"], required_unless_present_any = ["prompt_ids", "file"])]
     pub prompt: Option<String>,
     /// The prompt as token ids, e.g. 464,995,318.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "file")]
     pub prompt_ids: Option<Vec<u32>>,
-    /// Treat special-token strings in --prompt as plain text.
+    /// The prompt text from a UTF-8 file (`-` reads stdin): a long document to continue or answer.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Treat special-token strings in --prompt or --file as plain text.
     #[arg(long)]
     pub no_special: bool,
     /// Total length in tokens, prompt included (transformers' max_length; default from
@@ -53,12 +56,12 @@ pub struct GenerateArgs {
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::xgen();
-    let prompt = match (&args.prompt, &args.prompt_ids) {
-        (Some(text), _) => {
-            tokenizer.encode_with(text, if args.no_special { Specials::AsText } else { Specials::Recognize })
-        }
-        (None, Some(ids)) => ids.clone(),
-        (None, None) => unreachable!("clap requires --prompt or --prompt-ids"),
+    let specials = if args.no_special { Specials::AsText } else { Specials::Recognize };
+    let prompt = match (&args.prompt, &args.prompt_ids, &args.file) {
+        (Some(text), _, _) => tokenizer.encode_with(text, specials),
+        (None, Some(ids), _) => ids.clone(),
+        (None, None, Some(file)) => tokenizer.encode_with(&read_text(file)?, specials),
+        (None, None, None) => unreachable!("clap requires --prompt, --prompt-ids or --file"),
     };
     if prompt.is_empty() {
         return Err(bad_input("the prompt is empty"));

@@ -13,6 +13,7 @@ mod perplexity;
 mod quantize;
 mod sampling_args;
 mod serve;
+mod text_input;
 mod tokenize;
 
 use std::process::ExitCode;

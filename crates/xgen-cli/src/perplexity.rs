@@ -9,13 +9,15 @@ use xgen_tokenizer::Tokenizer;
 use crate::{
     exit::bad_input,
     model_args::{Dtype, ModelArgs},
+    text_input::read_text,
 };
 
 #[derive(Args, Debug)]
 pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A UTF-8 text file, tokenized with the XGen tokenizer (special strings recognised).
+    /// A UTF-8 text file (`-` reads stdin), tokenized with the XGen tokenizer (special strings
+    /// recognised).
     #[arg(long, conflicts_with = "ids_file", required_unless_present = "ids_file")]
     pub file: Option<PathBuf>,
     /// A JSON file holding an array of token ids (or an object with an `ids` array).
@@ -101,12 +103,6 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn read_text(path: &Path) -> anyhow::Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
-    String::from_utf8(bytes)
-        .map_err(|e| bad_input(format!("{}: not valid UTF-8: {}", path.display(), e.utf8_error())))
 }
 
 /// `[1, 2, 3]` or `{"ids": [1, 2, 3]}`.

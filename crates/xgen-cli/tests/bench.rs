@@ -52,6 +52,16 @@ fn json_has_one_object_per_test_with_the_contract_fields() {
         let rss = t["peak_rss_bytes"].as_u64().unwrap();
         assert!(rss > 0 && rss < 1 << 30, "peak RSS {rss}");
     }
+    // The prompt test names its kernels and sets its speed against the threads' f32 FMA peak.
+    let pp = &tests[0];
+    assert_eq!(pp["kernel"], "candle", "f32 weights run candle's gemm: {pp}");
+    assert!(["avx512", "portable"].contains(&pp["attention_kernel"].as_str().unwrap()), "{pp}");
+    let peak = pp["f32_fma_peak_flops"].as_f64().unwrap();
+    let ratio = pp["tok_s_median"].as_f64().unwrap() * pp["flops_per_token"].as_f64().unwrap() / peak;
+    assert!(peak > 1e8 && (pp["fraction_of_f32_peak"].as_f64().unwrap() - ratio).abs() < 1e-9, "{pp}");
+    // tiny: 2 layers of 7 matrices (64 wide, MLP 176) and lm_head [51200, 64]; 2 FLOPs per weight.
+    let weights = 2 * (4 * 64 * 64 + 3 * 64 * 176) + 51200 * 64;
+    assert_eq!(pp["flops_per_token"].as_f64(), Some(2.0 * weights as f64), "{pp}");
     let tg = &tests[1];
     let floor = tg["floor_tok_s"].as_f64().unwrap();
     let fraction = tg["fraction_of_floor"].as_f64().unwrap();

@@ -220,3 +220,62 @@ fn readme_main_command_runs_from_the_hf_cache() {
     let ids = Tokenizer::xgen().encode(text.trim_end_matches('\n'));
     assert!(ids.len() >= 100, "about 125 new tokens: {} ({text:?})", ids.len());
 }
+
+#[test]
+fn generate_reads_the_prompt_from_a_file_or_stdin() {
+    let dir = fixture("tiny-xgen-8k-bin");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("prompt.txt");
+    std::fs::write(&file, "The world is").unwrap();
+    let base =
+        ["generate", "--model", dir.to_str().unwrap(), "--max-new-tokens", "12", "--dtype", "f32", "--json"];
+    let run = |extra: &[&str], stdin: &str| -> Value {
+        let out = xgen(&[&base[..], extra].concat(), stdin);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let inline = run(&["--prompt", "The world is"], "");
+    assert_eq!(inline["prompt_ids"], serde_json::json!([464, 995, 318]));
+    for got in [run(&["--file", file.to_str().unwrap()], ""), run(&["--file", "-"], "The world is")] {
+        assert_eq!(got["prompt_ids"], inline["prompt_ids"]);
+        assert_eq!(got["ids"], inline["ids"]);
+    }
+    // A missing file is bad input naming it.
+    let missing = tmp.path().join("nope.txt");
+    let out = xgen(&[&base[..], &["--file", missing.to_str().unwrap()]].concat(), "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("nope.txt"), "{err}");
+}
+
+#[test]
+fn chat_places_a_document_in_the_first_turn() {
+    use xgen_generate::chat::{clean_answer, Conversation};
+    let dir = fixture("tiny-xgen-8k-st");
+    let tmp = tempfile::tempdir().unwrap();
+    let doc = tmp.path().join("doc.txt");
+    let text = "XGen reads long documents.\nThis one has two lines.";
+    std::fs::write(&doc, text).unwrap();
+    let model = dir.to_str().unwrap();
+    let common = ["--model", model, "--greedy", "--max-new-tokens", "8", "--dtype", "f32"];
+    let out =
+        xgen(&[&["chat", "--document", doc.to_str().unwrap()][..], &common[..]].concat(), "Summarize it.\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer = String::from_utf8(out.stdout).unwrap();
+    // The same prompt through `generate`: document, blank line, message, in the XGen-Inst format.
+    let prompt = Conversation::default().prompt(&format!("{text}\n\nSummarize it."));
+    let gen =
+        xgen(&[&["generate", "--prompt", &prompt, "--stop", "###", "--json"][..], &common[..]].concat(), "");
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let gen: Value = serde_json::from_slice(&gen.stdout).unwrap();
+    assert_eq!(answer.trim_end_matches('\n'), clean_answer(gen["text"].as_str().unwrap()));
+
+    // A document beyond the context is bad input that says so; `-` (stdin holds the messages) too.
+    std::fs::write(&doc, " hello".repeat(9000)).unwrap();
+    for path in [doc.to_str().unwrap(), "-"] {
+        let out = xgen(&[&["chat", "--document", path][..], &common[..]].concat(), "Summarize it.\n");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("document"), "{err}");
+    }
+}

@@ -209,6 +209,11 @@ fn quantize_writes_a_gguf_that_runs_with_the_tokenizer_inside() {
     let nll = got["mean_nll"].as_f64().unwrap();
     assert!((nll - want).abs() / want < 2e-3, "GGUF q8_0 mean NLL {nll} vs transformers f32 {want}");
 
+    // `xgen bench` names what it ran: the file's q8_0 (it said the default `bf16` before).
+    let out = xgen(&["bench", "--model", gguf_arg, "-p", "4", "-n", "0", "-t", "1", "-r", "1", "--json"]);
+    let bench = stdout_json(&out);
+    assert!(bench["dtype"].as_str().unwrap().starts_with("q8_0"), "{bench}");
+
     // Refusals: an existing file, a name not ending in .gguf (exit 2, nothing written).
     for out_name in [gguf_arg.to_string(), tmp.path().join("x.bin").to_string_lossy().into_owned()] {
         let out = xgen(&["quantize", "--model", dir.to_str().unwrap(), "--out", &out_name, "--type", "q4_0"]);

@@ -106,6 +106,38 @@ impl Linear {
         !matches!(self.kind, Kind::Float(_))
     }
 
+    /// How the weight is stored: a dtype (`bf16`) or block format (`q4_0`, `q6k`).
+    pub fn format_name(&self) -> String {
+        match &self.kind {
+            Kind::Float(t) => t.dtype().as_str().to_string(),
+            Kind::Quantized { matmul: QMatMul::QTensor(q), .. } => format!("{:?}", q.dtype()).to_lowercase(),
+            Kind::Quantized { matmul: QMatMul::Tensor(t) | QMatMul::TensorF16(t), .. } => {
+                t.dtype().as_str().to_string()
+            }
+            Kind::Packed(p) => format!("{:?}", p.format()).to_lowercase(),
+        }
+    }
+
+    /// The kernel that multiplies prompts by this weight on the CPU (see [`matvec::prompt_kernel`]).
+    pub fn prompt_kernel(&self) -> &'static str {
+        match &self.kind {
+            Kind::Float(t) => matvec::prompt_kernel(t.dtype()),
+            Kind::Quantized { .. } => "candle",
+            Kind::Packed(_) if crate::kernels::quant::has_fast_kernels() => "avx512-vnni",
+            Kind::Packed(_) => "portable",
+        }
+    }
+
+    /// Weights in the matrix (`out · in`).
+    pub fn parameters(&self) -> usize {
+        match &self.kind {
+            Kind::Float(t) => t.elem_count(),
+            Kind::Quantized { matmul: QMatMul::QTensor(q), .. } => q.shape().elem_count(),
+            Kind::Quantized { matmul: QMatMul::Tensor(t) | QMatMul::TensorF16(t), .. } => t.elem_count(),
+            Kind::Packed(p) => p.dims().0 * p.dims().1,
+        }
+    }
+
     /// Bytes of the weight as held.
     pub fn weight_bytes(&self) -> usize {
         match &self.kind {

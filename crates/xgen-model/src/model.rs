@@ -10,7 +10,7 @@ use crate::{
     attention::{Attention, Caches},
     config::Config,
     error::{ModelError, Result},
-    kernels::work_split,
+    kernels::{prompt_attention, work_split},
     kv_cache::{KvCache, KvType},
     linear::{Linear, Quant, Weight},
     mlp::Mlp,
@@ -207,18 +207,59 @@ impl Model {
         Ok(model)
     }
 
-    /// (quantized, all) linear layers, `lm_head` included.
-    pub fn quantized_linear_layers(&self) -> (usize, usize) {
-        let all: Vec<&Linear> = self
-            .layers
+    /// Every linear layer, `lm_head` last.
+    fn linear_layers(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
             .iter()
             .flat_map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
                 [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
             })
             .chain(std::iter::once(&self.lm_head))
-            .collect();
+    }
+
+    /// Weights of all linear layers (`lm_head` included): each is one multiply-add per token.
+    pub fn linear_parameters(&self) -> usize {
+        self.linear_layers().map(|l| l.parameters()).sum()
+    }
+
+    /// (quantized, all) linear layers, `lm_head` included.
+    pub fn quantized_linear_layers(&self) -> (usize, usize) {
+        let all: Vec<&Linear> = self.linear_layers().collect();
         (all.iter().filter(|l| l.is_quantized()).count(), all.len())
+    }
+
+    /// The storage formats of the linear layers, most common first, joined by `+` when mixed
+    /// (`q4_0`, or `q4k+q6k` for a llama.cpp Q4_K_M file).
+    pub fn weight_format_name(&self) -> String {
+        Self::by_count(self.linear_layers().map(|l| l.format_name()))
+    }
+
+    /// The kernels that multiply prompts by the linear layers (as [`Model::weight_format_name`]),
+    /// e.g. `avx512-vnni` or `amx-bf16`.
+    pub fn prompt_kernel_name(&self) -> String {
+        Self::by_count(self.linear_layers().map(|l| l.prompt_kernel().to_string()))
+    }
+
+    /// The prompt attention's micro-kernels on this CPU: `avx512` or `portable`.
+    pub fn attention_kernel_name(&self) -> &'static str {
+        match prompt_attention::Path::detect(self.config.head_dim) {
+            prompt_attention::Path::Avx512 => "avx512",
+            prompt_attention::Path::Portable => "portable",
+        }
+    }
+
+    /// Distinct names, most frequent first, joined by `+`.
+    fn by_count(names: impl Iterator<Item = String>) -> String {
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for name in names {
+            match counts.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((name, 1)),
+            }
+        }
+        counts.sort_by(|a, b| b.1.cmp(&a.1));
+        counts.into_iter().map(|(n, _)| n).collect::<Vec<_>>().join("+")
     }
 
     /// Bytes of all weights as held in memory.

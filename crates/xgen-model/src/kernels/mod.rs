@@ -8,13 +8,14 @@
 //! - [`decode_attention`]: one query per sequence over the KV cache.
 //! - [`prompt_attention`]: a prompt chunk over the KV cache, flash-attention style.
 //! - [`work_split`]: splitting products over the thread pool.
-//! - [`bandwidth`]: the memory-read probe behind `xgen bench`'s floors.
+//! - [`bandwidth`], [`peak`]: the memory-read and f32-FMA probes behind `xgen bench`'s ratios.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
 pub mod bandwidth;
 pub(crate) mod decode_attention;
 pub mod matvec;
+pub mod peak;
 pub mod prompt_attention;
 pub mod quant;
 pub(crate) mod work_split;
