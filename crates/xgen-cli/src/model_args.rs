@@ -108,6 +108,18 @@ pub struct ModelArgs {
     /// KV cache storage: the compute dtype (auto), a float dtype, or q8_0 (half of f16's memory).
     #[arg(long, value_enum, default_value_t = KvTypeArg::Auto)]
     pub kv_type: KvTypeArg,
+    /// Tokens per forward step when a prompt is read (larger: bigger products, more activation
+    /// memory; the default was chosen by measurement, docs/performance.md).
+    #[arg(long, value_name = "N", default_value_t = xgen_model::model::PREFILL_CHUNK, value_parser = positive)]
+    pub prefill_chunk: usize,
+}
+
+/// A whole number of at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("expected a whole number of at least 1, got {s:?}")),
+    }
 }
 
 /// A loaded model and the directory it came from (`None` for random weights).
@@ -180,6 +192,7 @@ impl ModelArgs {
         let mut progress = |p: weights::LoadProgress| show_progress(&bar, &p);
         let source = self.source()?;
         let mut model = source.load(self.dtype.format(), &mut progress)?;
+        model.set_prefill_chunk(self.prefill_chunk);
         if let Some(kind) = self.kv_type.kind() {
             model.set_kv_type(kind).map_err(|e| crate::exit::bad_input(format!("--kv-type: {e}")))?;
         }

@@ -43,8 +43,10 @@ impl WeightFormat {
     }
 }
 
-/// Tokens per forward step when a long prompt is processed: bounds activations (an `[8192, 11008]`
-/// f32 MLP intermediate would be 360 MB) while keeping matrix products large.
+/// Tokens per forward step when a long prompt is processed, by default (see
+/// [`Model::set_prefill_chunk`]): bounds activations (an `[8192, 11008]` f32 MLP intermediate
+/// would be 360 MB) while keeping matrix products large. Chosen by measurement
+/// (docs/performance.md, "Prefill chunk").
 pub const PREFILL_CHUNK: usize = 512;
 
 #[derive(Debug, Clone)]
@@ -87,6 +89,8 @@ pub struct Model {
     /// Dtype of the KV cache: the compute dtype, except f16 when the linear layers are quantized
     /// (their f32 activations would double the cache: 8.4 GB at 8K tokens for the 7B).
     kv: KvType,
+    /// Tokens per forward step of a long prompt ([`PREFILL_CHUNK`] unless set).
+    prefill_chunk: usize,
     device: Device,
 }
 
@@ -199,6 +203,7 @@ impl Model {
             config,
             dtype,
             kv: KvType::Float(dtype),
+            prefill_chunk: PREFILL_CHUNK,
             device: device.clone(),
         };
         if dtype == DType::F32 && model.quantized_linear_layers().0 > 0 {
@@ -322,6 +327,17 @@ impl Model {
         Ok(())
     }
 
+    /// Tokens per forward step when a prompt is read ([`Model::forward_last`], perplexity).
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// Reads prompts `tokens` at a time (at least 1): larger chunks make larger products and
+    /// hold larger activations (about `tokens × 4 × (3 × hidden + 2 × intermediate)` bytes).
+    pub fn set_prefill_chunk(&mut self, tokens: usize) {
+        self.prefill_chunk = tokens.max(1);
+    }
+
     /// An empty cache for `batch` sequences of up to `capacity` positions.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         let c = &self.config;
@@ -410,14 +426,15 @@ impl Model {
         on_pool(|| Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?))
     }
 
-    /// Runs `ids` `[b, t]` in steps of at most [`PREFILL_CHUNK`] tokens and returns the f32 logits
-    /// of the last position, `[b, v]`.
+    /// Runs `ids` `[b, t]` in steps of at most [`Model::prefill_chunk`] tokens and returns the f32
+    /// logits of the last position, `[b, v]`.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let t = ids.dim(1)?;
         cache.check_room(t)?;
         let mut last = None;
-        for start in (0..t).step_by(PREFILL_CHUNK) {
-            let chunk = ids.narrow(1, start, PREFILL_CHUNK.min(t - start))?;
+        let step = self.prefill_chunk;
+        for start in (0..t).step_by(step) {
+            let chunk = ids.narrow(1, start, step.min(t - start))?;
             last = Some(self.forward_hidden(&chunk, cache)?);
         }
         let hidden =

@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, D};
 use crate::{
     error::{ModelError, Result},
     kv_cache::KvCache,
-    model::{Model, PREFILL_CHUNK},
+    model::Model,
 };
 
 /// How a sequence longer than the window is scored.
@@ -111,8 +111,9 @@ fn for_each_scored_chunk(
         caches.iter_mut().for_each(KvCache::clear);
         let w = &ids[begin..end];
         let first = next - begin;
-        for start in (0..w.len() - 1).step_by(PREFILL_CHUNK) {
-            let len = PREFILL_CHUNK.min(w.len() - 1 - start);
+        let step = models.iter().map(|m| m.prefill_chunk()).min().unwrap_or(1);
+        for start in (0..w.len() - 1).step_by(step) {
+            let len = step.min(w.len() - 1 - start);
             // Row j predicts w[start + j + 1]; keep rows whose target is at or after `first`.
             let skip = first.saturating_sub(start + 1).min(len);
             let mut logits = Vec::with_capacity(models.len());

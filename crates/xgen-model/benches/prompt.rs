@@ -1,0 +1,69 @@
+//! Prompt products with block-quantized weights: xgen's packed kernels against candle's `QMatMul`
+//! on the same GGUF blocks, same run, XGen-7B shapes, `ROWS` activation rows (default 256, the
+//! prefill chunk). Prints tera-operations per second (2 per multiply-add) and the ratio to the f32
+//! FMA peak of the same threads, measured in the same run. Runs inside the rayon pool, as the
+//! engine does.
+//!
+//! `cargo bench -p xgen-model --bench prompt` (env: ROWS, FORMAT=q8_0|q4_0 for one format)
+
+use std::{hint::black_box, time::Instant};
+
+use candle_core::{
+    quantized::{QMatMul, QTensor},
+    Device, Module, Tensor,
+};
+use xgen_model::{
+    kernels::peak,
+    quant::{BlockFormat, PackedMatrix},
+};
+
+const SHAPES: [(usize, usize, &str); 3] =
+    [(4096, 4096, "q/k/v/o"), (11008, 4096, "gate/up"), (4096, 11008, "down")];
+
+fn main() {
+    rayon::ThreadPoolBuilder::new().build().unwrap().install(run);
+}
+
+fn run() {
+    let dev = Device::Cpu;
+    let rows = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let only = std::env::var("FORMAT").ok();
+    let peak = peak::f32_fma_flops(3);
+    println!("f32 FMA peak of {} threads: {:.0} GFLOP/s", rayon::current_num_threads(), peak / 1e9);
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        if only.as_deref().is_some_and(|f| f != format!("{format:?}").to_lowercase()) {
+            continue;
+        }
+        for &(n, k, name) in &SHAPES {
+            let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, format.ggml()).unwrap();
+            let packed = PackedMatrix::from_ggml(format, n, k, &q.data().unwrap()).unwrap();
+            let x = Tensor::randn(0f32, 1., (1, rows, k), &dev).unwrap();
+            let ops = 2.0 * (n * k * rows) as f64;
+            let ours = ops / seconds(|| packed.forward(&x).unwrap());
+            let candle = QMatMul::from_qtensor(q).unwrap();
+            let theirs = ops / seconds(|| candle.forward(&x).unwrap());
+            println!(
+                "{format:?} {n}x{k} ({name}) rows {rows}: xgen {:.3} TOPS ({:.2}x f32 peak)   candle {:.3} TOPS   ratio {:.2}x",
+                ours / 1e12,
+                ours / peak,
+                theirs / 1e12,
+                ours / theirs
+            );
+        }
+    }
+}
+
+/// Median seconds of one call, over 5 timed calls after a warm-up.
+fn seconds(f: impl Fn() -> Tensor) -> f64 {
+    black_box(f());
+    let mut t: Vec<f64> = (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            black_box(f());
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[2]
+}
