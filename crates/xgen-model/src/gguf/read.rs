@@ -21,25 +21,22 @@ use crate::{
     error::{ModelError, Result},
     kernels::quant::{BlockFormat, PackedMatrix},
     linear::Weight,
-    weights::{names, LoadProgress},
+    weights::{mapped::MappedFile, names, LoadProgress},
 };
 
 /// An open GGUF file.
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    mmap: memmap2::Mmap,
+    file: MappedFile,
 }
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-        // SAFETY: mapped read-only; like every mmap-based loader we rely on the file not being
-        // modified while it is open.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
-        let content = Content::read(&mut std::io::Cursor::new(&mmap[..]))
+        let file = MappedFile::open(path)?;
+        let content = Content::read(&mut std::io::Cursor::new(file.all()))
             .map_err(|e| ModelError::format(path, format!("not a readable GGUF file: {e}")))?;
-        let gguf = Self { path: path.into(), content, mmap };
+        let gguf = Self { path: path.into(), content, file };
         match gguf.content.metadata.get("general.architecture") {
             Some(Value::String(a)) if a == "llama" => Ok(gguf),
             other => {
@@ -166,9 +163,7 @@ impl GgufFile {
         let elems: usize = shape.iter().product();
         let start = (self.content.tensor_data_offset + info.offset) as usize;
         let len = type_bytes(t, elems);
-        let bytes = self.mmap.get(start..start + len).ok_or_else(|| {
-            ModelError::format(&self.path, format!("tensor `{name}` ends past the end of the file"))
-        })?;
+        let bytes = self.file.bytes(start..start + len, &format!("tensor `{name}`"))?;
         let unpermuted;
         let bytes = if is_rope_permuted(hf) {
             unpermuted = permute_rope_rows(bytes, len / shape[0], config.head_dim, false);
@@ -183,7 +178,7 @@ impl GgufFile {
         };
         let linear = names::is_linear(hf);
         let float = matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        Ok(match packed {
+        let weight = match packed {
             Some(format) if linear && device.is_cpu() && crate::kernels::quant::has_fast_kernels() => {
                 Weight::Packed(std::sync::Arc::new(PackedMatrix::from_ggml(
                     format, shape[0], shape[1], bytes,
@@ -196,6 +191,9 @@ impl GgufFile {
                 let q = qtensor_from_ggml(t, bytes, shape.to_vec(), device)?;
                 Weight::Float(q.dequantize(device)?.to_dtype(dtype)?)
             }
-        })
+        };
+        // Converted into memory of its own: the file's pages can go.
+        self.file.release(start..start + len);
+        Ok(weight)
     }
 }

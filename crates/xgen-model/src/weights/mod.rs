@@ -5,6 +5,7 @@
 //! shard, or an mmap-backed safetensors view) is dropped right after its conversion, so loading
 //! the fp32 7B checkpoint as bf16 peaks near the bf16 size plus one tensor.
 
+pub(crate) mod mapped;
 pub mod names;
 mod pickle;
 

@@ -1,38 +1,40 @@
-//! Safetensors shards, memory-mapped (candle's reader).
+//! Safetensors shards, memory-mapped: the header parsed by the `safetensors` crate, each tensor
+//! copied out of the mapping and its pages released right after ([`MappedFile::release`]), so a
+//! shard's mapped pages never pile up in the resident set.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::{safetensors::MmapedSafetensors, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use safetensors::{tensor::Metadata, SafeTensors};
 
-use super::{Shard, TensorHeader};
+use super::{mapped::MappedFile, Shard, TensorHeader};
 use crate::error::{ModelError, Result};
 
 pub(crate) struct SafetensorsShard {
-    file: PathBuf,
-    st: MmapedSafetensors,
+    file: MappedFile,
+    /// Where tensor data starts (after the 8-byte length and the JSON header).
+    data_start: usize,
+    metadata: Metadata,
 }
 
 pub(crate) fn open(file: &Path) -> Result<SafetensorsShard> {
-    // SAFETY: the file is mapped read-only; like every mmap-based loader we rely on it not being
-    // modified while the model loads (the mapping is dropped once this shard is converted).
-    let st = unsafe { MmapedSafetensors::new(file) }.map_err(|e| ModelError::format(file, e))?;
-    Ok(SafetensorsShard { file: file.into(), st })
+    let file = MappedFile::open(file)?;
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(file.all()).map_err(|e| ModelError::format(file.path(), e))?;
+    Ok(SafetensorsShard { data_start: 8 + header_len, metadata, file })
 }
 
 impl Shard for SafetensorsShard {
     fn headers(&self) -> Vec<TensorHeader> {
         let mut headers: Vec<TensorHeader> = self
-            .st
+            .metadata
             .tensors()
             .into_iter()
-            .map(|(name, view)| {
-                let dtype_name = format!("{:?}", view.dtype());
-                TensorHeader {
-                    dtype: view.dtype().try_into().ok(),
-                    dtype_name,
-                    shape: view.shape().to_vec(),
-                    name,
-                }
+            .map(|(name, info)| TensorHeader {
+                dtype: info.dtype.try_into().ok(),
+                dtype_name: format!("{:?}", info.dtype),
+                shape: info.shape.clone(),
+                name,
             })
             .collect();
         headers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -40,8 +42,19 @@ impl Shard for SafetensorsShard {
     }
 
     fn load(&self, name: &str) -> Result<Tensor> {
-        self.st
-            .load(name, &Device::Cpu)
-            .map_err(|e| ModelError::format(&self.file, format!("tensor `{name}`: {e}")))
+        let path = self.file.path();
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.into(), file: Some(path.into()) })?;
+        let dtype: DType =
+            info.dtype.try_into().map_err(|e| ModelError::format(path, format!("tensor `{name}`: {e}")))?;
+        let (begin, end) = info.data_offsets;
+        let range = self.data_start + begin..self.data_start + end;
+        let bytes = self.file.bytes(range.clone(), &format!("tensor `{name}`"))?;
+        let tensor = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)
+            .map_err(|e| ModelError::format(path, format!("tensor `{name}`: {e}")))?;
+        self.file.release(range);
+        Ok(tensor)
     }
 }
