@@ -6,6 +6,7 @@
 
 mod attention;
 pub mod config;
+pub mod embedding;
 pub mod error;
 pub mod gguf;
 pub mod kernels;

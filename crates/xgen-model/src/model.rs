@@ -9,6 +9,7 @@ use candle_nn::{Embedding, RmsNorm};
 use crate::{
     attention::{Attention, Caches},
     config::Config,
+    embedding::TokenEmbedding,
     error::{ModelError, Result},
     kernels::{prompt_attention, work_split},
     kv_cache::{KvCache, KvType},
@@ -80,7 +81,7 @@ impl DecoderLayer {
 #[derive(Debug, Clone)]
 pub struct Model {
     config: Config,
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -160,7 +161,14 @@ impl Model {
             }
         };
         let eps = config.rms_norm_eps;
-        let embed = float(take(names::EMBED_TOKENS)?, names::EMBED_TOKENS)?;
+        // A packed table (from a GGUF file) is looked up in place, and is `lm_head` when tied.
+        let (embed_tokens, tied) = match take(names::EMBED_TOKENS)? {
+            Weight::Packed(p) => (TokenEmbedding::Packed(p.clone()), Weight::Packed(p)),
+            w => {
+                let t = float(w, names::EMBED_TOKENS)?;
+                (TokenEmbedding::Table(Embedding::new(t.clone(), config.hidden_size)), Weight::Float(t))
+            }
+        };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let mut t = |which| take(&names::layer_name(i, which));
@@ -191,11 +199,10 @@ impl Model {
             });
         }
         let norm = RmsNorm::new(float(take(names::NORM)?, names::NORM)?, eps);
-        let lm_head =
-            if config.tie_word_embeddings { Weight::Float(embed.clone()) } else { take(names::LM_HEAD)? };
+        let lm_head = if config.tie_word_embeddings { tied } else { take(names::LM_HEAD)? };
         let lm_head = Linear::new(lm_head)?;
         let mut model = Self {
-            embed_tokens: Embedding::new(embed, config.hidden_size),
+            embed_tokens,
             lm_head,
             rope: Rope::new(&config),
             layers,
@@ -283,17 +290,16 @@ impl Model {
             .sum();
         let lm_head = if self.config.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() };
         let norm = self.config.hidden_size * self.dtype.size_in_bytes();
-        let embed = self.embed_tokens.embeddings();
-        embed.elem_count() * embed.dtype().size_in_bytes() + layers + norm + lm_head
+        self.embed_tokens.bytes() + layers + norm + lm_head
     }
 
     /// Weight bytes a decode step reads: everything but the embedding table, of which it reads
     /// one row (with tied embeddings the table is read whole, as `lm_head`).
     pub fn weight_bytes_per_token(&self) -> usize {
-        let embed = self.embed_tokens.embeddings();
-        let table = embed.elem_count() * embed.dtype().size_in_bytes();
-        let row = self.config.hidden_size * embed.dtype().size_in_bytes();
-        self.weight_bytes() - table + row
+        if self.config.tie_word_embeddings {
+            return self.weight_bytes();
+        }
+        self.weight_bytes() - self.embed_tokens.bytes() + self.embed_tokens.row_bytes()
     }
 
     pub fn config(&self) -> &Config {

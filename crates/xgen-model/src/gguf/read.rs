@@ -1,8 +1,8 @@
 //! Reading GGUF (files xgen writes and llama.cpp's XGen conversions), memory-mapped: the
 //! configuration from the metadata, and each tensor checked against it, un-permuted (q/k) and
 //! turned into a model [`Weight`]: q8_0/q4_0 matrices into the packed CPU layout (where the CPU
-//! runs its kernels), other block types into candle's quantized storage, quantized embeddings
-//! dequantized, floats converted.
+//! runs its kernels), q5_0/q4_1/q5_1/q2_k..q6_k converted to packed q8_0 ([`Repack`]), q4_k and
+//! the rest into candle's quantized storage, quantized embeddings dequantized, floats converted.
 
 use std::{
     collections::HashMap,
@@ -19,7 +19,7 @@ use super::{is_rope_permuted, permute_rope_rows, type_bytes, Value, HF_CONFIG_KE
 use crate::{
     config::Config,
     error::{ModelError, Result},
-    kernels::quant::{BlockFormat, PackedMatrix},
+    kernels::quant::repack::Repack,
     linear::Weight,
     weights::{mapped::MappedFile, names, LoadProgress},
 };
@@ -171,19 +171,15 @@ impl GgufFile {
         } else {
             bytes
         };
-        let packed = match t {
-            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
-            GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
-            _ => None,
-        };
         let linear = names::is_linear(hf);
         let float = matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        // Block types with packed kernels, or convertible to one (`Repack`), where they run.
+        let fast = (linear || hf == names::EMBED_TOKENS)
+            && device.is_cpu()
+            && crate::kernels::quant::has_fast_kernels();
+        let packed = if fast { Repack::of(t).apply(t, shape[0], shape[1], bytes)? } else { None };
         let weight = match packed {
-            Some(format) if linear && device.is_cpu() && crate::kernels::quant::has_fast_kernels() => {
-                Weight::Packed(std::sync::Arc::new(PackedMatrix::from_ggml(
-                    format, shape[0], shape[1], bytes,
-                )?))
-            }
+            Some(p) => Weight::Packed(std::sync::Arc::new(p)),
             _ if linear && !float => {
                 Weight::Quantized(std::sync::Arc::new(qtensor_from_ggml(t, bytes, shape.to_vec(), device)?))
             }

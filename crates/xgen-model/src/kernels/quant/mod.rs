@@ -16,6 +16,7 @@
 mod activations;
 mod kernel;
 mod layout;
+pub mod repack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -167,6 +168,16 @@ impl PackedMatrix {
                 Ok(Tensor::from_vec(y, shape, x.device())?)
             })
             .collect()
+    }
+
+    /// Row `j` dequantized into `out` (`k` values): `d · q` per block, as GGUF's dequantizers.
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let (qs, d, nb) = (self.row_qs(j), self.row_d(j), self.k / BLOCK);
+        for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let scale = half::f16::from_bits(d[b]).to_f32();
+            let q = layout::signed_block(self.format, qs, nb, b);
+            o.iter_mut().zip(q).for_each(|(o, q)| *o = q as f32 * scale);
+        }
     }
 
     /// Quant bytes of one row (`k / 32 · quant bytes`).
