@@ -27,8 +27,9 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 
 /// (rows, k, n): full groups of 16 blocks and every kind of short last group (k/32 = 2, 3, 4, 5,
 /// 6, 7, 32, 128, 344) and row counts across the tile sizes.
-const SHAPES: [(usize, usize, usize); 10] = [
+const SHAPES: [(usize, usize, usize); 11] = [
     (1, 4096, 37),
+    (33, 544, 23),
     (3, 96, 70),
     (4, 64, 1),
     (2, 1024, 129),
