@@ -1,9 +1,12 @@
-//! Multi-head (and grouped-query) causal self-attention of one layer over the KV cache.
+//! Multi-head (and grouped-query) causal self-attention of one layer over the KV cache:
+//! q/k/v projections, RoPE, the cache write, attention, the output projection.
 //!
-//! Scores and softmax are computed in f32 whatever the compute dtype, as transformers' CPU SDPA
-//! does for bf16/f16. Query rows are processed in chunks so that at most `SCORE_BUDGET_BYTES` of
-//! scores exist at once: an 8K prompt never materialises an f32 `[h, 8192, 8192]` tensor (8 GiB
-//! for the 7B); a decode step (one row) is a single chunk.
+//! Attention runs on the CPU kernels where they apply (`kernels::decode_attention` for one query
+//! row, `kernels::prompt_attention` for a prompt chunk); elsewhere, and as their tests'
+//! reference, on [`causal_attention`]. Scores and softmax are computed in f32 whatever the compute
+//! dtype, as transformers' CPU SDPA does for bf16/f16. `causal_attention` takes query rows in
+//! chunks so that at most `SCORE_BUDGET_BYTES` of scores exist at once: an 8K prompt never
+//! materialises an f32 `[h, 8192, 8192]` tensor (8 GiB for the 7B).
 
 use candle_core::{DType, Tensor};
 
@@ -79,7 +82,6 @@ impl Attention {
         layer: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let n_rep = self.num_heads / self.num_kv_heads;
         let (past, s) = (cache.len(), cache.len() + q.dim(2)?);
         cache.append(layer, k, v)?;
         let (keys, values) = cache.buffers(layer); // [b, kv_h, capacity, ..]
@@ -90,8 +92,7 @@ impl Attention {
             return Ok(out);
         }
         let (k, v) = cache.views(layer, s)?; // [b, kv_h, s, hd]
-        let (k, v) = (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?); // [b, h, s, hd]
-        causal_attention(q, &k, &v, past, cache.padding())
+        grouped_causal_attention(q, &k, &v, past, cache.padding())
     }
 }
 
@@ -110,6 +111,20 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     }
     let (b, kv_h, s, hd) = x.dims4()?;
     Ok(x.unsqueeze(2)?.expand((b, kv_h, n_rep, s, hd))?.reshape((b, kv_h * n_rep, s, hd))?)
+}
+
+/// [`causal_attention`] with `k`, `v` `[b, kv_h, s, hd]`, each key/value head shared by `h / kv_h`
+/// query heads (the reference the CPU kernels' tests compare with).
+pub(crate) fn grouped_causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    past: usize,
+    padding: &[usize],
+) -> Result<Tensor> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    causal_attention(q, &repeat_kv(k, n_rep)?, &repeat_kv(v, n_rep)?, past, padding)
+    // [b, h, t, hd]
 }
 
 /// softmax(q kᵀ / √hd + mask) v, in f32, for queries at cache slots `past..past + t`: causal, and

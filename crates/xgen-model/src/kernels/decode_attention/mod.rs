@@ -228,21 +228,12 @@ fn dot(q: &[f32], k: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::causal_attention;
+    use crate::attention::grouped_causal_attention;
 
     /// `causal_attention` of the last query over `k`, `v` `[b, kv_h, len, hd]`, each key/value
     /// head shared by `h / kv_h` query heads.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, padding: &[usize]) -> Tensor {
-        let (h, (b, kv_h, len, hd)) = (q.dim(1).unwrap(), k.dims4().unwrap());
-        let rep = |x: &Tensor| {
-            x.unsqueeze(2)
-                .unwrap()
-                .expand((b, kv_h, h / kv_h, len, hd))
-                .unwrap()
-                .reshape((b, h, len, hd))
-                .unwrap()
-        };
-        causal_attention(q, &rep(k), &rep(v), len - 1, padding).unwrap()
+        grouped_causal_attention(q, k, v, k.dim(2).unwrap() - 1, padding).unwrap()
     }
 
     #[test]

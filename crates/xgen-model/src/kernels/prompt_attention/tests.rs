@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{prompt_attention_on, Path};
-use crate::{attention::causal_attention, kv_cache::KvBuffer, KvType};
+use crate::{attention::grouped_causal_attention, kv_cache::KvBuffer, KvType};
 
 /// `(b, h, kv_h, hd, past, t, padding)`.
 type Case = (usize, usize, usize, usize, usize, usize, Vec<usize>);
@@ -22,21 +22,12 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// `causal_attention` over slots `0..len` of `k`/`v`, each key/value head shared by `h / kv_h`
-/// query heads.
+/// `causal_attention` over slots `0..past + t` of `k`/`v`, each key/value head shared by
+/// `h / kv_h` query heads.
 fn reference(q: &Tensor, k: &KvBuffer, v: &KvBuffer, past: usize, padding: &[usize]) -> Tensor {
-    let (h, t) = (q.dim(1).unwrap(), q.dim(2).unwrap());
-    let rep = |x: &KvBuffer| {
-        let x = x.view(past + t).unwrap().to_dtype(DType::F32).unwrap();
-        let (b, kv_h, len, hd) = x.dims4().unwrap();
-        x.unsqueeze(2)
-            .unwrap()
-            .expand((b, kv_h, h / kv_h, len, hd))
-            .unwrap()
-            .reshape((b, h, len, hd))
-            .unwrap()
-    };
-    causal_attention(q, &rep(k), &rep(v), past, padding).unwrap()
+    let len = past + q.dim(2).unwrap();
+    let f32s = |x: &KvBuffer| x.view(len).unwrap().to_dtype(DType::F32).unwrap();
+    grouped_causal_attention(q, &f32s(k), &f32s(v), past, padding).unwrap()
 }
 
 fn buffer(kind: KvType, shape: (usize, usize, usize, usize), scale: f64) -> KvBuffer {
