@@ -1,10 +1,15 @@
-//! Prompt products with block-quantized weights: xgen's packed kernels against candle's `QMatMul`
-//! on the same GGUF blocks, same run, XGen-7B shapes, `ROWS` activation rows (default 256, the
-//! prefill chunk). Prints tera-operations per second (2 per multiply-add) and the ratio to the f32
-//! FMA peak of the same threads, measured in the same run. Runs inside the rayon pool, as the
-//! engine does.
+//! Prompt work of one chunk, XGen-7B shapes, same run, `ROWS` query/activation rows (default 256,
+//! the prefill chunk):
+//! - products with block-quantized weights: xgen's packed kernels against candle's `QMatMul` on
+//!   the same GGUF blocks;
+//! - attention of the chunk over an f16 cache of 4K and 8K positions: the fused kernel
+//!   (`kernels::prompt_attention`) against `attention::causal_attention` (the f32 path it replaced).
 //!
-//! `cargo bench -p xgen-model --bench prompt` (env: ROWS, FORMAT=q8_0|q4_0 for one format)
+//! Prints tera-operations per second (2 per multiply-add) and the ratio to the f32 FMA peak of the
+//! same threads, measured in the same run. Runs inside the rayon pool, as the engine does.
+//!
+//! `cargo bench -p xgen-model --bench prompt` (env: ROWS, FORMAT=q8_0|q4_0 for one format,
+//! FORMAT=attention for the attention alone)
 
 use std::{hint::black_box, time::Instant};
 
@@ -13,8 +18,10 @@ use candle_core::{
     Device, Module, Tensor,
 };
 use xgen_model::{
-    kernels::peak,
+    attention::causal_attention,
+    kernels::{peak, prompt_attention::prompt_attention},
     quant::{BlockFormat, PackedMatrix},
+    DType, KvCache, KvType,
 };
 
 const SHAPES: [(usize, usize, &str); 3] =
@@ -30,6 +37,9 @@ fn run() {
     let only = std::env::var("FORMAT").ok();
     let peak = peak::f32_fma_flops(3);
     println!("f32 FMA peak of {} threads: {:.0} GFLOP/s", rayon::current_num_threads(), peak / 1e9);
+    if only.as_deref().is_none_or(|f| f == "attention") {
+        attention(rows, peak);
+    }
     for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
         if only.as_deref().is_some_and(|f| f != format!("{format:?}").to_lowercase()) {
             continue;
@@ -51,6 +61,33 @@ fn run() {
                 ours / theirs
             );
         }
+    }
+}
+
+/// The last `rows` positions of a 4K and an 8K prompt attending over an f16 cache (32 heads of
+/// 128, one layer): the fused kernel and the f32 reference path, same data.
+fn attention(rows: usize, peak: f64) {
+    let dev = Device::Cpu;
+    let (h, hd) = (32, 128);
+    for len in [4096, 8192] {
+        let past = len - rows;
+        let mut cache = KvCache::new(1, 1, h, hd, len, KvType::Float(DType::F16), &dev).unwrap();
+        let kv = Tensor::randn(0f32, 1., (1, h, len, hd), &dev).unwrap();
+        cache.append(0, &kv, &kv).unwrap();
+        let q = Tensor::randn(0f32, 1., (1, h, rows, hd), &dev).unwrap();
+        // Causal: the chunk's queries see past + (1..=rows) keys; q·k and p·v, 2 ops each.
+        let ops = 4.0 * (h * hd) as f64 * (rows * past + rows * (rows + 1) / 2) as f64;
+        let (k, v) = cache.buffers(0);
+        let fused = ops / seconds(|| prompt_attention(&q, k, v, past, &[0]).unwrap().expect("applies"));
+        let (kf, vf) = cache.views(0, len).unwrap();
+        let reference = ops / seconds(|| causal_attention(&q, &kf, &vf, past, &[0]).unwrap());
+        println!(
+            "attention {rows} rows after {past} (f16 cache): fused {:.3} TOPS ({:.2}x f32 peak)   causal_attention {:.3} TOPS   ratio {:.2}x",
+            fused / 1e12,
+            fused / peak,
+            reference / 1e12,
+            fused / reference
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 //! Data flow: ids → [`Model::forward_hidden`] (embed → layers → norm, writing the [`KvCache`]) →
 //! [`Model::logits`]. The model knows nothing of text; the tokenizer is another crate.
 
-mod attention;
+pub mod attention;
 pub mod config;
 pub mod embedding;
 pub mod error;
