@@ -9,7 +9,7 @@
 //! same threads, measured in the same run. Runs inside the rayon pool, as the engine does.
 //!
 //! `cargo bench -p xgen-model --bench prompt` (env: ROWS, FORMAT=q8_0|q4_0 for one format,
-//! FORMAT=attention for the attention alone)
+//! FORMAT=attention for the attention alone, REFERENCE=off to skip candle's side)
 
 use std::{hint::black_box, time::Instant};
 
@@ -35,6 +35,7 @@ fn run() {
     let dev = Device::Cpu;
     let rows = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
     let only = std::env::var("FORMAT").ok();
+    let reference = std::env::var("REFERENCE").map_or(true, |v| v != "off");
     let peak = peak::f32_fma_flops(3);
     println!("f32 FMA peak of {} threads: {:.0} GFLOP/s", rayon::current_num_threads(), peak / 1e9);
     if only.as_deref().is_none_or(|f| f == "attention") {
@@ -51,8 +52,12 @@ fn run() {
             let x = Tensor::randn(0f32, 1., (1, rows, k), &dev).unwrap();
             let ops = 2.0 * (n * k * rows) as f64;
             let ours = ops / seconds(|| packed.forward(&x).unwrap());
-            let candle = QMatMul::from_qtensor(q).unwrap();
-            let theirs = ops / seconds(|| candle.forward(&x).unwrap());
+            let theirs = if reference {
+                let candle = QMatMul::from_qtensor(q).unwrap();
+                ops / seconds(|| candle.forward(&x).unwrap())
+            } else {
+                f64::NAN
+            };
             println!(
                 "{format:?} {n}x{k} ({name}) rows {rows}: xgen {:.3} TOPS ({:.2}x f32 peak)   candle {:.3} TOPS   ratio {:.2}x",
                 ours / 1e12,
@@ -91,16 +96,15 @@ fn attention(rows: usize, peak: f64) {
     }
 }
 
-/// Median seconds of one call, over 5 timed calls after a warm-up.
+/// Fastest of 7 timed calls after a warm-up, in seconds: the host is shared, and the fastest
+/// call is the one least disturbed by other tenants.
 fn seconds(f: impl Fn() -> Tensor) -> f64 {
     black_box(f());
-    let mut t: Vec<f64> = (0..5)
+    (0..7)
         .map(|_| {
             let start = Instant::now();
             black_box(f());
             start.elapsed().as_secs_f64()
         })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[2]
+        .fold(f64::INFINITY, f64::min)
 }

@@ -55,17 +55,31 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             let y = match amx_product(w, x, rows, k, n)? {
                 Some(y) => y,
                 None => {
+                    let pairs = if rows > GROUP && x.dtype() == DType::BF16 && bf16_dot() {
+                        Some(x.flatten_all()?.to_vec1::<bf16>()?)
+                    } else {
+                        None
+                    };
                     let mut xs = widened()?;
                     if simd() {
                         xs.chunks_mut(k).for_each(even_odd);
                     }
-                    tiled(w, &xs, rows, k, n, Kind::Bf16)
+                    let acts = Acts { widened: &xs, bf16: pairs.as_deref().map(bits) };
+                    tiled(w, acts, rows, k, n, Kind::Bf16)
                 }
             };
             Tensor::from_vec(y.into_iter().map(bf16::from_f32).collect::<Vec<_>>(), out_shape, x.device())?
         }
         CpuStorage::F16(data) => {
-            let y = tiled(bits(weights(data, layout, n * k)), &widened()?, rows, k, n, Kind::F16);
+            let xs = widened()?;
+            let y = tiled(
+                bits(weights(data, layout, n * k)),
+                Acts { widened: &xs, bf16: None },
+                rows,
+                k,
+                n,
+                Kind::F16,
+            );
             Tensor::from_vec(y.into_iter().map(f16::from_f32).collect::<Vec<_>>(), out_shape, x.device())?
         }
         _ => return Ok(None),
@@ -83,6 +97,7 @@ pub fn prompt_kernel(dtype: DType) -> &'static str {
         return "amx-bf16";
     }
     match dtype {
+        DType::BF16 if bf16_dot() => "avx512-bf16",
         DType::BF16 | DType::F16 if simd() => "avx512",
         DType::BF16 | DType::F16 => "portable",
         _ => "candle",
@@ -139,18 +154,44 @@ enum Kind {
     F16,
 }
 
+/// A prompt's activation rows `[rows, k]` as the kernels read them: widened to f32 (in
+/// [`even_odd`] order for bf16 weights under [`simd`]), and for bf16 weights on a CPU with
+/// AVX512-BF16 also as bf16 bits in natural order, which the prompt tiles then multiply with
+/// `vdpbf16ps` (32 products per instruction instead of two FMAs of 16).
+#[derive(Clone, Copy)]
+struct Acts<'a> {
+    widened: &'a [f32],
+    bf16: Option<&'a [u16]>,
+}
+
+impl<'a> Acts<'a> {
+    /// Rows `first..` (`k` values each).
+    fn rows_after(self, first: usize, k: usize) -> Self {
+        Self { widened: &self.widened[first * k..], bf16: self.bf16.map(|b| &b[first * k..]) }
+    }
+}
+
+/// Whether the CPU multiplies bf16 pairs (`vdpbf16ps`, AVX512-BF16).
+fn bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return simd() && std::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// [`run`] over tiles of [`TILE_ROWS`] activation rows, `[rows, n]` f32.
-fn tiled(w: &[u16], xs: &[f32], rows: usize, k: usize, n: usize, kind: Kind) -> Vec<f32> {
+fn tiled(w: &[u16], acts: Acts, rows: usize, k: usize, n: usize, kind: Kind) -> Vec<f32> {
     let mut y = Vec::with_capacity(rows * n);
-    for (t, tile) in xs.chunks(TILE_ROWS * k).enumerate() {
-        let tile_rows = TILE_ROWS.min(rows - t * TILE_ROWS);
-        y.extend(run(w, tile, tile_rows, k, n, kind));
+    for first in (0..rows).step_by(TILE_ROWS) {
+        let tile_rows = TILE_ROWS.min(rows - first);
+        y.extend(run(w, acts.rows_after(first, k), tile_rows, k, n, kind));
     }
     y
 }
 
 /// `y[r][j] = sum_i w[j][i] * x[r][i]`, returned as `[rows, n]` f32.
-fn run(w: &[u16], xs: &[f32], rows: usize, k: usize, n: usize, kind: Kind) -> Vec<f32> {
+fn run(w: &[u16], acts: Acts, rows: usize, k: usize, n: usize, kind: Kind) -> Vec<f32> {
+    let xs = acts.widened;
     // Computed feature-major ([n, rows]) so each task owns a contiguous slice, then transposed.
     let mut yt = vec![0f32; n * rows];
     yt.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(b, chunk)| {
@@ -161,7 +202,7 @@ fn run(w: &[u16], xs: &[f32], rows: usize, k: usize, n: usize, kind: Kind) -> Ve
         let tiles = if rows > GROUP && simd() { features / 4 } else { 0 };
         prompt_tiles(
             &w[first * k..(first + 4 * tiles) * k],
-            xs,
+            acts,
             rows,
             k,
             kind,
@@ -187,16 +228,22 @@ fn run(w: &[u16], xs: &[f32], rows: usize, k: usize, n: usize, kind: Kind) -> Ve
 /// `out` `[4t, rows]` (feature-major): the first `rows / GROUP · GROUP` rows of each feature,
 /// for the `t` weight tiles `w` `[4t, k]`. The width is taken in blocks of [`K_BLOCK`], a group's
 /// activations staying in L1 while every tile passes them, with partial sums kept between blocks.
-fn prompt_tiles(w: &[u16], xs: &[f32], rows: usize, k: usize, kind: Kind, out: &mut [f32]) {
+fn prompt_tiles(w: &[u16], acts: Acts, rows: usize, k: usize, kind: Kind, out: &mut [f32]) {
     let (tiles, groups) = (w.len() / (4 * k).max(1), rows / GROUP);
     let tile = |t: usize| &w[4 * t * k..4 * (t + 1) * k];
-    let group = |g: usize| &xs[g * GROUP * k..(g + 1) * GROUP * k];
+    let group = |g: usize| &acts.widened[g * GROUP * k..(g + 1) * GROUP * k];
     let mut partial = vec![Partial::default(); tiles * groups];
     for start in (0..k).step_by(K_BLOCK) {
         let end = (start + K_BLOCK).min(k);
         for g in 0..groups {
             for t in 0..tiles {
-                dot_tile(tile(t), group(g), k, start..end, kind, &mut partial[t * groups + g]);
+                let acc = &mut partial[t * groups + g];
+                match acts.bf16 {
+                    Some(xb) => {
+                        dot_tile_bf16(tile(t), &xb[g * GROUP * k..(g + 1) * GROUP * k], k, start..end, acc)
+                    }
+                    None => dot_tile(tile(t), group(g), k, start..end, kind, acc),
+                }
             }
         }
     }
@@ -281,6 +328,21 @@ fn dot_tile(w4: &[u16], xs: &[f32], k: usize, range: std::ops::Range<usize>, kin
     }
 }
 
+/// As [`dot_tile`] for bf16 weights and bf16 activations `xb` (`[GROUP, k]`, natural order);
+/// only where [`bf16_dot`] holds.
+fn dot_tile_bf16(w4: &[u16], xb: &[u16], k: usize, range: std::ops::Range<usize>, acc: &mut Partial) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: callers check `bf16_dot()`; slices are [4, k] and [GROUP, k], range within k.
+    unsafe {
+        avx512::tile_bf16(w4, xb, k, range, acc)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w4, xb, k, range, acc);
+        unreachable!("dot_tile_bf16 runs only where bf16_dot() holds")
+    }
+}
+
 #[inline]
 fn widen(b: u16, kind: Kind) -> f32 {
     match kind {
@@ -355,6 +417,53 @@ mod avx512 {
                 unsafe { _mm512_storeu_ps(partial.0[row][r].as_mut_ptr(), *a) };
             }
         }
+    }
+
+    /// [`tile`] with bf16 activations `xb` in natural order: `vdpbf16ps` adds the products of
+    /// each pair of values into one lane (the lanes are summed in [`Partial::finish`], so the
+    /// lane a product lands in does not matter). Products of bf16 values are exact in f32.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn tile_bf16(
+        w4: &[u16],
+        xb: &[u16],
+        k: usize,
+        range: std::ops::Range<usize>,
+        partial: &mut Partial,
+    ) {
+        // SAFETY: `Partial` is 16 rows of 16 f32, one register each.
+        let mut acc: [[__m512; GROUP]; 4] = std::array::from_fn(|i| {
+            std::array::from_fn(|r| unsafe { _mm512_loadu_ps(partial.0[i][r].as_ptr()) })
+        });
+        let mut i = range.start;
+        while i + 32 <= range.end {
+            // SAFETY (whole block): i + 32 <= k; w4 is [4, k] and xb [GROUP, k].
+            let ws: [__m512bh; 4] =
+                std::array::from_fn(|row| unsafe { load_pairs(w4.as_ptr().add(row * k + i)) });
+            for r in 0..GROUP {
+                let x = unsafe { load_pairs(xb.as_ptr().add(r * k + i)) };
+                for (row_acc, wv) in acc.iter_mut().zip(&ws) {
+                    row_acc[r] = _mm512_dpbf16_ps(row_acc[r], *wv, x);
+                }
+            }
+            i += 32;
+        }
+        for (row, acc) in acc.iter().enumerate() {
+            for (r, a) in acc.iter().enumerate() {
+                // SAFETY: 16 f32 in each.
+                unsafe { _mm512_storeu_ps(partial.0[row][r].as_mut_ptr(), *a) };
+            }
+        }
+    }
+
+    /// 32 bf16 values (bits) from `p` as `vdpbf16ps`'s operand.
+    ///
+    /// # Safety
+    /// `p` points at 32 readable values; the CPU has AVX-512F.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_pairs(p: *const u16) -> __m512bh {
+        // SAFETY: 64 readable bytes (the contract); both types are 64-byte vectors.
+        unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast())) }
     }
 
     /// `R` activation rows; separate accumulators for the two halves of each load keep 2R
@@ -443,6 +552,39 @@ mod tests {
                 // One rounding of the f32 sum to the 16-bit output: 2^-8 (bf16) or 2^-11 (f16).
                 let tol = if dtype == DType::BF16 { 4e-3 } else { 5e-4 };
                 assert!(err < tol, "{dtype:?} rows {rows} k {k} n {n}: {err}");
+            }
+        }
+    }
+
+    /// bf16 prompts run on `vdpbf16ps` where the CPU has it; the widening FMA path (every other
+    /// AVX-512 CPU) is forced here, and both are held to candle's f32 matmul.
+    #[test]
+    fn both_bf16_prompt_paths_equal_candle_matmul() {
+        let dev = Device::Cpu;
+        for (rows, k, n) in [(9, 1100, 7), (13, 2100, 40), (33, 2048, 96), (8, 64, 12)] {
+            let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let x = Tensor::randn(0f32, 1., (rows, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let want: Vec<f32> = x
+                .to_dtype(DType::F32)
+                .unwrap()
+                .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let wb: Vec<bf16> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let xb: Vec<bf16> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let mut xs: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            if simd() {
+                xs.chunks_mut(k).for_each(even_odd);
+            }
+            let paths = [Some(bits(&xb)).filter(|_| bf16_dot()), None];
+            for pairs in paths.into_iter().collect::<std::collections::HashSet<_>>() {
+                let got = tiled(bits(&wb), Acts { widened: &xs, bf16: pairs }, rows, k, n, Kind::Bf16);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+                assert!(err < 1e-5, "bf16 pairs {} rows {rows} k {k} n {n}: {err}", pairs.is_some());
             }
         }
     }

@@ -3,7 +3,10 @@
 
 use rayon::prelude::*;
 
-use super::{layout::position, BlockFormat, BLOCK};
+use super::{
+    layout::{position, GROUP_BLOCKS},
+    BlockFormat, BLOCK,
+};
 
 /// `rows` activation rows of `k` values, quantized per block of 32.
 pub struct Activations {
@@ -26,11 +29,15 @@ impl Activations {
         let mut grouped = vec![0i8; rows * k];
         let mut d = vec![0f32; rows * nb];
         let mut sums = vec![0i32; rows * nb];
-        let parts = xs.chunks(k).zip(grouped.chunks_mut(k).zip(d.chunks_mut(nb).zip(sums.chunks_mut(nb))));
         if rows >= 8 {
-            parts.par_bridge().for_each(|(x, (g, (d, sums)))| quantize_row(x, g, d, sums));
+            xs.par_chunks(k)
+                .zip(grouped.par_chunks_mut(k))
+                .zip(d.par_chunks_mut(nb).zip(sums.par_chunks_mut(nb)))
+                .for_each(|((x, g), (d, sums))| quantize_row(x, g, d, sums));
         } else {
-            parts.for_each(|(x, (g, (d, sums)))| quantize_row(x, g, d, sums));
+            let parts =
+                xs.chunks(k).zip(grouped.chunks_mut(k)).zip(d.chunks_mut(nb).zip(sums.chunks_mut(nb)));
+            parts.for_each(|((x, g), (d, sums))| quantize_row(x, g, d, sums));
         }
         Self { rows, k, d, grouped, sums }
     }
@@ -62,17 +69,57 @@ impl Activations {
 
 /// One row `x` of `k` values -> its quants in run order `g`, block scales `d` and block sums.
 fn quantize_row(x: &[f32], g: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_fast_kernels() {
+        // SAFETY: the CPU has the SIMD kernels' features (checked just above).
+        return unsafe { super::x86::quantize_row(x, g, d, sums) };
+    }
+    quantize_row_any(x, g, d, sums)
+}
+
+/// The portable quantizer, and the definition the SIMD one must match.
+pub(super) fn quantize_row_any(x: &[f32], g: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
     let nb = x.len() / BLOCK;
-    for (b, x) in x.chunks_exact(BLOCK).enumerate() {
-        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-        d[b] = half::f16::from_f32(scale).to_f32();
-        let q: [i8; BLOCK] = std::array::from_fn(|i| (x[i] * inv).round() as i8);
-        sums[b] = q.iter().map(|&v| v as i32).sum();
-        for i in (0..BLOCK).step_by(4) {
-            let (at, _) = position(BlockFormat::Q8_0, nb, b, i);
-            g[at..at + 4].copy_from_slice(&q[i..i + 4]);
+    // Group by group of 16 blocks: in a group of `t` blocks, quants 4u..4u + 4 of its block `b`
+    // sit at 4t·u + 4b (see `layout`; `position` says the same per value).
+    for (gi, (xg, gg)) in x.chunks(BLOCK * GROUP_BLOCKS).zip(g.chunks_mut(BLOCK * GROUP_BLOCKS)).enumerate() {
+        let t = xg.len() / BLOCK;
+        for (lane, x) in xg.chunks_exact(BLOCK).enumerate() {
+            let b = gi * GROUP_BLOCKS + lane;
+            // Lane-wise maxima first (a single running maximum would not vectorise).
+            let mut lanes = [0f32; 16];
+            for i in 0..BLOCK {
+                lanes[i % 16] = lanes[i % 16].max(x[i].abs());
+            }
+            let mut amax = 0f32;
+            for m in lanes {
+                amax = amax.max(m);
+            }
+            let scale = amax / 127.0;
+            let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            d[b] = half::f16::from_f32(scale).to_f32();
+            let mut q = [0i8; BLOCK];
+            let mut sum = 0i32;
+            for i in 0..BLOCK {
+                q[i] = round_half_away(x[i] * inv) as i8;
+                sum += q[i] as i32;
+            }
+            sums[b] = sum;
+            for (u, four) in q.chunks_exact(4).enumerate() {
+                gg[4 * t * u + 4 * lane..][..4].copy_from_slice(four);
+            }
         }
+    }
+    debug_assert_eq!(d.len(), nb);
+}
+
+/// `v.round()` (halves away from zero, as ggml's `roundf`), as the SIMD quantizer computes it:
+/// `v - trunc(v)` is exact, so the comparison decides exactly as `roundf` does.
+fn round_half_away(v: f32) -> f32 {
+    let t = v.trunc();
+    if (v - t).abs() >= 0.5 {
+        t + 1f32.copysign(v)
+    } else {
+        t
     }
 }

@@ -4,7 +4,10 @@
 //! activations stay in L2. Each (weight row, row group) goes to the SIMD kernel when the CPU has
 //! one, else to [`dot_scalar`].
 
-use super::{layout::signed_block, Activations, PackedMatrix, BLOCK};
+use super::{
+    layout::{signed_block, GROUP_BLOCKS},
+    Activations, PackedMatrix, BLOCK,
+};
 use crate::kernels::work_split;
 
 /// Activation rows per pass over a weight row (accumulators kept in registers).
@@ -16,6 +19,9 @@ const TILE: usize = 64;
 const CHUNK_ROWS: usize = 64;
 /// Weight rows per tile (streams in flight, sharing each activation load).
 const WEIGHT_ROWS: usize = 4;
+/// Groups of 16 blocks per k slice of a prompt tile: 4096 values, so 4 q8_0 weight rows (16 KB)
+/// and 4 activation rows (16 KB) fit L1 together.
+const SLICE_GROUPS: usize = 8;
 
 /// `[rows, n]`: every activation row times every weight row.
 pub(super) fn matmul(w: &PackedMatrix, acts: &Activations) -> Vec<f32> {
@@ -34,60 +40,92 @@ pub(super) fn matmul_many(ws: &[&PackedMatrix], acts: &Activations) -> Vec<Vec<f
     let starts: Vec<usize> = ws.iter().scan(0, |at, w| Some(std::mem::replace(at, *at + w.n))).collect();
     let n: usize = ws.iter().map(|w| w.n).sum();
     let tile_fn = pick();
+    let groups = acts.k.div_ceil(BLOCK * GROUP_BLOCKS);
     let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; rows * w.n]).collect();
+    let outputs: Vec<Columns> = ys.iter_mut().zip(ws).map(|(y, w)| Columns::new(y, w.n)).collect();
     for start in (0..rows).step_by(TILE) {
         let tile = TILE.min(rows - start);
-        // Feature-major `[n, tile]` so each chunk owns a contiguous slice.
-        let mut yt = vec![0f32; n * tile];
-        work_split::for_each_chunk(n, CHUNK_ROWS, &mut yt, tile, |features, chunk| {
+        // One slot per feature: each chunk's work lands in its features' columns of `ys`.
+        let mut claimed = vec![(); n];
+        work_split::for_each_chunk(n, CHUNK_ROWS, &mut claimed, 1, |features, _| {
             let (first, in_chunk) = (features.start, features.len());
+            // Feature-major `[in_chunk, tile]`: the kernels write one feature's rows together.
+            let mut block = vec![0f32; in_chunk * tile];
+            // Prompts take k in slices, so a tile's weight rows and activation rows both stay in
+            // L1 while it runs (a whole 11008-wide row group would not).
+            let slice = if tile > GROUP { SLICE_GROUPS } else { usize::MAX };
+            for g0 in (0..groups).step_by(slice) {
+                let mut jj = 0;
+                while jj < in_chunk {
+                    let f = first + jj;
+                    let m = starts.partition_point(|&s| s <= f) - 1;
+                    let (w, j) = (ws[m], f - starts[m]);
+                    // A tile stays within one matrix.
+                    let wr = WEIGHT_ROWS.min(in_chunk - jj).min(w.n - j);
+                    for g in (0..tile).step_by(GROUP) {
+                        let r = GROUP.min(tile - g);
+                        let out = &mut block[jj * tile + g..];
+                        let groups = (g0, groups.min(g0.saturating_add(slice)));
+                        tile_fn(w, acts, Tile { j, wr, first: start + g, r, stride: tile, groups }, out);
+                    }
+                    jj += wr;
+                }
+            }
+            // The block's columns into the outputs, a run of features within one matrix at a time.
             let mut jj = 0;
             while jj < in_chunk {
                 let f = first + jj;
                 let m = starts.partition_point(|&s| s <= f) - 1;
-                let (w, j) = (ws[m], f - starts[m]);
-                // A tile stays within one matrix.
-                let wr = WEIGHT_ROWS.min(in_chunk - jj).min(w.n - j);
-                for g in (0..tile).step_by(GROUP) {
-                    let r = GROUP.min(tile - g);
-                    let out = &mut chunk[jj * tile + g..];
-                    tile_fn(w, acts, Tile { j, wr, first: start + g, r, stride: tile }, out);
-                }
-                jj += wr;
+                let run = in_chunk.min(jj + ws[m].n - (f - starts[m]));
+                // SAFETY: features first..first + in_chunk belong to this chunk alone
+                // (for_each_chunk hands each item to one call): no other call writes them.
+                unsafe {
+                    outputs[m].write_columns(f - starts[m], start, &block[jj * tile..run * tile], tile)
+                };
+                jj = run;
             }
         });
-        for (m, y) in ys.iter_mut().enumerate() {
-            let (s0, nm) = (starts[m], ws[m].n);
-            if tile == 1 {
-                // One row (a decode step): feature-major is already the row.
-                y[start * nm..(start + 1) * nm].copy_from_slice(&yt[s0..s0 + nm]);
-                continue;
-            }
-            transpose_into(&yt[s0 * tile..(s0 + nm) * tile], tile, &mut y[start * nm..(start + tile) * nm]);
-        }
     }
     ys
 }
 
-/// `src` `[n, rows]` (feature-major) into `dst` `[rows, n]`, in 16 × 16 blocks so both sides
-/// move whole cache lines (the element loop this replaced wrote one line per value: 5% of a
-/// prompt's time).
-fn transpose_into(src: &[f32], rows: usize, dst: &mut [f32]) {
-    const B: usize = 16;
-    let n = src.len() / rows.max(1);
-    for j0 in (0..n).step_by(B) {
-        for r0 in (0..rows).step_by(B) {
-            for j in j0..(j0 + B).min(n) {
-                for r in r0..(r0 + B).min(rows) {
-                    dst[r * n + j] = src[j * rows + r];
-                }
-            }
+/// A row-major `[rows, n]` output written column by column from several threads, each column by
+/// one of them.
+struct Columns {
+    ptr: *mut f32,
+    len: usize,
+    n: usize,
+}
+
+// SAFETY: calls write disjoint columns (see `write_column`'s contract).
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    fn new(y: &mut [f32], n: usize) -> Self {
+        Self { ptr: y.as_mut_ptr(), len: y.len(), n }
+    }
+
+    /// `y[(row0 + r) · n + j0 + c] = columns[c · rows + r]` for every column `c` of the
+    /// feature-major `columns` (`rows` values each): row by row, so each write is a contiguous run.
+    ///
+    /// # Safety
+    /// No other thread reads or writes columns `j0..` meanwhile, and the `Vec` behind `ptr`
+    /// outlives the call.
+    unsafe fn write_columns(&self, j0: usize, row0: usize, columns: &[f32], rows: usize) {
+        let width = columns.len() / rows;
+        assert!(j0 + width <= self.n && (row0 + rows) * self.n <= self.len, "columns within the output");
+        for r in 0..rows {
+            // SAFETY: in bounds (checked above); exclusive per the contract.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(self.ptr.add((row0 + r) * self.n + j0), width) };
+            out.iter_mut().zip(columns[r..].iter().step_by(rows)).for_each(|(o, &v)| *o = v);
         }
     }
 }
 
-/// A tile: weight rows `j..j + wr` (wr ≤ 4) against activation rows `first..first + r` (r ≤ 4);
-/// `out[w * stride + i]` receives weight row `j + w` times activation row `first + i`.
+/// A tile: weight rows `j..j + wr` (wr ≤ 4) against activation rows `first..first + r` (r ≤ 4),
+/// over the groups of 16 blocks `groups.0..groups.1` of k; `out[w * stride + i]` gains weight row
+/// `j + w` times activation row `first + i` over those blocks.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Tile {
     pub j: usize,
@@ -95,6 +133,7 @@ pub(crate) struct Tile {
     pub first: usize,
     pub r: usize,
     pub stride: usize,
+    pub groups: (usize, usize),
 }
 
 type TileFn = fn(&PackedMatrix, &Activations, Tile, &mut [f32]);
@@ -108,25 +147,35 @@ fn pick() -> TileFn {
 }
 
 fn tile_scalar(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
+    let nb = w.k / BLOCK;
+    let blocks = t.groups.0 * GROUP_BLOCKS..nb.min(t.groups.1.saturating_mul(GROUP_BLOCKS));
     for i in 0..t.wr {
-        dot_scalar(w, t.j + i, acts, t.first, &mut out[i * t.stride..i * t.stride + t.r]);
+        let out = &mut out[i * t.stride..i * t.stride + t.r];
+        dot_scalar(w, t.j + i, acts, t.first, blocks.clone(), out);
     }
 }
 
-/// The portable kernel, and the definition the SIMD ones must match.
-pub(crate) fn dot_scalar(w: &PackedMatrix, j: usize, acts: &Activations, first: usize, out: &mut [f32]) {
+/// The portable kernel, and the definition the SIMD ones must match: `out[i]` gains weight row `j`
+/// times activation row `first + i` over `blocks`.
+pub(crate) fn dot_scalar(
+    w: &PackedMatrix,
+    j: usize,
+    acts: &Activations,
+    first: usize,
+    blocks: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     let (qs, wd, nb) = (w.row_qs(j), w.row_d(j), w.k / BLOCK);
-    let weights: Vec<[i8; BLOCK]> = (0..nb).map(|b| signed_block(w.format, qs, nb, b)).collect();
+    let weights: Vec<(usize, [i8; BLOCK])> = blocks.map(|b| (b, signed_block(w.format, qs, nb, b))).collect();
     for (i, o) in out.iter_mut().enumerate() {
         let xd = acts.row_d(first + i);
-        *o = weights
+        *o += weights
             .iter()
-            .enumerate()
-            .map(|(b, wq)| {
+            .map(|&(b, wq)| {
                 let xq = acts.block_q(first + i, b);
                 let s: i32 = wq.iter().zip(&xq).map(|(&a, &c)| a as i32 * c as i32).sum();
                 half::f16::from_bits(wd[b]).to_f32() * xd[b] * s as f32
             })
-            .sum();
+            .sum::<f32>();
     }
 }

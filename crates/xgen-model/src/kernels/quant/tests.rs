@@ -26,8 +26,9 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// (rows, k, n): full groups of 16 blocks and every kind of short last group (k/32 = 2, 3, 4, 5,
-/// 6, 7, 32, 128, 344) and row counts across the tile sizes.
-const SHAPES: [(usize, usize, usize); 11] = [
+/// 6, 7, 32, 128, 344) and row counts across the tile sizes; prompts wider than one k slice of
+/// the driver (4096 values), with and without a short last group (k/32 = 149, 256).
+const SHAPES: [(usize, usize, usize); 13] = [
     (1, 4096, 37),
     (33, 544, 23),
     (3, 96, 70),
@@ -39,6 +40,8 @@ const SHAPES: [(usize, usize, usize); 11] = [
     (1, 192, 9),
     (5, 224, 11),
     (1, 11008, 8),
+    (9, 4768, 6),
+    (6, 8192, 5),
 ];
 
 #[test]
@@ -78,7 +81,7 @@ fn portable_kernel_equals_simd_kernel() {
             let mut portable = vec![0f32; rows * n];
             for j in 0..n {
                 for r in 0..rows {
-                    kernel::dot_scalar(&w, j, &acts, r, &mut portable[r * n + j..r * n + j + 1]);
+                    kernel::dot_scalar(&w, j, &acts, r, 0..k / 32, &mut portable[r * n + j..r * n + j + 1]);
                 }
             }
             let err = max_rel(&portable, &fast);
@@ -133,4 +136,32 @@ fn matrices_multiplied_together_equal_each_alone() {
         PackedMatrix::quantize(&random(4, 96, 1), BlockFormat::Q8_0).unwrap(),
     ];
     assert!(PackedMatrix::forward_many(&[&mismatched[0], &mismatched[1]], &random(1, 64, 2)).is_err());
+}
+
+#[test]
+fn simd_quantizer_equals_portable_one() {
+    if !super::has_fast_kernels() {
+        eprintln!("no AVX-512 VNNI here: the portable quantizer is the one in use");
+        return;
+    }
+    // A row of 21 blocks (a group of 16 and a short one): random values, a block of zeros, and
+    // blocks whose scale is exactly 1 so that x / d lands on halves (ties round away from zero).
+    let k = 21 * 32;
+    let mut x: Vec<f32> = random(1, k, 9).flatten_all().unwrap().to_vec1().unwrap();
+    x[64..96].fill(0.0);
+    for (i, v) in x[96..160].iter_mut().enumerate() {
+        *v = if i % 32 == 0 { 127.0 } else { (i as f32 - 32.0) + 0.5 };
+    }
+    x[160] = -127.0;
+    x[161] = -2.5;
+    let nb = k / 32;
+    let (mut g1, mut d1, mut s1) = (vec![0i8; k], vec![0f32; nb], vec![0i32; nb]);
+    let (mut g2, mut d2, mut s2) = (vec![0i8; k], vec![0f32; nb], vec![0i32; nb]);
+    super::activations::quantize_row_any(&x, &mut g1, &mut d1, &mut s1);
+    // SAFETY: the CPU has the SIMD kernels' features (checked above).
+    unsafe { super::x86::quantize_row(&x, &mut g2, &mut d2, &mut s2) };
+    assert_eq!(d1, d2);
+    assert_eq!(s1, s2);
+    assert_eq!(g1, g2);
+    assert!(g1.contains(&-3) && g1.contains(&-31), "ties present and rounded away from zero");
 }

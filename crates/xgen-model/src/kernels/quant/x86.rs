@@ -30,17 +30,17 @@ const L1_AHEAD: usize = 256;
 
 /// One [`Tile`] (see its docs) on the SIMD kernels.
 pub(super) fn tile(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
-    let Tile { j, wr, first, r, stride } = t;
+    let Tile { j, wr, first, r, stride, groups } = t;
     macro_rules! go {
         ($wr:literal, $q8:literal, $j:expr, $out:expr) => {
             // SAFETY: `available()` was checked by the caller (kernel::pick); every pointer below
             // stays within the rows' quants and activations (shapes checked in kernel::matmul).
             unsafe {
                 match r {
-                    1 => rows::<$wr, 1, $q8>(w, $j, acts, first, $out, stride),
-                    2 => rows::<$wr, 2, $q8>(w, $j, acts, first, $out, stride),
-                    3 => rows::<$wr, 3, $q8>(w, $j, acts, first, $out, stride),
-                    _ => rows::<$wr, 4, $q8>(w, $j, acts, first, $out, stride),
+                    1 => rows::<$wr, 1, $q8>(w, $j, acts, first, $out, stride, groups),
+                    2 => rows::<$wr, 2, $q8>(w, $j, acts, first, $out, stride, groups),
+                    3 => rows::<$wr, 3, $q8>(w, $j, acts, first, $out, stride, groups),
+                    _ => rows::<$wr, 4, $q8>(w, $j, acts, first, $out, stride, groups),
                 }
             }
         };
@@ -64,6 +64,7 @@ unsafe fn rows<const WR: usize, const R: usize, const Q8: bool>(
     first: usize,
     out: &mut [f32],
     stride: usize,
+    groups: (usize, usize),
 ) {
     let nb = w.k / BLOCK;
     let (row_bytes, block_bytes) = (w.row_bytes(), w.format.quant_bytes());
@@ -157,15 +158,64 @@ unsafe fn rows<const WR: usize, const R: usize, const Q8: bool>(
     }
 
     let full = nb / GROUP_BLOCKS;
-    for g in 0..full {
+    for g in groups.0..groups.1.min(full) {
         group!(g * GROUP_BLOCKS, true);
     }
-    if !nb.is_multiple_of(GROUP_BLOCKS) {
+    if !nb.is_multiple_of(GROUP_BLOCKS) && (groups.0..groups.1).contains(&full) {
         group!(full * GROUP_BLOCKS, false);
     }
     for i in 0..WR {
         for r in 0..R {
-            out[i * stride + r] = _mm512_reduce_add_ps(acc[i][r]);
+            out[i * stride + r] += _mm512_reduce_add_ps(acc[i][r]);
+        }
+    }
+}
+
+/// [`super::activations::quantize_row_any`] on AVX-512: one block of 32 values per two registers.
+///
+/// # Safety
+/// The CPU has the features of [`available`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn quantize_row(x: &[f32], g: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    let nb = x.len() / BLOCK;
+    assert!(g.len() == x.len() && d.len() == nb && sums.len() == nb, "row buffers of one width");
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let (one, half) = (_mm512_set1_ps(1.0), _mm512_set1_ps(0.5));
+    for b in 0..nb {
+        let (gi, lane) = (b / GROUP_BLOCKS, b % GROUP_BLOCKS);
+        let t = GROUP_BLOCKS.min(nb - gi * GROUP_BLOCKS);
+        // SAFETY: block b's 32 values lie within `x` (b < nb).
+        let v = unsafe {
+            [_mm512_loadu_ps(x.as_ptr().add(b * BLOCK)), _mm512_loadu_ps(x.as_ptr().add(b * BLOCK + 16))]
+        };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        let scale = amax / 127.0;
+        let inv = _mm512_set1_ps(if scale != 0.0 { 1.0 / scale } else { 0.0 });
+        d[b] = half::f16::from_f32(scale).to_f32();
+        let mut q = [_mm512_setzero_si512(); 2];
+        // (A loop, not a closure: closures do not inherit this function's target features.)
+        for h in 0..2 {
+            // Round half away from zero: trunc, then one step away where |frac| >= 0.5.
+            let y = _mm512_mul_ps(v[h], inv);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(y, t)), half);
+            let y_sign = _mm512_and_epi32(_mm512_castps_si512(y), sign);
+            let step = _mm512_castsi512_ps(_mm512_or_epi32(y_sign, _mm512_castps_si512(one)));
+            q[h] = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step));
+        }
+        sums[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+        // Values 4u..4u + 4 of the block go to 4t·u + 4·lane of its group (see `layout`).
+        let mut bytes = [0u32; 8];
+        // SAFETY: 2 × 16 bytes into the 32 of `bytes`.
+        unsafe {
+            _mm_storeu_si128(bytes.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q[0]));
+            _mm_storeu_si128(bytes.as_mut_ptr().add(4).cast(), _mm512_cvtepi32_epi8(q[1]));
+        }
+        let group = &mut g[gi * GROUP_BLOCKS * BLOCK..];
+        for (u, four) in bytes.iter().enumerate() {
+            let at = 4 * t * u + 4 * lane;
+            // SAFETY: `at + 4` lies within the group's `32 t` bytes (u < 8, lane < t).
+            unsafe { group.as_mut_ptr().add(at).cast::<u32>().write_unaligned(*four) };
         }
     }
 }
