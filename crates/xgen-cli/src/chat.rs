@@ -11,7 +11,7 @@ use clap::Args;
 use rand::{rngs::StdRng, SeedableRng};
 use xgen_generate::{
     chat::{clean_answer, AnswerStream, Conversation, DEFAULT_HEADER, TURN_SEPARATOR},
-    GenerationConfig, Generator, SampleParams, Sampling, SpecialText,
+    GenerationConfig, Generator, SampleParams, Sampling, Session, SpecialText,
 };
 use xgen_tokenizer::Tokenizer;
 
@@ -62,6 +62,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
     let base = args.sampling.apply(card)?;
     let mut rng = StdRng::seed_from_u64(args.sampling.seed());
     let generator = Generator::new(model, &tokenizer);
+    let mut session = Session::default();
     let mut conversation = Conversation::new(args.header.as_deref().unwrap_or(DEFAULT_HEADER));
     let interactive = std::io::stdin().is_terminal();
     let mut stdout = std::io::stdout().lock();
@@ -94,7 +95,8 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         }
         let config = GenerationConfig { max_new_tokens: Some(args.max_new_tokens.min(room)), ..base.clone() };
         let mut answer = AnswerStream::default();
-        let out = generator.generate(&prompt, &config, &mut rng, &mut |step| {
+        // The conversation's cache carries over: a turn computes only its new tokens.
+        let out = generator.generate_in(&mut session, &prompt, &config, &mut rng, &mut |step| {
             let text = answer.push(step.text);
             // A closed stdout ends the chat at the next read; nothing useful to do here.
             let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());

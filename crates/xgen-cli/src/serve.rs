@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use clap::Args;
 use xgen_generate::GenerationConfig;
-use xgen_server::ServeOptions;
+use xgen_server::{EngineOptions, PrefixCache, ServeOptions};
 
 use crate::{
     exit::bad_input,
@@ -38,6 +38,69 @@ pub struct ServeArgs {
     /// Largest request body accepted (413 beyond).
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// KV cache memory at most, running sequences and prefix cache together: bytes (suffixes K,
+    /// M, G: powers of 1024), or `auto`: the memory available once the model is loaded, less 1 GiB
+    /// for activations and the runtime. A request waits in the queue until its cache (prompt +
+    /// max_tokens) fits; one that never could is a 400.
+    #[arg(long, default_value = "auto", value_parser = parse_kv_budget)]
+    pub kv_budget: KvBudget,
+    /// Keep finished sequences' caches so later prompts that start the same way (the XGen-Inst
+    /// header, a system prompt, earlier turns, the same document) skip those tokens.
+    #[arg(long, value_enum, default_value_t = PrefixCacheArg::On)]
+    pub prefix_cache: PrefixCacheArg,
+}
+
+/// `--kv-budget`, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvBudget {
+    Auto,
+    Bytes(usize),
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefixCacheArg {
+    On,
+    Off,
+}
+
+fn parse_kv_budget(s: &str) -> Result<KvBudget, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(KvBudget::Auto);
+    }
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                _ => return Err(format!("{s:?}: a byte count (suffix K, M or G) or auto")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: usize = digits.parse().map_err(|_| format!("{s:?}: a byte count (suffix K, M or G) or auto"))?;
+    match n.checked_mul(1 << shift) {
+        Some(0) | None => Err(format!("{s:?}: must be positive and fit in memory sizes")),
+        Some(bytes) => Ok(KvBudget::Bytes(bytes)),
+    }
+}
+
+/// `auto`: the memory available now (after the weights), less 1 GiB; unbounded where the system
+/// does not say (no `/proc/meminfo`).
+fn auto_kv_budget() -> Option<usize> {
+    const MARGIN: usize = 1 << 30;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kib * 1024).saturating_sub(MARGIN).max(1))
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
@@ -67,8 +130,22 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         defaults,
         context,
         api_key: args.api_key.clone(),
-        max_batch: args.max_batch,
-        max_queue: args.max_queue,
+        engine: EngineOptions {
+            max_batch: args.max_batch,
+            max_queue: args.max_queue,
+            kv_budget: match args.kv_budget {
+                KvBudget::Auto => None,
+                KvBudget::Bytes(b) => Some(b),
+            },
+            prefix_cache: match args.prefix_cache {
+                PrefixCacheArg::On => PrefixCache::On,
+                PrefixCacheArg::Off => PrefixCache::Off,
+            },
+        },
+        kv_budget_after_load: match args.kv_budget {
+            KvBudget::Auto => auto_kv_budget,
+            KvBudget::Bytes(_) => || None,
+        },
         body_limit: args.max_body_bytes,
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
     };
@@ -112,5 +189,21 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_kv_budget, KvBudget};
+
+    #[test]
+    fn kv_budget_takes_bytes_suffixes_and_auto() {
+        assert_eq!(parse_kv_budget("auto"), Ok(KvBudget::Auto));
+        assert_eq!(parse_kv_budget("1000"), Ok(KvBudget::Bytes(1000)));
+        assert_eq!(parse_kv_budget("8G"), Ok(KvBudget::Bytes(8 << 30)));
+        assert_eq!(parse_kv_budget("512m"), Ok(KvBudget::Bytes(512 << 20)));
+        for bad in ["", "0", "8T", "G", "-1", "1.5G", "99999999999999999999G"] {
+            assert!(parse_kv_budget(bad).is_err(), "{bad:?}");
+        }
     }
 }

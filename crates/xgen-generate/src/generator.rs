@@ -169,8 +169,8 @@ impl<'t> Sequence<'t> {
 
 /// Runs generation with a model and the tokenizer that goes with it.
 pub struct Generator<'a> {
-    model: &'a Model,
-    tokenizer: &'a Tokenizer,
+    pub(crate) model: &'a Model,
+    pub(crate) tokenizer: &'a Tokenizer,
 }
 
 impl<'a> Generator<'a> {

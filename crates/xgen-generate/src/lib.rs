@@ -12,6 +12,7 @@ pub mod generator;
 pub mod hub;
 pub mod penalties;
 pub mod sampler;
+pub mod session;
 pub mod stop;
 
 pub use config::{GenerationConfig, SpecialText, Truncation};
@@ -19,4 +20,5 @@ pub use error::{GenerateError, Result};
 pub use generator::{Generator, Output, Sequence, Step, StepOutput, TokenLogprob};
 pub use penalties::Penalties;
 pub use sampler::{SampleParams, Sampling};
+pub use session::Session;
 pub use stop::FinishReason;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::Value;
 use xgen_generate::{
-    FinishReason, GenerateError, GenerationConfig, Generator, SampleParams, Sampling, Truncation,
+    FinishReason, GenerateError, GenerationConfig, Generator, SampleParams, Sampling, Session, Truncation,
 };
 use xgen_model::{DType, Device, Model};
 use xgen_tokenizer::Tokenizer;
@@ -197,4 +197,32 @@ fn ids_beyond_the_tokenizer_are_kept_without_text() {
         .unwrap();
     assert_eq!(out.ids, [51250, 51250, 51250]);
     assert_eq!(out.text, "");
+}
+
+#[test]
+fn a_session_reuses_the_conversation_and_equals_generation_without_it() {
+    let tokenizer = Tokenizer::xgen();
+    let (m, defaults) = load("tiny-xgen-8k-bin");
+    let gen = Generator::new(&m, &tokenizer);
+    let p = &expected("tiny-xgen-8k-bin")["float32"]["prompts"][2];
+    let first = ids(&p["ids"]);
+    let config = GenerationConfig { max_new_tokens: Some(6), max_length: 8192, ..defaults };
+    let mut session = Session::default();
+    let turn1 = gen.generate_in(&mut session, &first, &config, &mut rng(), &mut |_| {}).unwrap();
+    assert_eq!(session.reused(), 0);
+    // The reference's greedy ids, through the session too.
+    assert_eq!(turn1.ids, ids(&p["greedy"]["new_ids"])[..turn1.ids.len()]);
+    // The next turn: the conversation so far, then a new message.
+    let second: Vec<u32> =
+        first.iter().chain(&turn1.ids).copied().chain(tokenizer.encode(" and then?")).collect();
+    let turn2 = gen.generate_in(&mut session, &second, &config, &mut rng(), &mut |_| {}).unwrap();
+    // Everything the cache holds: the first prompt and all generated tokens but the last.
+    assert_eq!(session.reused(), first.len() + turn1.ids.len() - 1);
+    let plain = gen.generate(&second, &config, &mut rng(), &mut |_| {}).unwrap();
+    assert_eq!(turn2.ids, plain.ids, "identical with and without the session");
+    // A prompt that shares nothing starts afresh, still equal.
+    let other = tokenizer.encode("Something else entirely");
+    let turn3 = gen.generate_in(&mut session, &other, &config, &mut rng(), &mut |_| {}).unwrap();
+    assert_eq!(session.reused(), 0);
+    assert_eq!(turn3.ids, gen.generate(&other, &config, &mut rng(), &mut |_| {}).unwrap().ids);
 }

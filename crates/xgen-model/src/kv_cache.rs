@@ -197,6 +197,43 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// A cache of `capacity` positions (at least [`KvCache::len`]) holding a copy of this one's
+    /// positions and padding: how a cached prefix moves into a sequence that needs more room.
+    pub fn resized(&self, capacity: usize) -> Result<Self> {
+        let len = self.len;
+        if capacity < len {
+            return Err(ModelError::CacheFull { positions: len, capacity });
+        }
+        let copy = |from: &KvBuffer, device: &Device| -> Result<KvBuffer> {
+            let (b, kv_h, _, hd) = match from {
+                KvBuffer::Float(t) | KvBuffer::Q8_0 { q: t, .. } => t.dims4()?,
+            };
+            let to = KvBuffer::zeros(self.kind, (b, kv_h, capacity, hd), device)?;
+            match (from, &to) {
+                (KvBuffer::Float(f), KvBuffer::Float(t)) => {
+                    t.slice_set(&f.narrow(2, 0, len)?.contiguous()?, 2, 0)?
+                }
+                (KvBuffer::Q8_0 { q: fq, d: fd }, KvBuffer::Q8_0 { q: tq, d: td }) => {
+                    tq.slice_set(&fq.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                    td.slice_set(&fd.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                _ => unreachable!("both buffers are of the cache's kind"),
+            }
+            Ok(to)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                let device = match k {
+                    KvBuffer::Float(t) | KvBuffer::Q8_0 { q: t, .. } => t.device().clone(),
+                };
+                Ok((copy(k, &device)?, copy(v, &device)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, kind: self.kind, len, capacity, padding: self.padding.clone() })
+    }
+
     /// Fails before any compute if `t` more positions do not fit.
     pub fn check_room(&self, t: usize) -> Result<()> {
         if self.len + t > self.capacity {
@@ -263,6 +300,31 @@ mod tests {
             let ours: Vec<i8> = q[blk * 32..(blk + 1) * 32].iter().map(|&v| (v as i32 - 128) as i8).collect();
             let theirs: Vec<i8> = bytes[2..].iter().map(|&v| v as i8).collect();
             assert_eq!(ours, theirs, "quants of block {blk}");
+        }
+    }
+
+    #[test]
+    fn a_resized_cache_holds_the_same_positions() {
+        let dev = Device::Cpu;
+        for kind in [KvType::Float(DType::F16), KvType::Q8_0] {
+            let mut small = KvCache::new(2, 1, 2, 32, 4, kind, &dev).unwrap();
+            let k = Tensor::randn(0f32, 1., (1, 2, 3, 32), &dev).unwrap();
+            let v = (&k + 1.0).unwrap();
+            for layer in 0..2 {
+                small.append(layer, &k, &v).unwrap();
+            }
+            small.advance(3);
+            let big = small.resized(9).unwrap();
+            assert_eq!((big.len(), big.capacity()), (3, 9));
+            assert_eq!(big.size_bytes() * 4, small.size_bytes() * 9);
+            for layer in 0..2 {
+                let (a, b) = (small.views(layer, 3).unwrap(), big.views(layer, 3).unwrap());
+                for (x, y) in [(a.0, b.0), (a.1, b.1)] {
+                    let diff = (x.to_dtype(DType::F32).unwrap() - y.to_dtype(DType::F32).unwrap()).unwrap();
+                    assert_eq!(diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+                }
+            }
+            assert!(small.resized(2).is_err(), "{kind:?}: fewer positions than are cached");
         }
     }
 

@@ -14,7 +14,7 @@ use std::{
 use serde_json::json;
 use xgen_generate::GenerationConfig;
 use xgen_model::{weights::random, DType, Device, Model};
-use xgen_server::ServeOptions;
+use xgen_server::{EngineOptions, PrefixCache, ServeOptions};
 
 const REQUESTS_PER_CLIENT: usize = 8;
 const MAX_TOKENS: usize = 32;
@@ -86,8 +86,13 @@ fn start() -> String {
         context: config.max_position_embeddings,
         config: config.clone(),
         api_key: None,
-        max_batch: 16,
-        max_queue: 64,
+        engine: EngineOptions {
+            max_batch: 16,
+            max_queue: 64,
+            kv_budget: None,
+            prefix_cache: PrefixCache::On,
+        },
+        kv_budget_after_load: || None,
         body_limit: 1 << 20,
         drain_timeout: Duration::from_secs(1),
     };

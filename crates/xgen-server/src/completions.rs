@@ -95,6 +95,7 @@ fn prepare(
             ),
         ));
     }
+    check_kv_budget(state, longest + budget)?;
     let prompts = texts.into_iter().flat_map(|t| std::iter::repeat_n(t, common.n)).collect();
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
@@ -106,6 +107,24 @@ fn prepare(
         id: format!("{prefix}-{:016x}", rand::random::<u64>()),
         created,
     })
+}
+
+/// A sequence of `positions` (prompt + max_tokens) whose KV cache could never fit the server's
+/// budget is refused at once, with the numbers (one that fits waits for room in the queue).
+fn check_kv_budget(state: &SharedState, positions: usize) -> Result<(), ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let per_token = state.metrics.kv_bytes_per_token.load(Relaxed);
+    let budget = state.metrics.kv_budget_bytes.load(Relaxed);
+    let needed = positions as i64 * per_token;
+    if per_token > 0 && budget >= 0 && needed > budget {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            format!(
+                "The request needs {needed} bytes of KV cache ({positions} positions of prompt and completion, {per_token} bytes each), over the server's KV budget of {budget} bytes (--kv-budget). Lower max_tokens or shorten the prompt."
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.

@@ -1,11 +1,14 @@
 //! The engine thread: owns the model and runs continuous batching. Requests wait in a bounded
-//! queue; between decode steps new ones are prefilled and join the running batch (up to
-//! `max_batch` sequences), finished or abandoned ones leave it. One decode step advances every
-//! running sequence together ([`Model::forward_rows`]: each weight is read once per step).
-//! A client that goes away is noticed at the next token it would receive, and its slot and KV
-//! cache are freed at once.
+//! queue; a request is admitted when a batch slot is free (up to `max_batch` sequences) and its
+//! KV cache fits the budget ([`KvPool`]), starting from the longest cached prefix of its prompt.
+//! Each engine step then reads at most [`Model::prefill_chunk`] prompt tokens of the admitted
+//! prompts (oldest first; several may share a step) and advances every running sequence by one
+//! token ([`Model::forward_rows`]: each weight read once), so running streams keep flowing while a
+//! long prompt is read. A client that goes away is noticed at the next token it would receive,
+//! and its slot and KV cache are freed at once.
 
 use std::{
+    collections::VecDeque,
     sync::{
         atomic::{AtomicBool, Ordering::Relaxed},
         mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError},
@@ -21,7 +24,10 @@ use xgen_generate::{GenerationConfig, Sequence, StepOutput};
 use xgen_model::{KvCache, Model, Tensor};
 use xgen_tokenizer::Tokenizer;
 
-use crate::metrics::Metrics;
+use crate::{
+    kv_pool::{KvPool, PrefixCache, Refused, Reserved},
+    metrics::Metrics,
+};
 
 /// One sequence to generate.
 pub struct Job {
@@ -89,6 +95,8 @@ impl Drop for ReadyGuard {
 /// A running sequence (its cache lives in the parallel `caches` vector).
 struct Active<'t> {
     seq: Sequence<'t>,
+    /// The prompt's ids (the sequence's cache holds them, then the generated ones).
+    prompt: Vec<u32>,
     rng: StdRng,
     events: UnboundedSender<Event>,
     logits: Vec<f32>,
@@ -96,23 +104,55 @@ struct Active<'t> {
     last_token: Option<Instant>,
 }
 
+/// A sequence whose prompt is being read, a chunk per engine step.
+struct Prefilling {
+    job: Job,
+    cache: KvCache,
+    /// Prompt tokens already in `cache` (from the prefix cache or earlier chunks).
+    done: usize,
+}
+
+/// How the engine schedules and bounds its work.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    /// Sequences being read or decoded at most.
+    pub max_batch: usize,
+    /// Requests waiting for admission at most (beyond: [`Rejected::QueueFull`]).
+    pub max_queue: usize,
+    /// KV cache bytes at most (running sequences and prefix entries); `None`: unbounded.
+    pub kv_budget: Option<usize>,
+    pub prefix_cache: PrefixCache,
+}
+
 /// Starts the engine thread; `load` runs on it and `ready` is set once the model is loaded.
+/// `kv_budget` is resolved on the thread once the model is loaded (so `auto` can see the memory
+/// left after the weights).
 pub fn spawn(
     load: impl FnOnce() -> Result<Model, String> + Send + 'static,
-    max_batch: usize,
-    max_queue: usize,
+    options: EngineOptions,
+    kv_budget: impl FnOnce() -> Option<usize> + Send + 'static,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
 ) -> (EngineHandle, JoinHandle<Result<(), String>>) {
-    let (tx, rx) = mpsc::sync_channel(max_queue);
+    let (tx, rx) = mpsc::sync_channel(options.max_queue);
     let cancel = Arc::new(AtomicBool::new(false));
     let handle = EngineHandle { jobs: tx, metrics: metrics.clone(), cancel: cancel.clone() };
     let thread = std::thread::spawn(move || {
         let model = load()?;
         let tokenizer = Tokenizer::xgen();
+        let pool = KvPool::new(&model, options.kv_budget.or_else(kv_budget), options.prefix_cache)?;
+        metrics.kv_budget_bytes.store(pool.budget().map_or(-1, |b| b as i64), Relaxed);
+        metrics.kv_bytes_per_token.store(pool.bytes_for(1) as i64, Relaxed);
         ready.store(true, Relaxed);
         let _ready = ReadyGuard(ready);
-        run(&model, &tokenizer, &rx, max_batch, &metrics, &cancel);
+        Engine {
+            model: &model,
+            tokenizer: &tokenizer,
+            metrics: &metrics,
+            pool,
+            max_batch: options.max_batch,
+        }
+        .run(&rx, &cancel);
         Ok(())
     });
     (handle, thread)
@@ -121,70 +161,152 @@ pub fn spawn(
 /// Sent to every sequence still running when the server shuts down.
 const SHUTDOWN: &str = "the server is shutting down";
 
-fn run(
-    model: &Model,
-    tokenizer: &Tokenizer,
-    jobs: &Receiver<Job>,
+/// The engine thread's state.
+struct Engine<'m> {
+    model: &'m Model,
+    tokenizer: &'m Tokenizer,
+    metrics: &'m Metrics,
+    pool: KvPool,
     max_batch: usize,
-    metrics: &Metrics,
-    cancel: &AtomicBool,
-) {
-    let mut active: Vec<Active> = Vec::new();
-    let mut caches: Vec<KvCache> = Vec::new();
-    loop {
-        if cancel.load(Relaxed) && !active.is_empty() {
-            for a in active.drain(..) {
-                let _ = a.events.send(Event::Error(SHUTDOWN.into()));
+}
+
+/// The sequences of an engine: admitted prompts being read, and running ones (their caches in
+/// the parallel `caches`).
+#[derive(Default)]
+struct Batch<'t> {
+    prefilling: VecDeque<Prefilling>,
+    active: Vec<Active<'t>>,
+    caches: Vec<KvCache>,
+}
+
+impl<'m> Engine<'m> {
+    fn run(&mut self, jobs: &Receiver<Job>, cancel: &AtomicBool) {
+        let mut batch = Batch::default();
+        // The oldest request not yet admitted (it waits for a slot or for KV room).
+        let mut next: Option<Job> = None;
+        loop {
+            if cancel.load(Relaxed) {
+                self.end_all(&mut batch, SHUTDOWN);
             }
-            caches.clear();
-            metrics.running.store(0, Relaxed);
-        }
-        // Admit waiting jobs between steps; block only when idle.
-        while active.len() < max_batch {
-            let job = if active.is_empty() {
+            let idle = batch.active.is_empty() && batch.prefilling.is_empty();
+            if idle && next.is_none() {
                 match jobs.recv() {
-                    Ok(job) => job,
+                    Ok(job) => next = Some(job),
                     Err(_) => return,
                 }
-            } else {
-                match jobs.try_recv() {
+            }
+            self.admit(jobs, &mut next, &mut batch, cancel);
+            self.prefill_step(&mut batch);
+            self.sample_and_decode(&mut batch);
+            self.publish(&batch);
+        }
+    }
+
+    /// Admits waiting requests while a slot is free and their caches fit.
+    fn admit(
+        &mut self,
+        jobs: &Receiver<Job>,
+        next: &mut Option<Job>,
+        batch: &mut Batch<'m>,
+        cancel: &AtomicBool,
+    ) {
+        while batch.active.len() + batch.prefilling.len() < self.max_batch {
+            let job = match next.take() {
+                Some(job) => job,
+                None => match jobs.try_recv() {
                     Ok(job) => job,
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+                },
             };
-            metrics.queue_depth.fetch_sub(1, Relaxed);
             if job.events.is_closed() {
+                self.metrics.queue_depth.fetch_sub(1, Relaxed);
                 continue;
             }
             if cancel.load(Relaxed) {
+                self.metrics.queue_depth.fetch_sub(1, Relaxed);
                 let _ = job.events.send(Event::Error(SHUTDOWN.into()));
                 continue;
             }
-            match prefill(model, &job) {
-                Ok((cache, logits)) => {
-                    metrics.prompt_tokens.fetch_add(job.prompt.len() as u64, Relaxed);
-                    caches.push(cache);
-                    active.push(Active {
-                        seq: Sequence::new(tokenizer, job.prompt, job.config, job.budget),
-                        rng: StdRng::seed_from_u64(job.seed),
-                        events: job.events,
+            if let Err(e) = self.model.check_ids(&job.prompt) {
+                self.metrics.queue_depth.fetch_sub(1, Relaxed);
+                let _ = job.events.send(Event::Error(e.to_string()));
+                continue;
+            }
+            match self.pool.reserve(self.model, &job.prompt, job.prompt.len() + job.budget) {
+                Ok(Reserved { cache, reused }) => {
+                    self.metrics.queue_depth.fetch_sub(1, Relaxed);
+                    self.metrics.prefix_cache_hit_tokens.fetch_add(reused as u64, Relaxed);
+                    batch.prefilling.push_back(Prefilling { job, cache, done: reused });
+                }
+                Err(Refused::Busy) if !(batch.active.is_empty() && batch.prefilling.is_empty()) => {
+                    // Waits (still counted in the queue) until a running sequence ends.
+                    *next = Some(job);
+                    return;
+                }
+                Err(why) => {
+                    self.metrics.queue_depth.fetch_sub(1, Relaxed);
+                    let _ = job.events.send(Event::Error(refusal(why)));
+                }
+            }
+        }
+    }
+
+    /// Reads up to one prefill chunk of prompt tokens, oldest admitted prompt first; a prompt
+    /// read to its end joins the running batch with its last position's logits.
+    fn prefill_step(&mut self, batch: &mut Batch<'m>) {
+        let mut tokens = self.model.prefill_chunk();
+        while tokens > 0 {
+            let Some(p) = batch.prefilling.front_mut() else { return };
+            let n = tokens.min(p.job.prompt.len() - p.done);
+            let last = p.done + n == p.job.prompt.len();
+            let chunk = &p.job.prompt[p.done..p.done + n];
+            let mut step = || -> xgen_model::Result<Option<Vec<f32>>> {
+                let ids = self.model.ids_tensor(chunk)?;
+                if last {
+                    Ok(Some(self.model.forward_last(&ids, &mut p.cache)?.squeeze(0)?.to_vec1()?))
+                } else {
+                    self.model.forward_hidden(&ids, &mut p.cache)?;
+                    Ok(None)
+                }
+            };
+            let result = step();
+            tokens -= n;
+            p.done += n;
+            self.metrics.prompt_tokens.fetch_add(n as u64, Relaxed);
+            match result {
+                Ok(None) => {}
+                Ok(Some(logits)) => {
+                    let p = batch.prefilling.pop_front().expect("the front prompt");
+                    let Job { prompt, config, budget, seed, events, submitted } = p.job;
+                    batch.caches.push(p.cache);
+                    batch.active.push(Active {
+                        seq: Sequence::new(self.tokenizer, prompt.clone(), config, budget),
+                        prompt,
+                        rng: StdRng::seed_from_u64(seed),
+                        events,
                         logits,
-                        submitted: job.submitted,
+                        submitted,
                         last_token: None,
                     });
                 }
                 Err(e) => {
-                    let _ = job.events.send(Event::Error(e));
+                    let p = batch.prefilling.pop_front().expect("the front prompt");
+                    self.pool.forget(&p.cache);
+                    let _ = p.job.events.send(Event::Error(e.to_string()));
                 }
             }
         }
-        // Sample one token for every running sequence; drop finished and abandoned ones.
-        let mut keep = Vec::with_capacity(active.len());
-        for a in active.iter_mut() {
+    }
+
+    /// Samples one token for every running sequence, drops finished and abandoned ones (their
+    /// caches go to the pool), then runs one decode step for the rest.
+    fn sample_and_decode(&mut self, batch: &mut Batch<'m>) {
+        let mut keep = Vec::with_capacity(batch.active.len());
+        for a in batch.active.iter_mut() {
             let stay = match a.seq.step(&a.logits, &mut a.rng) {
                 Ok(out) => {
-                    record_latency(metrics, a);
-                    metrics.generated_tokens.fetch_add(1, Relaxed);
+                    record_latency(self.metrics, a);
+                    self.metrics.generated_tokens.fetch_add(1, Relaxed);
                     let finished = out.finish.is_some();
                     a.events.send(Event::Token(out)).is_ok() && !finished
                 }
@@ -195,21 +317,56 @@ fn run(
             };
             keep.push(stay);
         }
-        let mut it = keep.iter();
-        active.retain(|_| *it.next().unwrap_or(&false));
-        let mut it = keep.iter();
-        caches.retain(|_| *it.next().unwrap_or(&false));
-        metrics.running.store(active.len() as i64, Relaxed);
-        metrics.kv_cache_bytes.store(caches.iter().map(KvCache::size_bytes).sum::<usize>() as i64, Relaxed);
-        if active.is_empty() {
-            continue;
+        let (active, caches) = (std::mem::take(&mut batch.active), std::mem::take(&mut batch.caches));
+        for ((a, cache), stay) in active.into_iter().zip(caches).zip(keep) {
+            if stay {
+                batch.active.push(a);
+                batch.caches.push(cache);
+            } else {
+                let tokens: Vec<u32> = a.prompt.iter().chain(&a.seq.output().ids).copied().collect();
+                self.pool.release(cache, &tokens);
+            }
         }
-        if let Err(e) = decode_step(model, &mut active, &mut caches) {
-            for a in active.drain(..) {
+        if batch.active.is_empty() {
+            return;
+        }
+        if let Err(e) = decode_step(self.model, &mut batch.active, &mut batch.caches) {
+            for (a, cache) in batch.active.drain(..).zip(batch.caches.drain(..)) {
+                self.pool.forget(&cache);
                 let _ = a.events.send(Event::Error(e.clone()));
             }
-            caches.clear();
         }
+    }
+
+    /// Ends every admitted and running sequence with `why`.
+    fn end_all(&mut self, batch: &mut Batch<'m>, why: &str) {
+        for p in batch.prefilling.drain(..) {
+            self.pool.forget(&p.cache);
+            let _ = p.job.events.send(Event::Error(why.into()));
+        }
+        for (a, cache) in batch.active.drain(..).zip(batch.caches.drain(..)) {
+            self.pool.forget(&cache);
+            let _ = a.events.send(Event::Error(why.into()));
+        }
+    }
+
+    fn publish(&self, batch: &Batch<'m>) {
+        let m = self.metrics;
+        m.running.store(batch.active.len() as i64, Relaxed);
+        m.prefilling.store(batch.prefilling.len() as i64, Relaxed);
+        m.kv_cache_bytes.store(self.pool.held() as i64, Relaxed);
+        m.prefix_cache_entries.store(self.pool.entries() as i64, Relaxed);
+    }
+}
+
+/// The error a refused request receives.
+fn refusal(why: Refused) -> String {
+    match why {
+        Refused::TooLarge { needed, budget } => format!(
+            "the request needs {needed} bytes of KV cache (prompt + max_tokens), over the server's whole budget of {budget} (--kv-budget)"
+        ),
+        Refused::Busy => "no KV cache room while nothing else runs".into(),
+        Refused::Model(e) => e,
     }
 }
 
@@ -220,16 +377,6 @@ fn record_latency(metrics: &Metrics, a: &mut Active<'_>) {
         Some(t) => metrics.inter_token_latency((now - t).as_secs_f64()),
     }
     a.last_token = Some(now);
-}
-
-/// Runs a job's prompt through the model in its own cache; returns the cache and the last logits.
-fn prefill(model: &Model, job: &Job) -> Result<(KvCache, Vec<f32>), String> {
-    let run = || -> xgen_model::Result<(KvCache, Vec<f32>)> {
-        let mut cache = model.new_cache(1, job.prompt.len() + job.budget)?;
-        let logits = model.forward_last(&model.ids_tensor(&job.prompt)?, &mut cache)?;
-        Ok((cache, logits.squeeze(0)?.to_vec1()?))
-    };
-    run().map_err(|e| e.to_string())
 }
 
 /// Feeds every running sequence its last token and stores the next logits.

@@ -6,6 +6,7 @@ mod api;
 mod completions;
 pub mod engine;
 mod error;
+mod kv_pool;
 pub mod metrics;
 mod routes;
 mod state;
@@ -21,7 +22,9 @@ use xgen_generate::GenerationConfig;
 use xgen_model::{Config, Model};
 use xgen_tokenizer::Tokenizer;
 
+pub use engine::EngineOptions;
 pub use error::ApiError;
+pub use kv_pool::PrefixCache;
 pub use routes::app;
 pub use state::AppState;
 
@@ -34,8 +37,10 @@ pub struct ServeOptions {
     /// Context per sequence (at most the model's).
     pub context: usize,
     pub api_key: Option<String>,
-    pub max_batch: usize,
-    pub max_queue: usize,
+    pub engine: EngineOptions,
+    /// The KV budget when `engine.kv_budget` is `None`, decided once the model is loaded (`auto`:
+    /// from the memory then available); `None` from it too: unbounded.
+    pub kv_budget_after_load: fn() -> Option<usize>,
     pub body_limit: usize,
     /// After the shutdown signal, in-flight requests may finish for this long; then they are
     /// cancelled (ended with an error) so the server exits.
@@ -54,7 +59,7 @@ pub async fn serve(
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let (engine, thread) =
-        engine::spawn(load, options.max_batch, options.max_queue, metrics.clone(), ready.clone());
+        engine::spawn(load, options.engine, options.kv_budget_after_load, metrics.clone(), ready.clone());
     // The engine ends only on a load failure or a crash: then the server stops too.
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     std::thread::spawn(move || {

@@ -1,5 +1,6 @@
 //! Prometheus metrics: requests by endpoint and status, tokens, time to first token and
-//! inter-token latency histograms, queue depth, running sequences, KV-cache bytes.
+//! inter-token latency histograms, queue depth, sequences being read and running, KV-cache bytes
+//! against the budget, the prefix cache's entries and the prompt tokens it served.
 
 use std::{
     collections::BTreeMap,
@@ -29,7 +30,15 @@ pub struct Metrics {
     itl: Mutex<Histogram>,
     pub queue_depth: AtomicI64,
     pub running: AtomicI64,
+    /// Admitted sequences whose prompts are still being read.
+    pub prefilling: AtomicI64,
     pub kv_cache_bytes: AtomicI64,
+    /// -1: unbounded.
+    pub kv_budget_bytes: AtomicI64,
+    /// KV bytes per position of one sequence (0 until the model is loaded).
+    pub kv_bytes_per_token: AtomicI64,
+    pub prefix_cache_entries: AtomicI64,
+    pub prefix_cache_hit_tokens: AtomicU64,
 }
 
 fn observe(h: &Mutex<Histogram>, seconds: f64) {
@@ -63,6 +72,11 @@ impl Metrics {
         let counters = [
             ("xgen_prompt_tokens_total", "Prompt tokens processed.", self.prompt_tokens.load(Relaxed) as i64),
             ("xgen_generation_tokens_total", "Tokens generated.", self.generated_tokens.load(Relaxed) as i64),
+            (
+                "xgen_prefix_cache_hit_tokens_total",
+                "Prompt tokens served from the prefix cache instead of computed.",
+                self.prefix_cache_hit_tokens.load(Relaxed) as i64,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
@@ -70,7 +84,22 @@ impl Metrics {
         let gauges = [
             ("xgen_queue_depth", "Requests waiting for a batch slot.", &self.queue_depth),
             ("xgen_running_sequences", "Sequences in the running batch.", &self.running),
-            ("xgen_kv_cache_bytes", "Bytes of KV cache held by running sequences.", &self.kv_cache_bytes),
+            (
+                "xgen_prefilling_sequences",
+                "Admitted sequences whose prompts are being read.",
+                &self.prefilling,
+            ),
+            (
+                "xgen_kv_cache_bytes",
+                "Bytes of KV cache held: admitted sequences and prefix-cache entries.",
+                &self.kv_cache_bytes,
+            ),
+            ("xgen_kv_budget_bytes", "The KV cache budget (-1: unbounded).", &self.kv_budget_bytes),
+            (
+                "xgen_prefix_cache_entries",
+                "Finished sequences' caches kept for later prompts.",
+                &self.prefix_cache_entries,
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Relaxed));

@@ -10,7 +10,7 @@ use std::{
 use serde_json::{json, Value};
 use xgen_generate::GenerationConfig;
 use xgen_model::{Config, DType, Device, Model};
-use xgen_server::ServeOptions;
+use xgen_server::{EngineOptions, PrefixCache, ServeOptions};
 use xgen_tokenizer::Tokenizer;
 
 fn fixture() -> PathBuf {
@@ -34,7 +34,32 @@ impl Drop for Server {
 }
 
 fn start(api_key: Option<&str>, max_batch: usize, max_queue: usize, body_limit: usize) -> Server {
-    let server = start_with(api_key, max_batch, max_queue, body_limit, || ());
+    start_setup(Setup { api_key: api_key.map(String::from), body_limit, ..Setup::new(max_batch, max_queue) })
+}
+
+/// What a test server runs with.
+struct Setup {
+    api_key: Option<String>,
+    engine: EngineOptions,
+    body_limit: usize,
+    /// Prompt tokens per engine step (the model's default when `None`).
+    prefill_chunk: Option<usize>,
+}
+
+impl Setup {
+    fn new(max_batch: usize, max_queue: usize) -> Self {
+        Self {
+            api_key: None,
+            engine: EngineOptions { max_batch, max_queue, kv_budget: None, prefix_cache: PrefixCache::On },
+            body_limit: 1 << 20,
+            prefill_chunk: None,
+        }
+    }
+}
+
+/// Starts a server and waits until it is healthy.
+fn start_setup(setup: Setup) -> Server {
+    let server = start_with(setup, || ());
     let deadline = Instant::now() + Duration::from_secs(30);
     while ureq::get(&format!("{}/health", server.base)).call().is_err() {
         assert!(Instant::now() < deadline, "server never became healthy");
@@ -44,25 +69,20 @@ fn start(api_key: Option<&str>, max_batch: usize, max_queue: usize, body_limit: 
 }
 
 /// Starts a server whose model load first runs `before_load` (to hold it in the loading state).
-fn start_with(
-    api_key: Option<&str>,
-    max_batch: usize,
-    max_queue: usize,
-    body_limit: usize,
-    before_load: impl FnOnce() + Send + 'static,
-) -> Server {
+fn start_with(setup: Setup, before_load: impl FnOnce() + Send + 'static) -> Server {
     let config = Config::load(&fixture().join("config.json")).unwrap();
     let options = ServeOptions {
         model_name: "tiny".into(),
         defaults: GenerationConfig::for_model_dir(&fixture(), &config).unwrap(),
         context: config.max_position_embeddings,
         config,
-        api_key: api_key.map(String::from),
-        max_batch,
-        max_queue,
-        body_limit,
+        api_key: setup.api_key,
+        engine: setup.engine,
+        kv_budget_after_load: || None,
+        body_limit: setup.body_limit,
         drain_timeout: Duration::from_millis(300),
     };
+    let prefill_chunk = setup.prefill_chunk;
     let (port_tx, port_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done_rx) = mpsc::channel();
@@ -71,9 +91,14 @@ fn start_with(
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             port_tx.send(listener.local_addr().unwrap().port()).unwrap();
-            let load = || {
+            let load = move || {
                 before_load();
-                Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {}).map_err(|e| e.to_string())
+                let mut model = Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {})
+                    .map_err(|e| e.to_string())?;
+                if let Some(tokens) = prefill_chunk {
+                    model.set_prefill_chunk(tokens);
+                }
+                Ok(model)
             };
             xgen_server::serve(options, listener, load, async {
                 let _ = stop_rx.await;
@@ -291,7 +316,7 @@ fn a_full_queue_answers_429_with_retry_after() {
 #[test]
 fn health_is_503_while_loading() {
     let (release_tx, release_rx) = mpsc::channel::<()>();
-    let s = start_with(None, 8, 64, 1 << 20, move || {
+    let s = start_with(Setup::new(8, 64), move || {
         let _ = release_rx.recv();
     });
     match ureq::get(&format!("{}/health", s.base)).call() {
@@ -341,8 +366,8 @@ fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
         context: config.max_position_embeddings,
         config,
         api_key: None,
-        max_batch: 1,
-        max_queue: 1,
+        engine: EngineOptions { max_batch: 1, max_queue: 1, kv_budget: None, prefix_cache: PrefixCache::On },
+        kv_budget_after_load: || None,
         body_limit: 1 << 20,
         drain_timeout: Duration::from_millis(100),
     };
@@ -360,4 +385,144 @@ fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
         })
         .unwrap_err();
     assert!(err.to_string().contains("model.safetensors: truncated"), "{err}");
+}
+
+/// Greedy, never ending at eos (random weights would end anywhere).
+fn endless(prompt: Value, max_tokens: usize) -> Value {
+    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logit_bias": {"50256": -100}, "stream": true})
+}
+
+/// The arrival time of every `data:` payload of an SSE response.
+fn timed_stream(s: &Server, body: &Value) -> Vec<Instant> {
+    let r = ureq::post(&format!("{}/v1/completions", s.base)).send_json(body.clone()).unwrap();
+    BufReader::new(r.into_reader())
+        .lines()
+        .map(Result::unwrap)
+        .filter(|l| l.starts_with("data: "))
+        .map(|_| Instant::now())
+        .collect()
+}
+
+fn metric(s: &Server, name: &str) -> i64 {
+    let text = ureq::get(&format!("{}/metrics", s.base)).call().unwrap().into_string().unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} in {text}"));
+    line[name.len() + 1..].trim().parse().unwrap()
+}
+
+#[test]
+fn a_stream_keeps_producing_tokens_while_a_long_prompt_is_read() {
+    let chunk = 16;
+    let s = start_setup(Setup { prefill_chunk: Some(chunk), ..Setup::new(4, 16) });
+    let (started_tx, started_rx) = mpsc::channel();
+    let long: Vec<u32> = (1000..2600).collect();
+    let (running, (submitted, first_of_long)) = std::thread::scope(|scope| {
+        let running = scope.spawn(|| {
+            let r = ureq::post(&format!("{}/v1/completions", s.base))
+                .send_json(endless(json!("Once"), 600))
+                .unwrap();
+            let mut times = Vec::new();
+            for line in BufReader::new(r.into_reader()).lines().map(Result::unwrap) {
+                if line.starts_with("data: ") {
+                    times.push(Instant::now());
+                    if times.len() == 5 {
+                        started_tx.send(()).unwrap();
+                    }
+                }
+            }
+            times
+        });
+        started_rx.recv().unwrap();
+        let submitted = Instant::now();
+        let long = timed_stream(&s, &endless(json!(long), 1));
+        (running.join().unwrap(), (submitted, long[0]))
+    });
+    // The long prompt takes 100 steps of 16 tokens; a whole-prompt prefill would let the running
+    // stream produce nothing meanwhile.
+    let during = running.iter().filter(|&&t| t > submitted && t < first_of_long).count();
+    let steps = long.len() / chunk;
+    assert!(during >= steps / 2, "{during} tokens of the running stream during {steps} prefill steps");
+}
+
+#[test]
+fn a_budget_smaller_than_the_load_queues_and_completes_every_request() {
+    let per = {
+        let model = Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {}).unwrap();
+        model.new_cache(1, 1).unwrap().size_bytes()
+    };
+    // Each request holds prompt + max_tokens = 4 + 60 positions: two fit, eight are sent.
+    let budget = per * 150;
+    let mut setup = Setup::new(8, 16);
+    setup.engine.kv_budget = Some(budget);
+    let s = start_setup(setup);
+    let body = json!({"prompt": "Hello there, how", "max_tokens": 60, "temperature": 0, "logit_bias": {"50256": -100}});
+    let peak = std::sync::atomic::AtomicI64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Value> = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(metric(&s, "xgen_kv_cache_bytes"), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let handles: Vec<_> =
+            (0..8).map(|_| scope.spawn(|| post(&s, "/v1/completions", &body).unwrap())).collect();
+        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        results
+    });
+    let texts: Vec<&str> = results.iter().map(|r| r["choices"][0]["text"].as_str().unwrap()).collect();
+    assert!(texts.iter().all(|t| t == &texts[0]), "{texts:?}");
+    assert!(results.iter().all(|r| r["usage"]["completion_tokens"] == 60));
+    let peak = peak.into_inner();
+    assert!(peak > 0 && peak <= budget as i64, "KV bytes peaked at {peak} of a budget of {budget}");
+    assert_eq!(metric(&s, "xgen_kv_budget_bytes"), budget as i64);
+    // A request that could never fit is refused at once, with the numbers.
+    let (code, err, _) =
+        post(&s, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 200})).unwrap_err();
+    assert_eq!(code, 400);
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&budget.to_string()) && message.contains("KV cache"), "{message}");
+    assert_eq!(err["error"]["param"], "max_tokens");
+}
+
+#[test]
+fn a_repeated_prefix_is_served_from_the_cache_with_identical_output() {
+    let s = start(None, 8, 64, 1 << 20);
+    let (prompt, new) = expected_greedy();
+    let want = Tokenizer::xgen().decode(&new).unwrap();
+    let body = json!({"prompt": prompt, "max_tokens": new.len(), "temperature": 0});
+    let first = post(&s, "/v1/completions", &body).unwrap();
+    assert_eq!(metric(&s, "xgen_prefix_cache_hit_tokens_total"), 0);
+    let second = post(&s, "/v1/completions", &body).unwrap();
+    // All but the last prompt token come from the first request's cache.
+    assert_eq!(metric(&s, "xgen_prefix_cache_hit_tokens_total"), prompt.len() as i64 - 1);
+    for r in [&first, &second] {
+        assert_eq!(r["choices"][0]["text"], want.as_str(), "the reference's greedy text");
+    }
+    // A longer prompt that starts with the first: the whole first request is reused (its prompt
+    // and the generated tokens in its cache).
+    let mut longer: Vec<u64> = prompt.clone();
+    longer.extend(new.iter().map(|&t| t as u64));
+    longer.extend([13, 13]);
+    let before = metric(&s, "xgen_prefix_cache_hit_tokens_total");
+    let fresh = start_setup(Setup {
+        engine: EngineOptions {
+            max_batch: 8,
+            max_queue: 64,
+            kv_budget: None,
+            prefix_cache: PrefixCache::Off,
+        },
+        ..Setup::new(8, 64)
+    });
+    let body = json!({"prompt": longer, "max_tokens": 8, "temperature": 0});
+    let cached = post(&s, "/v1/completions", &body).unwrap();
+    let uncached = post(&fresh, "/v1/completions", &body).unwrap();
+    assert!(
+        metric(&s, "xgen_prefix_cache_hit_tokens_total") - before >= (prompt.len() + new.len() - 1) as i64
+    );
+    assert_eq!(metric(&fresh, "xgen_prefix_cache_hit_tokens_total"), 0);
+    assert_eq!(cached["choices"][0]["text"], uncached["choices"][0]["text"]);
 }

@@ -1,0 +1,88 @@
+//! A conversation's KV cache kept between turns: each turn's prompt (the whole conversation so
+//! far) is compared with the tokens the cache holds, and only what follows their common prefix is
+//! computed. A 2000-token conversation then costs its new message per reply, not a full prefill.
+
+use rand::Rng;
+use xgen_model::KvCache;
+
+use crate::{
+    error::{GenerateError, Result},
+    generator::{Generator, Output, Sequence, Step},
+    GenerationConfig,
+};
+
+/// The cache of one conversation and the tokens at its positions.
+#[derive(Default)]
+pub struct Session {
+    cache: Option<KvCache>,
+    tokens: Vec<u32>,
+    reused: usize,
+}
+
+impl Session {
+    /// Prompt tokens the last turn took from the cache instead of computing.
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
+}
+
+impl Generator<'_> {
+    /// As [`Generator::generate`] for one prompt, reusing `session`'s cache for the prompt's
+    /// longest prefix already computed (at most all but its last token) and keeping the cache,
+    /// with the generated tokens, for the next call. Same numbers as without the session.
+    pub fn generate_in(
+        &self,
+        session: &mut Session,
+        prompt: &[u32],
+        config: &GenerationConfig,
+        rng: &mut impl Rng,
+        on_step: &mut dyn FnMut(&Step),
+    ) -> Result<Output> {
+        config.validate()?;
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let model = self.model;
+        let (steps, drop) = config.budget(prompt.len(), model.config().max_position_embeddings)?;
+        let prompt = &prompt[drop.min(prompt.len() - 1)..];
+        model.check_ids(prompt)?;
+        let common = session.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        // A dropped (truncated) prompt starts at other positions: nothing carries over.
+        let reuse = if drop > 0 { 0 } else { common.min(prompt.len() - 1) };
+        let need = prompt.len() + steps;
+        session.tokens.clear();
+        let mut cache = match session.cache.take() {
+            Some(mut cache) => {
+                cache.truncate(reuse);
+                if cache.capacity() >= need {
+                    cache
+                } else {
+                    cache.resized(need)?
+                }
+            }
+            None => model.new_cache(1, need)?,
+        };
+        let reuse = cache.len();
+        session.reused = reuse;
+        let mut seq = Sequence::new(self.tokenizer, prompt.to_vec(), config.clone(), steps);
+        let mut logits = model.forward_last(&model.ids_tensor(&prompt[reuse..])?, &mut cache)?; // [1, v]
+        loop {
+            let s = seq.step(&logits.squeeze(0)?.to_vec1()?, rng)?;
+            on_step(&Step {
+                row: 0,
+                token: s.token,
+                text: &s.text,
+                logprob: s.logprob.as_ref(),
+                finish: s.finish,
+            });
+            if seq.is_finished() {
+                break;
+            }
+            logits = model.forward_last(&model.ids_tensor(&[s.token])?, &mut cache)?;
+        }
+        let out = seq.into_output();
+        session.tokens = prompt.iter().chain(&out.ids).copied().take(cache.len()).collect();
+        session.cache = Some(cache);
+        Ok(out)
+    }
+}
