@@ -81,6 +81,26 @@ impl KvTypeArg {
     }
 }
 
+/// The model settings given on the command line (`None`: the model's default), applied after
+/// loading; `Send` so a server's engine thread can apply them to the model it loads.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelSettings {
+    pub prefill_chunk: Option<usize>,
+    pub kv_type: Option<KvType>,
+}
+
+impl ModelSettings {
+    pub fn apply(self, model: &mut Model) -> anyhow::Result<()> {
+        if let Some(tokens) = self.prefill_chunk {
+            model.set_prefill_chunk(tokens);
+        }
+        if let Some(kind) = self.kv_type {
+            model.set_kv_type(kind).map_err(|e| crate::exit::bad_input(format!("--kv-type: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 /// A short name for a cache storage (`f16`, `q8_0`, ...).
 pub fn kv_type_name(kind: KvType) -> String {
     match kind {
@@ -109,9 +129,10 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = KvTypeArg::Auto)]
     pub kv_type: KvTypeArg,
     /// Tokens per forward step when a prompt is read (larger: bigger products, more activation
-    /// memory; the default was chosen by measurement, docs/performance.md).
-    #[arg(long, value_name = "N", default_value_t = xgen_model::model::PREFILL_CHUNK, value_parser = positive)]
-    pub prefill_chunk: usize,
+    /// memory; in `xgen serve`, also longer pauses of running streams per step). Default 256, and
+    /// 128 for `xgen serve`: chosen by measurement, docs/performance.md.
+    #[arg(long, value_name = "N", value_parser = positive)]
+    pub prefill_chunk: Option<usize>,
 }
 
 /// A whole number of at least 1.
@@ -185,6 +206,11 @@ impl ModelArgs {
         })
     }
 
+    /// What `--prefill-chunk` and `--kv-type` change on a loaded model.
+    pub fn settings(&self) -> ModelSettings {
+        ModelSettings { prefill_chunk: self.prefill_chunk, kv_type: self.kv_type.kind() }
+    }
+
     /// Resolves and loads the model on the CPU, showing progress on a terminal.
     pub fn load(&self) -> anyhow::Result<Loaded> {
         let start = Instant::now();
@@ -192,10 +218,7 @@ impl ModelArgs {
         let mut progress = |p: weights::LoadProgress| show_progress(&bar, &p);
         let source = self.source()?;
         let mut model = source.load(self.dtype.format(), &mut progress)?;
-        model.set_prefill_chunk(self.prefill_chunk);
-        if let Some(kind) = self.kv_type.kind() {
-            model.set_kv_type(kind).map_err(|e| crate::exit::bad_input(format!("--kv-type: {e}")))?;
-        }
+        self.settings().apply(&mut model)?;
         let (quantized, linear) = model.quantized_linear_layers();
         let gguf = matches!(source, Source::Gguf(_));
         if gguf && self.dtype.format().linear.is_some() {

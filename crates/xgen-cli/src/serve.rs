@@ -8,8 +8,14 @@ use xgen_server::{EngineOptions, PrefixCache, ServeOptions};
 
 use crate::{
     exit::bad_input,
-    model_args::{ModelArgs, Source},
+    model_args::{ModelArgs, ModelSettings, Source},
 };
+
+/// Prompt tokens per engine step unless `--prefill-chunk` says otherwise: each step pauses the
+/// running streams while it reads them. 128 halved the streams' per-token p50 against 256 beside a
+/// client reading 3000-token prompts (`cargo bench -p xgen-server --bench load`) and read an
+/// 8-layer 7B's 4096-token prompt as fast (docs/performance.md); 64 lost 17% there.
+const SERVE_PREFILL_CHUNK: usize = 128;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -150,6 +156,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
     };
     let format = args.model.dtype.format();
+    let settings = ModelSettings {
+        prefill_chunk: Some(args.model.prefill_chunk.unwrap_or(SERVE_PREFILL_CHUNK)),
+        ..args.model.settings()
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -161,7 +171,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         xgen_server::serve(
             options,
             listener,
-            move || source.load(format, &mut |_| {}).map_err(|e| e.to_string()),
+            move || {
+                let mut model = source.load(format, &mut |_| {}).map_err(|e| e.to_string())?;
+                settings.apply(&mut model).map_err(|e| e.to_string())?;
+                Ok(model)
+            },
             shutdown_signal(),
         )
         .await?;

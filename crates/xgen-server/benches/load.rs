@@ -1,9 +1,11 @@
 //! Bounded load test of `xgen serve` on loopback: requests/s, time to first token and per-token
 //! latency (p50/p99) at concurrency 1, 4 and 16, each client streaming a fixed number of requests.
 //! The model is the `small` random-weights preset in bf16 (4 layers, hidden 512), so the figures
-//! measure the server and batching rather than a 7B forward pass.
+//! measure the server and batching rather than a 7B forward pass. Then a mixed workload: 4 chatty
+//! streaming clients alone, and again beside one client sending 3000-token prompts (each new, so
+//! the prefix cache does not help): the chatty clients' per-token p50/p99 in both.
 //!
-//! `cargo bench -p xgen-server --bench load`
+//! `cargo bench -p xgen-server --bench load` (env PREFILL_CHUNK: prompt tokens per engine step)
 
 use std::{
     io::{BufRead, BufReader},
@@ -44,6 +46,52 @@ fn main() {
             (results.len() * MAX_TOKENS) as f64 / elapsed,
             pct(&mut ttft, 0.5) * 1e3,
             pct(&mut ttft, 0.99) * 1e3,
+            pct(&mut itl, 0.5) * 1e3,
+            pct(&mut itl, 0.99) * 1e3,
+        );
+    }
+    mixed(&base);
+}
+
+/// 4 chatty clients, alone and beside a client reading 3000-token prompts back to back.
+fn mixed(base: &str) {
+    for long_client in [false, true] {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (itl, long_prompts) = std::thread::scope(|scope| {
+            let long = scope.spawn(|| {
+                let mut read = 0;
+                while long_client && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ids: Vec<u32> = (0..3000).map(|i| 1000 + (read * 7 + i) as u32 % 40000).collect();
+                    let body = json!({"prompt": ids, "max_tokens": 1, "temperature": 0});
+                    ureq::post(&format!("{base}/v1/completions")).send_json(body).expect("long request");
+                    read += 1;
+                }
+                read
+            });
+            let chatty: Vec<_> = (0..4)
+                .map(|c| {
+                    scope.spawn(move || {
+                        (0..REQUESTS_PER_CLIENT).map(|r| one(base, 50_000 + c * 1000 + r)).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let mut itl: Vec<f64> = chatty
+                .into_iter()
+                .flat_map(|h| h.join().expect("client thread"))
+                .flat_map(|r| r.1.into_iter().map(|d| d.as_secs_f64()))
+                .collect();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            itl.sort_by(f64::total_cmp);
+            (itl, long.join().expect("long client"))
+        });
+        let mut itl = itl;
+        println!(
+            "4 chatty clients{}: per-token p50 {:6.1} ms p99 {:6.1} ms",
+            if long_client {
+                format!(" + one reading 3000-token prompts ({long_prompts} read)")
+            } else {
+                String::new()
+            },
             pct(&mut itl, 0.5) * 1e3,
             pct(&mut itl, 0.99) * 1e3,
         );
@@ -109,7 +157,12 @@ fn start() -> String {
             let load = move || {
                 let t = random::tensors(&config, DType::BF16, &Device::Cpu, &mut |_| {})
                     .map_err(|e| e.to_string())?;
-                Model::from_tensors(config, t, DType::BF16, &Device::Cpu).map_err(|e| e.to_string())
+                let mut model =
+                    Model::from_tensors(config, t, DType::BF16, &Device::Cpu).map_err(|e| e.to_string())?;
+                if let Some(tokens) = std::env::var("PREFILL_CHUNK").ok().and_then(|v| v.parse().ok()) {
+                    model.set_prefill_chunk(tokens);
+                }
+                Ok(model)
             };
             xgen_server::serve(options, listener, load, std::future::pending()).await.expect("serve");
         });

@@ -143,6 +143,7 @@ pub fn spawn(
         let pool = KvPool::new(&model, options.kv_budget.or_else(kv_budget), options.prefix_cache)?;
         metrics.kv_budget_bytes.store(pool.budget().map_or(-1, |b| b as i64), Relaxed);
         metrics.kv_bytes_per_token.store(pool.bytes_for(1) as i64, Relaxed);
+        metrics.prefill_chunk.store(model.prefill_chunk() as i64, Relaxed);
         ready.store(true, Relaxed);
         let _ready = ReadyGuard(ready);
         Engine {

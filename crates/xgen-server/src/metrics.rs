@@ -37,6 +37,8 @@ pub struct Metrics {
     pub kv_budget_bytes: AtomicI64,
     /// KV bytes per position of one sequence (0 until the model is loaded).
     pub kv_bytes_per_token: AtomicI64,
+    /// Prompt tokens read per engine step (0 until the model is loaded).
+    pub prefill_chunk: AtomicI64,
     pub prefix_cache_entries: AtomicI64,
     pub prefix_cache_hit_tokens: AtomicU64,
 }
@@ -95,6 +97,12 @@ impl Metrics {
                 &self.kv_cache_bytes,
             ),
             ("xgen_kv_budget_bytes", "The KV cache budget (-1: unbounded).", &self.kv_budget_bytes),
+            (
+                "xgen_kv_bytes_per_token",
+                "KV cache bytes per position of one sequence.",
+                &self.kv_bytes_per_token,
+            ),
+            ("xgen_prefill_chunk_tokens", "Prompt tokens read per engine step at most.", &self.prefill_chunk),
             (
                 "xgen_prefix_cache_entries",
                 "Finished sequences' caches kept for later prompts.",
