@@ -1,8 +1,9 @@
 //! KV memory under a budget, and the prefix cache.
 //!
-//! Every sequence's cache is sized for its prompt plus its `max_tokens` when it is admitted, and
-//! counted against the budget until it ends; a sequence whose cache does not fit waits (its
-//! request stays queued), so the caches never hold more than the budget. A finished sequence's
+//! Every sequence's cache is counted against the budget from its admission to its end, and grows
+//! ([`KvPool::grow`]) as its tokens are written; a sequence whose first step does not fit waits
+//! (its request stays queued) and one that cannot grow makes the engine preempt, so the caches
+//! never hold more than the budget. A finished sequence's
 //! cache is kept, with the tokens it holds, as a prefix entry: a later prompt that starts with the
 //! same tokens (the XGen-Inst header, a shared system prompt, earlier turns of a conversation,
 //! the same document) takes the entry and computes only the rest. Entries are evicted least
@@ -128,6 +129,30 @@ impl KvPool {
         };
         self.in_use += cache.size_bytes();
         Ok(Reserved { cache, reused })
+    }
+
+    /// Why a sequence of `positions` could never run here (`None`: it fits the budget alone).
+    pub fn refuse(&self, positions: usize) -> Option<Refused> {
+        let (needed, budget) = (self.bytes_for(positions), self.budget?);
+        (needed > budget).then_some(Refused::TooLarge { needed, budget })
+    }
+
+    /// A copy of running `cache` with room for `capacity` positions, prefix entries evicted
+    /// (oldest first) to make room; [`Refused::Busy`] when the running caches hold it. The caller
+    /// drops `cache` for the copy at once.
+    pub fn grow(&mut self, cache: &KvCache, capacity: usize) -> Result<KvCache, Refused> {
+        let (old, new) = (cache.size_bytes(), self.bytes_for(capacity));
+        let limit = self.budget.unwrap_or(usize::MAX);
+        // Both are held during the copy.
+        while self.in_use + self.entry_bytes() + new > limit && !self.entries.is_empty() {
+            self.entries.remove(0);
+        }
+        if self.in_use + self.entry_bytes() + new > limit {
+            return Err(Refused::Busy);
+        }
+        let grown = cache.resized(capacity).map_err(|e| Refused::Model(e.to_string()))?;
+        self.in_use = self.in_use + grown.size_bytes() - old;
+        Ok(grown)
     }
 
     /// A sequence ended: its cache, holding `tokens` at its first positions, becomes a prefix

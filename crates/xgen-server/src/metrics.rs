@@ -41,6 +41,10 @@ pub struct Metrics {
     pub prefill_chunk: AtomicI64,
     pub prefix_cache_entries: AtomicI64,
     pub prefix_cache_hit_tokens: AtomicU64,
+    /// Sequences whose caches were freed to make room, to be recomputed.
+    pub preemptions: AtomicU64,
+    /// Preempted sequences waiting to be recomputed.
+    pub preempted: AtomicI64,
 }
 
 fn observe(h: &Mutex<Histogram>, seconds: f64) {
@@ -78,6 +82,11 @@ impl Metrics {
                 "xgen_prefix_cache_hit_tokens_total",
                 "Prompt tokens served from the prefix cache instead of computed.",
                 self.prefix_cache_hit_tokens.load(Relaxed) as i64,
+            ),
+            (
+                "xgen_preemptions_total",
+                "Sequences whose KV cache was freed for room, to be recomputed later.",
+                self.preemptions.load(Relaxed) as i64,
             ),
         ];
         for (name, help, v) in counters {

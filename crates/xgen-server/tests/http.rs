@@ -526,3 +526,44 @@ fn a_repeated_prefix_is_served_from_the_cache_with_identical_output() {
     assert_eq!(metric(&fresh, "xgen_prefix_cache_hit_tokens_total"), 0);
     assert_eq!(cached["choices"][0]["text"], uncached["choices"][0]["text"]);
 }
+
+#[test]
+fn caches_grow_as_tokens_are_written_and_a_dry_pool_preempts_and_recomputes() {
+    let per = {
+        let model = Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {}).unwrap();
+        model.new_cache(1, 1).unwrap().size_bytes()
+    };
+    // Three sequences of 4 + 600 positions start at 260 each (prompt + one 256-position step)
+    // and grow; 1300 positions hold all three at first but not grown, so some are preempted and
+    // recomputed. Their output must not change.
+    let budget = per * 1300;
+    let mut setup = Setup::new(8, 16);
+    setup.engine.kv_budget = Some(budget);
+    let s = start_setup(setup);
+    let unbounded = start(None, 8, 16, 1 << 20);
+    let body =
+        json!({"prompt": "Once upon", "max_tokens": 600, "temperature": 0, "logit_bias": {"50256": -100}});
+    let want = post(&unbounded, "/v1/completions", &body).unwrap()["choices"][0]["text"].clone();
+    let peak = std::sync::atomic::AtomicI64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Value> = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(metric(&s, "xgen_kv_cache_bytes"), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let handles: Vec<_> =
+            (0..3).map(|_| scope.spawn(|| post(&s, "/v1/completions", &body).unwrap())).collect();
+        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        results
+    });
+    for r in &results {
+        assert_eq!(r["choices"][0]["text"], want);
+        assert_eq!(r["usage"]["completion_tokens"], 600);
+    }
+    assert!(metric(&s, "xgen_preemptions_total") > 0, "the pool ran dry");
+    let peak = peak.into_inner();
+    assert!(peak <= budget as i64, "KV bytes peaked at {peak} of a budget of {budget}");
+}

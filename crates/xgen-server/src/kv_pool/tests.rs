@@ -75,3 +75,29 @@ fn a_shared_prefix_is_reused_and_entries_are_evicted_oldest_first() {
     let (_d, reused) = run(&model, &mut pool, &doc, 21);
     assert_eq!(reused, 19, "the newer entry (the document) survived");
 }
+
+#[test]
+fn a_cache_grows_within_the_budget_and_is_refused_room_beyond_it() {
+    let model = model();
+    let per = KvPool::new(&model, None, PrefixCache::Off).unwrap().bytes_for(1);
+    let mut pool = KvPool::new(&model, Some(per * 100), PrefixCache::On).unwrap();
+    let (cache, _) = run(&model, &mut pool, &[1, 2, 3], 10);
+    assert!(pool.refuse(100).is_none() && matches!(pool.refuse(101), Some(Refused::TooLarge { .. })));
+    // 10 -> 40 needs 50 during the copy: fits; 40 -> 70 needs 110: does not.
+    let grown = pool.grow(&cache, 40).unwrap();
+    drop(cache);
+    assert_eq!((grown.len(), grown.capacity(), pool.held()), (3, 40, per * 40));
+    assert!(matches!(pool.grow(&grown, 70), Err(Refused::Busy)));
+    assert_eq!(pool.held(), per * 40, "a refused growth takes nothing");
+    // A prefix entry is evicted to let a running cache grow.
+    let other = pool.reserve(&model, &[9, 9], 20).unwrap();
+    pool.release(other.cache, &[9, 9]);
+    assert_eq!((pool.entries(), pool.held()), (0, per * 40), "nothing written: no entry kept");
+    let (cache, _) = run(&model, &mut pool, &[9, 9], 20);
+    pool.release(cache, &[9, 9]);
+    assert_eq!(pool.entries(), 1);
+    let grown = pool.grow(&grown, 55).unwrap();
+    assert_eq!((pool.entries(), pool.held()), (0, per * 55));
+    pool.forget(&grown);
+    assert_eq!(pool.held(), 0);
+}

@@ -1,0 +1,422 @@
+//! One engine step after another: admit, read a chunk of prompts, sample, grow caches, decode.
+//!
+//! A sequence's KV cache starts at its prompt plus [`KV_STEP`] positions and grows by [`KV_STEP`]
+//! when full (never beyond prompt + `max_tokens`), so memory is taken as tokens are written. When
+//! the budget cannot give a cache its next step, the newest admitted sequence is preempted: its
+//! cache is freed and it waits, ahead of new requests, to be recomputed (prompt and the tokens it
+//! generated so far read again as a prompt) and continue where it stopped. A sequence alone always
+//! fits (requests larger than the budget are refused), so the oldest always makes progress.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        mpsc::{Receiver, TryRecvError},
+    },
+    time::Instant,
+};
+
+use rand::{rngs::StdRng, SeedableRng};
+use tokio::sync::mpsc::UnboundedSender;
+use xgen_generate::Sequence;
+use xgen_model::{KvCache, Model, Tensor};
+use xgen_tokenizer::Tokenizer;
+
+use super::{Event, Job};
+use crate::{
+    kv_pool::{KvPool, Refused, Reserved},
+    metrics::Metrics,
+};
+
+/// Positions a cache starts with beyond its prompt, and grows by.
+pub(super) const KV_STEP: usize = 256;
+
+/// Sent to every sequence still running when the server shuts down.
+const SHUTDOWN: &str = "the server is shutting down";
+
+/// A running sequence (its cache lives in the parallel `caches` vector).
+struct Active<'t> {
+    seq: Sequence<'t>,
+    /// The prompt's ids (the sequence's cache holds them, then the generated ones).
+    prompt: Vec<u32>,
+    /// Positions it may reach: prompt + `max_tokens`.
+    limit: usize,
+    /// Admission order (preemption takes the newest).
+    admitted: u64,
+    rng: StdRng,
+    events: UnboundedSender<Event>,
+    logits: Vec<f32>,
+    submitted: Instant,
+    last_token: Option<Instant>,
+}
+
+/// What a sequence admitted but not running is: a new request, or a preempted sequence.
+enum Waiting<'t> {
+    New(Box<Job>),
+    Resumed(Box<Active<'t>>),
+}
+
+impl Waiting<'_> {
+    /// The tokens to read into its cache: the prompt, or prompt + generated tokens.
+    fn tokens(&self) -> Vec<u32> {
+        match self {
+            Self::New(job) => job.prompt.clone(),
+            Self::Resumed(a) => a.prompt.iter().chain(&a.seq.output().ids).copied().collect(),
+        }
+    }
+
+    /// Positions it may reach.
+    fn limit(&self) -> usize {
+        match self {
+            Self::New(job) => job.prompt.len() + job.budget,
+            Self::Resumed(a) => a.limit,
+        }
+    }
+
+    fn events(&self) -> &UnboundedSender<Event> {
+        match self {
+            Self::New(job) => &job.events,
+            Self::Resumed(a) => &a.events,
+        }
+    }
+}
+
+/// A sequence whose tokens are being read, a chunk per engine step.
+struct Prefilling<'t> {
+    what: Waiting<'t>,
+    tokens: Vec<u32>,
+    cache: KvCache,
+    /// Tokens already in `cache` (from the prefix cache or earlier chunks).
+    done: usize,
+    admitted: u64,
+}
+
+/// The sequences of an engine: preempted ones waiting for room, admitted ones being read, and
+/// running ones (their caches in the parallel `caches`).
+#[derive(Default)]
+struct Batch<'t> {
+    preempted: VecDeque<(u64, Active<'t>)>,
+    prefilling: VecDeque<Prefilling<'t>>,
+    active: Vec<Active<'t>>,
+    caches: Vec<KvCache>,
+}
+
+/// The engine thread's state.
+pub(super) struct Engine<'m> {
+    model: &'m Model,
+    tokenizer: &'m Tokenizer,
+    metrics: &'m Metrics,
+    pool: KvPool,
+    max_batch: usize,
+    admitted: u64,
+}
+
+impl<'m> Engine<'m> {
+    pub(super) fn new(
+        model: &'m Model,
+        tokenizer: &'m Tokenizer,
+        metrics: &'m Metrics,
+        pool: KvPool,
+        max_batch: usize,
+    ) -> Self {
+        Self { model, tokenizer, metrics, pool, max_batch, admitted: 0 }
+    }
+
+    pub(super) fn run(&mut self, jobs: &Receiver<Job>, cancel: &AtomicBool) {
+        let mut batch = Batch::default();
+        // The oldest request not yet admitted (it waits for a slot or for KV room).
+        let mut next: Option<Job> = None;
+        loop {
+            if cancel.load(Relaxed) {
+                self.end_all(&mut batch, SHUTDOWN);
+            }
+            let idle = batch.active.is_empty() && batch.prefilling.is_empty() && batch.preempted.is_empty();
+            if idle && next.is_none() {
+                match jobs.recv() {
+                    Ok(job) => next = Some(job),
+                    Err(_) => return,
+                }
+            }
+            self.admit(jobs, &mut next, &mut batch, cancel);
+            self.prefill_step(&mut batch);
+            self.sample(&mut batch);
+            self.make_room(&mut batch);
+            self.decode(&mut batch);
+            self.publish(&batch);
+        }
+    }
+
+    /// Admits preempted sequences first (oldest first), then waiting requests, while a slot is
+    /// free and their first cache step fits.
+    fn admit(
+        &mut self,
+        jobs: &Receiver<Job>,
+        next: &mut Option<Job>,
+        batch: &mut Batch<'m>,
+        cancel: &AtomicBool,
+    ) {
+        while batch.active.len() + batch.prefilling.len() < self.max_batch {
+            if let Some((order, a)) = batch.preempted.pop_front() {
+                match self.reserve(Waiting::Resumed(Box::new(a)), order, batch) {
+                    Ok(()) => continue,
+                    Err(Waiting::Resumed(a)) => batch.preempted.push_front((order, *a)),
+                    Err(Waiting::New(_)) => unreachable!("a preempted sequence stays one"),
+                }
+                return;
+            }
+            let job = match next.take() {
+                Some(job) => job,
+                None => match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+                },
+            };
+            if job.events.is_closed() {
+                self.metrics.queue_depth.fetch_sub(1, Relaxed);
+                continue;
+            }
+            let why = if cancel.load(Relaxed) {
+                Some(SHUTDOWN.to_string())
+            } else if let Err(e) = self.model.check_ids(&job.prompt) {
+                Some(e.to_string())
+            } else {
+                self.pool.refuse(job.prompt.len() + job.budget).map(refusal)
+            };
+            if let Some(why) = why {
+                self.metrics.queue_depth.fetch_sub(1, Relaxed);
+                let _ = job.events.send(Event::Error(why));
+                continue;
+            }
+            self.admitted += 1;
+            match self.reserve(Waiting::New(Box::new(job)), self.admitted, batch) {
+                Ok(()) => {
+                    self.metrics.queue_depth.fetch_sub(1, Relaxed);
+                }
+                Err(Waiting::New(job)) => {
+                    // Waits (still counted in the queue) until a running sequence ends.
+                    self.admitted -= 1;
+                    *next = Some(*job);
+                    return;
+                }
+                Err(Waiting::Resumed(_)) => unreachable!("a new request stays one"),
+            }
+        }
+    }
+
+    /// A first cache step for `what` and its place among the prompts being read; gives `what`
+    /// back when there is no room now (and something else runs that will make room).
+    fn reserve(&mut self, what: Waiting<'m>, order: u64, batch: &mut Batch<'m>) -> Result<(), Waiting<'m>> {
+        let tokens = what.tokens();
+        let capacity = what.limit().min(tokens.len() + KV_STEP);
+        match self.pool.reserve(self.model, &tokens, capacity) {
+            Ok(Reserved { cache, reused }) => {
+                self.metrics.prefix_cache_hit_tokens.fetch_add(reused as u64, Relaxed);
+                batch.prefilling.push_back(Prefilling { what, tokens, cache, done: reused, admitted: order });
+                Ok(())
+            }
+            Err(Refused::Busy) if !(batch.active.is_empty() && batch.prefilling.is_empty()) => Err(what),
+            Err(why) => {
+                let _ = what.events().send(Event::Error(refusal(why)));
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads up to one prefill chunk of tokens, oldest admitted first; a sequence read to its end
+    /// runs (again) with its last position's logits.
+    fn prefill_step(&mut self, batch: &mut Batch<'m>) {
+        let mut budget = self.model.prefill_chunk();
+        while budget > 0 {
+            let Some(p) = batch.prefilling.front_mut() else { return };
+            let n = budget.min(p.tokens.len() - p.done);
+            let last = p.done + n == p.tokens.len();
+            let mut step = || -> xgen_model::Result<Option<Vec<f32>>> {
+                let ids = self.model.ids_tensor(&p.tokens[p.done..p.done + n])?;
+                if last {
+                    Ok(Some(self.model.forward_last(&ids, &mut p.cache)?.squeeze(0)?.to_vec1()?))
+                } else {
+                    self.model.forward_hidden(&ids, &mut p.cache)?;
+                    Ok(None)
+                }
+            };
+            let result = step();
+            budget -= n;
+            p.done += n;
+            self.metrics.prompt_tokens.fetch_add(n as u64, Relaxed);
+            match result {
+                Ok(None) => {}
+                Ok(Some(logits)) => {
+                    let p = batch.prefilling.pop_front().expect("the front sequence");
+                    let active = match p.what {
+                        Waiting::Resumed(a) => Active { logits, ..*a },
+                        Waiting::New(job) => {
+                            let Job { prompt, config, budget, seed, events, submitted } = *job;
+                            Active {
+                                seq: Sequence::new(self.tokenizer, prompt.clone(), config, budget),
+                                limit: prompt.len() + budget,
+                                prompt,
+                                admitted: p.admitted,
+                                rng: StdRng::seed_from_u64(seed),
+                                events,
+                                logits,
+                                submitted,
+                                last_token: None,
+                            }
+                        }
+                    };
+                    batch.active.push(active);
+                    batch.caches.push(p.cache);
+                }
+                Err(e) => {
+                    let p = batch.prefilling.pop_front().expect("the front sequence");
+                    self.pool.forget(&p.cache);
+                    let _ = p.what.events().send(Event::Error(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Samples one token for every running sequence; finished and abandoned ones leave, their
+    /// caches to the pool.
+    fn sample(&mut self, batch: &mut Batch<'m>) {
+        let (active, caches) = (std::mem::take(&mut batch.active), std::mem::take(&mut batch.caches));
+        for (mut a, cache) in active.into_iter().zip(caches) {
+            let stay = match a.seq.step(&a.logits, &mut a.rng) {
+                Ok(out) => {
+                    record_latency(self.metrics, &mut a);
+                    self.metrics.generated_tokens.fetch_add(1, Relaxed);
+                    let finished = out.finish.is_some();
+                    a.events.send(Event::Token(out)).is_ok() && !finished
+                }
+                Err(e) => {
+                    let _ = a.events.send(Event::Error(e.to_string()));
+                    false
+                }
+            };
+            if stay {
+                batch.active.push(a);
+                batch.caches.push(cache);
+            } else {
+                let tokens: Vec<u32> = a.prompt.iter().chain(&a.seq.output().ids).copied().collect();
+                self.pool.release(cache, &tokens);
+            }
+        }
+    }
+
+    /// Gives every running cache room for its next token, a [`KV_STEP`] at a time, preempting
+    /// the newest sequences while the budget cannot.
+    fn make_room(&mut self, batch: &mut Batch<'m>) {
+        let mut i = 0;
+        while i < batch.active.len() {
+            let cache = &batch.caches[i];
+            if cache.len() < cache.capacity() {
+                i += 1;
+                continue;
+            }
+            let capacity = batch.active[i].limit.min(cache.capacity() + KV_STEP);
+            let grown = if capacity > cache.capacity() {
+                self.pool.grow(cache, capacity)
+            } else {
+                // Unreachable while sequences stop at max_tokens; never stall the whole batch on it.
+                Err(Refused::Model(format!("the sequence reached its {capacity} positions")))
+            };
+            match grown {
+                Ok(grown) => {
+                    batch.caches[i] = grown;
+                    i += 1;
+                }
+                Err(Refused::Busy) => {
+                    // The newest running sequence gives its cache back (possibly this one).
+                    let newest =
+                        (0..batch.active.len()).max_by_key(|&j| batch.active[j].admitted).expect("one runs");
+                    self.preempt(batch, newest);
+                    if newest < i {
+                        i -= 1;
+                    }
+                }
+                Err(why) => {
+                    let a = batch.active.remove(i);
+                    self.pool.forget(&batch.caches.remove(i));
+                    let _ = a.events.send(Event::Error(refusal(why)));
+                }
+            }
+        }
+    }
+
+    /// Frees running sequence `i`'s cache; it waits to be recomputed, oldest first.
+    fn preempt(&mut self, batch: &mut Batch<'m>, i: usize) {
+        let a = batch.active.remove(i);
+        self.pool.forget(&batch.caches.remove(i));
+        self.metrics.preemptions.fetch_add(1, Relaxed);
+        let at = batch.preempted.partition_point(|(order, _)| *order < a.admitted);
+        batch.preempted.insert(at, (a.admitted, a));
+    }
+
+    /// Feeds every running sequence its last token and stores the next logits.
+    fn decode(&mut self, batch: &mut Batch<'m>) {
+        if batch.active.is_empty() {
+            return;
+        }
+        let model = self.model;
+        let mut run = || -> xgen_model::Result<Vec<Vec<f32>>> {
+            let last: Vec<u32> =
+                batch.active.iter().map(|a| *a.seq.output().ids.last().unwrap_or(&0)).collect();
+            let ids = Tensor::from_vec(last, (batch.active.len(), 1), model.device())?;
+            let hidden = model.forward_rows(&ids, &mut batch.caches)?; // [n, 1, d]
+            Ok(model.logits(&hidden.squeeze(1)?)?.to_vec2()?)
+        };
+        match run() {
+            Ok(rows) => batch.active.iter_mut().zip(rows).for_each(|(a, row)| a.logits = row),
+            Err(e) => {
+                for (a, cache) in batch.active.drain(..).zip(batch.caches.drain(..)) {
+                    self.pool.forget(&cache);
+                    let _ = a.events.send(Event::Error(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Ends every admitted, preempted and running sequence with `why`.
+    fn end_all(&mut self, batch: &mut Batch<'m>, why: &str) {
+        for p in batch.prefilling.drain(..) {
+            self.pool.forget(&p.cache);
+            let _ = p.what.events().send(Event::Error(why.into()));
+        }
+        for (_, a) in batch.preempted.drain(..) {
+            let _ = a.events.send(Event::Error(why.into()));
+        }
+        for (a, cache) in batch.active.drain(..).zip(batch.caches.drain(..)) {
+            self.pool.forget(&cache);
+            let _ = a.events.send(Event::Error(why.into()));
+        }
+    }
+
+    fn publish(&self, batch: &Batch<'m>) {
+        let m = self.metrics;
+        m.running.store(batch.active.len() as i64, Relaxed);
+        m.prefilling.store(batch.prefilling.len() as i64, Relaxed);
+        m.preempted.store(batch.preempted.len() as i64, Relaxed);
+        m.kv_cache_bytes.store(self.pool.held() as i64, Relaxed);
+        m.prefix_cache_entries.store(self.pool.entries() as i64, Relaxed);
+    }
+}
+
+fn record_latency(metrics: &Metrics, a: &mut Active<'_>) {
+    let now = Instant::now();
+    match a.last_token {
+        None => metrics.time_to_first_token((now - a.submitted).as_secs_f64()),
+        Some(t) => metrics.inter_token_latency((now - t).as_secs_f64()),
+    }
+    a.last_token = Some(now);
+}
+
+/// The error a refused request receives.
+fn refusal(why: Refused) -> String {
+    match why {
+        Refused::TooLarge { needed, budget } => format!(
+            "the request needs {needed} bytes of KV cache (prompt + max_tokens), over the server's whole budget of {budget} (--kv-budget)"
+        ),
+        Refused::Busy => "no KV cache room while nothing else runs".into(),
+        Refused::Model(e) => e,
+    }
+}
