@@ -131,6 +131,11 @@ impl KvPool {
         Ok(Reserved { cache, reused })
     }
 
+    /// Whether `bytes` more fit beside the running caches (prefix entries would be evicted).
+    pub fn has_room(&self, bytes: usize) -> bool {
+        self.in_use + bytes <= self.budget.unwrap_or(usize::MAX)
+    }
+
     /// Why a sequence of `positions` could never run here (`None`: it fits the budget alone).
     pub fn refuse(&self, positions: usize) -> Option<Refused> {
         let (needed, budget) = (self.bytes_for(positions), self.budget?);
