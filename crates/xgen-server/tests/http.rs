@@ -403,6 +403,33 @@ fn timed_stream(s: &Server, body: &Value) -> Vec<Instant> {
         .collect()
 }
 
+/// KV cache bytes per position of the fixture model in f32.
+fn kv_bytes_per_token() -> usize {
+    let model = Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {}).unwrap();
+    model.new_cache(1, 1).unwrap().size_bytes()
+}
+
+/// `n` copies of `body` sent at once to `/v1/completions`: the responses, and the highest
+/// `xgen_kv_cache_bytes` seen meanwhile (polled every 2 ms).
+fn concurrent_watching_kv(s: &Server, body: &Value, n: usize) -> (Vec<Value>, i64) {
+    let peak = std::sync::atomic::AtomicI64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let results = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(metric(s, "xgen_kv_cache_bytes"), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let handles: Vec<_> =
+            (0..n).map(|_| scope.spawn(|| post(s, "/v1/completions", body).unwrap())).collect();
+        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        results
+    });
+    (results, peak.into_inner())
+}
+
 fn metric(s: &Server, name: &str) -> i64 {
     let text = ureq::get(&format!("{}/metrics", s.base)).call().unwrap().into_string().unwrap();
     let line = text
@@ -448,35 +475,17 @@ fn a_stream_keeps_producing_tokens_while_a_long_prompt_is_read() {
 
 #[test]
 fn a_budget_smaller_than_the_load_queues_and_completes_every_request() {
-    let per = {
-        let model = Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {}).unwrap();
-        model.new_cache(1, 1).unwrap().size_bytes()
-    };
+    let per = kv_bytes_per_token();
     // Each request holds prompt + max_tokens = 4 + 60 positions: two fit, eight are sent.
     let budget = per * 150;
     let mut setup = Setup::new(8, 16);
     setup.engine.kv_budget = Some(budget);
     let s = start_setup(setup);
     let body = json!({"prompt": "Hello there, how", "max_tokens": 60, "temperature": 0, "logit_bias": {"50256": -100}});
-    let peak = std::sync::atomic::AtomicI64::new(0);
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let results: Vec<Value> = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak.fetch_max(metric(&s, "xgen_kv_cache_bytes"), std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        let handles: Vec<_> =
-            (0..8).map(|_| scope.spawn(|| post(&s, "/v1/completions", &body).unwrap())).collect();
-        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        results
-    });
+    let (results, peak) = concurrent_watching_kv(&s, &body, 8);
     let texts: Vec<&str> = results.iter().map(|r| r["choices"][0]["text"].as_str().unwrap()).collect();
     assert!(texts.iter().all(|t| t == &texts[0]), "{texts:?}");
     assert!(results.iter().all(|r| r["usage"]["completion_tokens"] == 60));
-    let peak = peak.into_inner();
     assert!(peak > 0 && peak <= budget as i64, "KV bytes peaked at {peak} of a budget of {budget}");
     assert_eq!(metric(&s, "xgen_kv_budget_bytes"), budget as i64);
     // A request that could never fit is refused at once, with the numbers.
@@ -529,10 +538,7 @@ fn a_repeated_prefix_is_served_from_the_cache_with_identical_output() {
 
 #[test]
 fn caches_grow_as_tokens_are_written_and_a_dry_pool_preempts_and_recomputes() {
-    let per = {
-        let model = Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {}).unwrap();
-        model.new_cache(1, 1).unwrap().size_bytes()
-    };
+    let per = kv_bytes_per_token();
     // Three sequences of 4 + 600 positions start at 260 each (prompt + one 256-position step)
     // and grow; 1300 positions hold all three at first but not grown, so some are preempted and
     // recomputed. Their output must not change.
@@ -544,26 +550,11 @@ fn caches_grow_as_tokens_are_written_and_a_dry_pool_preempts_and_recomputes() {
     let body =
         json!({"prompt": "Once upon", "max_tokens": 600, "temperature": 0, "logit_bias": {"50256": -100}});
     let want = post(&unbounded, "/v1/completions", &body).unwrap()["choices"][0]["text"].clone();
-    let peak = std::sync::atomic::AtomicI64::new(0);
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let results: Vec<Value> = std::thread::scope(|scope| {
-        scope.spawn(|| {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                peak.fetch_max(metric(&s, "xgen_kv_cache_bytes"), std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        let handles: Vec<_> =
-            (0..3).map(|_| scope.spawn(|| post(&s, "/v1/completions", &body).unwrap())).collect();
-        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        results
-    });
+    let (results, peak) = concurrent_watching_kv(&s, &body, 3);
     for r in &results {
         assert_eq!(r["choices"][0]["text"], want);
         assert_eq!(r["usage"]["completion_tokens"], 600);
     }
     assert!(metric(&s, "xgen_preemptions_total") > 0, "the pool ran dry");
-    let peak = peak.into_inner();
     assert!(peak <= budget as i64, "KV bytes peaked at {peak} of a budget of {budget}");
 }
