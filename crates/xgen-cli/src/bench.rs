@@ -67,7 +67,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let bandwidth = (!args.no_bandwidth && args.generate > 0).then(read_bandwidth);
     // The f32 FMA peak of the same threads, for prompt speeds: FLOPs per token over it is theirs.
     let fma_peak = (args.prompt > 0).then(|| xgen_model::kernels::peak::f32_fma_flops(3));
-    let kv_bytes_per_position = model.new_cache(1, 1)?.size_bytes();
+    let kv_bytes_per_position = model.kv_block_bytes()? / xgen_model::KV_BLOCK;
     let (weights, kernel) = (model.weight_format_name(), model.prompt_kernel_name());
     let attention_kernel = model.attention_kernel_name();
     let kv_type = kv_type_name(model.kv_type());

@@ -3,7 +3,7 @@
 //! computed. A 2000-token conversation then costs its new message per reply, not a full prefill.
 
 use rand::Rng;
-use xgen_model::KvCache;
+use xgen_model::{kv_cache::blocks_for, KvCache};
 
 use crate::{
     error::{GenerateError, Result},
@@ -49,18 +49,18 @@ impl Generator<'_> {
         let common = session.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         // A dropped (truncated) prompt starts at other positions: nothing carries over.
         let reuse = if drop > 0 { 0 } else { common.min(prompt.len() - 1) };
-        let need = prompt.len() + steps;
         session.tokens.clear();
+        // A pool for the whole context: its blocks are taken (and their memory committed) only
+        // as the conversation's positions are written, so the cache grows without copies.
         let mut cache = match session.cache.take() {
             Some(mut cache) => {
                 cache.truncate(reuse);
-                if cache.capacity() >= need {
-                    cache
-                } else {
-                    cache.resized(need)?
-                }
+                cache
             }
-            None => model.new_cache(1, need)?,
+            None => {
+                let context = model.config().max_position_embeddings;
+                KvCache::in_pool(&model.new_pool(blocks_for(context))?, context)
+            }
         };
         let reuse = cache.len();
         session.reused = reuse;

@@ -83,7 +83,9 @@ fn attention(rows: usize, peak: f64) {
         // Causal: the chunk's queries see past + (1..=rows) keys; q·k and p·v, 2 ops each.
         let ops = 4.0 * (h * hd) as f64 * (rows * past + rows * (rows + 1) / 2) as f64;
         let (k, v) = cache.buffers(0);
-        let fused = ops / seconds(|| prompt_attention(&q, k, v, past, &[0]).unwrap().expect("applies"));
+        let paging = cache.paging();
+        let fused =
+            ops / seconds(|| prompt_attention(&q, k, v, &paging, past, &[0]).unwrap().expect("applies"));
         let (kf, vf) = cache.views(0, len).unwrap();
         let reference = ops / seconds(|| causal_attention(&q, &kf, &vf, past, &[0]).unwrap());
         println!(

@@ -84,11 +84,12 @@ impl Attention {
     ) -> Result<Tensor> {
         let (past, s) = (cache.len(), cache.len() + q.dim(2)?);
         cache.append(layer, k, v)?;
-        let (keys, values) = cache.buffers(layer); // [b, kv_h, capacity, ..]
-        if let Some(out) = decode_attention(q, keys, values, s, cache.padding())? {
+        let (keys, values) = cache.buffers(layer); // [blocks, kv_h, KV_BLOCK, ..]
+        let paging = cache.paging(); // where each row's positions are
+        if let Some(out) = decode_attention(q, keys, values, &paging, s, cache.padding())? {
             return Ok(out);
         }
-        if let Some(out) = prompt_attention(q, keys, values, past, cache.padding())? {
+        if let Some(out) = prompt_attention(q, keys, values, &paging, past, cache.padding())? {
             return Ok(out);
         }
         let (k, v) = cache.views(layer, s)?; // [b, kv_h, s, hd]

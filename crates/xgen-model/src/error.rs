@@ -42,6 +42,9 @@ pub enum ModelError {
     #[error("{positions} positions exceed the KV cache capacity of {capacity}")]
     CacheFull { positions: usize, capacity: usize },
 
+    #[error("the KV block pool has {free} free blocks, {needed} needed")]
+    PoolDry { needed: usize, free: usize },
+
     #[error("token id {id} is outside the model's vocabulary of {vocab_size}")]
     TokenOutOfRange { id: u32, vocab_size: usize },
 

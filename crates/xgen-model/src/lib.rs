@@ -22,6 +22,6 @@ pub use candle_core::{DType, Device, Error as CandleError, Tensor};
 pub use config::{Config, RopeScaling};
 pub use error::{ModelError, Result};
 pub use kernels::{bandwidth, matvec, quant};
-pub use kv_cache::{KvCache, KvType};
+pub use kv_cache::{BlockPool, KvCache, KvType, KV_BLOCK};
 pub use linear::{Quant, Weight};
 pub use model::{Model, WeightFormat};

@@ -1,7 +1,7 @@
 //! The XGen / Llama decoder: embed → layers (attention, MLP, each pre-normed and residual) →
 //! norm → `lm_head`.
 
-use std::{collections::HashMap, path::Path};
+use std::{collections::HashMap, path::Path, sync::Arc};
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, RmsNorm};
@@ -12,7 +12,7 @@ use crate::{
     embedding::TokenEmbedding,
     error::{ModelError, Result},
     kernels::{prompt_attention, work_split},
-    kv_cache::{KvCache, KvType},
+    kv_cache::{BlockPool, KvCache, KvType},
     linear::{Linear, Quant, Weight},
     mlp::Mlp,
     rope::Rope,
@@ -346,6 +346,18 @@ impl Model {
         self.prefill_chunk = tokens.max(1);
     }
 
+    /// A pool of `blocks` KV blocks of [`KV_BLOCK`](crate::KV_BLOCK) positions that caches made by
+    /// [`KvCache::in_pool`] share (a server's sequences).
+    pub fn new_pool(&self, blocks: usize) -> Result<Arc<BlockPool>> {
+        let c = &self.config;
+        BlockPool::new(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, blocks, self.kv, &self.device)
+    }
+
+    /// Bytes of one KV block (all layers, keys and values) in this model's KV storage.
+    pub fn kv_block_bytes(&self) -> Result<usize> {
+        Ok(self.new_pool(1)?.block_bytes())
+    }
+
     /// An empty cache for `batch` sequences of up to `capacity` positions.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         let c = &self.config;
@@ -378,8 +390,8 @@ impl Model {
     /// `[b, t, d]` (after `model.norm`). Writes the step's keys and values into `cache`.
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let t = ids.dim(1)?;
-        cache.check_room(t)?;
-        // [t, hd/2], or [b, t, hd/2] when rows are left-padded (their positions differ).
+        cache.prepare(t)?; // blocks for the step's positions
+                           // [t, hd/2], or [b, t, hd/2] when rows are left-padded (their positions differ).
         let (cos, sin) = if cache.is_padded() {
             self.rope.cos_sin_padded(cache.len(), t, cache.padding(), self.dtype, &self.device)?
         } else {
@@ -400,8 +412,8 @@ impl Model {
         }
         let mut cos = Vec::with_capacity(n);
         let mut sin = Vec::with_capacity(n);
-        for c in caches.iter() {
-            c.check_room(t)?;
+        for c in caches.iter_mut() {
+            c.prepare(t)?; // blocks for the step's positions
             let (c, s) = self.rope.cos_sin_padded(c.len(), t, c.padding(), self.dtype, &self.device)?;
             cos.push(c);
             sin.push(s);

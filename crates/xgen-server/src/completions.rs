@@ -115,12 +115,13 @@ fn check_kv_budget(state: &SharedState, positions: usize) -> Result<(), ApiError
     use std::sync::atomic::Ordering::Relaxed;
     let per_token = state.metrics.kv_bytes_per_token.load(Relaxed);
     let budget = state.metrics.kv_budget_bytes.load(Relaxed);
-    let needed = positions as i64 * per_token;
+    let block = xgen_model::KV_BLOCK;
+    let needed = (positions.div_ceil(block) * block) as i64 * per_token;
     if per_token > 0 && budget >= 0 && needed > budget {
         return Err(ApiError::invalid(
             "max_tokens",
             format!(
-                "The request needs {needed} bytes of KV cache ({positions} positions of prompt and completion, {per_token} bytes each), over the server's KV budget of {budget} bytes (--kv-budget). Lower max_tokens or shorten the prompt."
+                "The request needs {needed} bytes of KV cache ({positions} positions of prompt and completion in blocks of {block}, {per_token} bytes each), over the server's KV budget of {budget} bytes (--kv-budget). Lower max_tokens or shorten the prompt."
             ),
         ));
     }

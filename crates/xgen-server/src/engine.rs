@@ -99,7 +99,8 @@ pub struct EngineOptions {
     pub max_batch: usize,
     /// Requests waiting for admission at most (beyond: [`Rejected::QueueFull`]).
     pub max_queue: usize,
-    /// KV cache bytes at most (running sequences and prefix entries); `None`: unbounded.
+    /// KV cache bytes at most (running sequences and prefix entries); `None`: room for
+    /// `max_batch` sequences of the model's whole context.
     pub kv_budget: Option<usize>,
     pub prefix_cache: PrefixCache,
 }
@@ -120,9 +121,10 @@ pub fn spawn(
     let thread = std::thread::spawn(move || {
         let model = load()?;
         let tokenizer = Tokenizer::xgen();
-        let pool = KvPool::new(&model, options.kv_budget.or_else(kv_budget), options.prefix_cache)?;
-        metrics.kv_budget_bytes.store(pool.budget().map_or(-1, |b| b as i64), Relaxed);
-        metrics.kv_bytes_per_token.store(pool.bytes_for(1) as i64, Relaxed);
+        let budget = options.kv_budget.or_else(kv_budget);
+        let pool = KvPool::new(&model, budget, options.max_batch, options.prefix_cache)?;
+        metrics.kv_budget_bytes.store(pool.budget() as i64, Relaxed);
+        metrics.kv_bytes_per_token.store(pool.bytes_per_token() as i64, Relaxed);
         metrics.prefill_chunk.store(model.prefill_chunk() as i64, Relaxed);
         ready.store(true, Relaxed);
         let _ready = ReadyGuard(ready);

@@ -1,18 +1,23 @@
-//! KV memory under a budget, and the prefix cache.
+//! KV memory as one pool of fixed-size blocks under a budget, and the prefix cache.
 //!
-//! Every sequence's cache is counted against the budget from its admission to its end, and grows
-//! ([`KvPool::grow`]) as its tokens are written; a sequence whose first step does not fit waits
-//! (its request stays queued) and one that cannot grow makes the engine preempt, so the caches
-//! never hold more than the budget. A finished sequence's
-//! cache is kept, with the tokens it holds, as a prefix entry: a later prompt that starts with the
-//! same tokens (the XGen-Inst header, a shared system prompt, earlier turns of a conversation,
-//! the same document) takes the entry and computes only the rest. Entries are evicted least
-//! recently used whenever a new cache needs their room.
+//! The pool ([`BlockPool`]) holds `budget / block bytes` blocks of [`KV_BLOCK`] positions, taken
+//! from the OS as they are first written. A sequence takes the blocks of its prompt when admitted
+//! and one more whenever its tokens fill the last ([`KvPool::ready`]); when none is free, prefix
+//! entries are evicted and, failing that, the engine preempts. A finished sequence's cache is
+//! kept, with the tokens it holds, as a prefix entry: a later prompt that starts with the same
+//! tokens (the XGen-Inst header, a shared system prompt, earlier turns of a conversation, the same
+//! document) forks it, sharing its blocks (a shared block is copied only when written), and
+//! computes only the rest. Entries are evicted least recently used when blocks run out.
 //!
-//! Invariant: `in_use + Σ entry bytes ≤ budget` after every call (a budget of `None` is
-//! unbounded).
+//! Invariant: the blocks in use (running sequences' and entries', each counted once however
+//! many hold it) never exceed the pool, so KV memory never exceeds the budget.
 
-use xgen_model::{KvCache, Model};
+use std::sync::Arc;
+
+use xgen_model::{
+    kv_cache::{blocks_for, BlockPool},
+    KvCache, Model, ModelError, KV_BLOCK,
+};
 
 /// Whether finished sequences' caches are kept for later prompts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,12 +32,9 @@ struct Entry {
     cache: KvCache,
 }
 
-/// The caches of the running sequences (counted) and the prefix entries (evictable).
+/// The block pool, and the prefix entries holding some of its blocks.
 pub struct KvPool {
-    budget: Option<usize>,
-    /// Cache bytes per position of one sequence.
-    per_token: usize,
-    in_use: usize,
+    blocks: Arc<BlockPool>,
     /// Least recently used first.
     entries: Vec<Entry>,
     prefix: PrefixCache,
@@ -44,12 +46,12 @@ pub struct Reserved {
     pub reused: usize,
 }
 
-/// Why a sequence got no cache.
+/// Why a sequence got no blocks.
 #[derive(Debug)]
 pub enum Refused {
-    /// Not now: the running sequences hold the room. Try again when one ends.
+    /// Not now: the running sequences hold the blocks. Try again when one ends.
     Busy,
-    /// Never: it needs more than the whole budget.
+    /// Never: it needs more than the whole pool.
     TooLarge {
         needed: usize,
         budget: usize,
@@ -58,112 +60,104 @@ pub enum Refused {
 }
 
 impl KvPool {
-    pub fn new(model: &Model, budget: Option<usize>, prefix: PrefixCache) -> Result<Self, String> {
-        let per_token = model.new_cache(1, 1).map_err(|e| e.to_string())?.size_bytes();
-        Ok(Self { budget, per_token, in_use: 0, entries: Vec::new(), prefix })
+    /// A pool of `budget` bytes (rounded down to whole blocks); `None`: room for `max_batch`
+    /// sequences of the model's whole context, so that nothing admitted is ever preempted.
+    pub fn new(
+        model: &Model,
+        budget: Option<usize>,
+        max_batch: usize,
+        prefix: PrefixCache,
+    ) -> Result<Self, String> {
+        let block_bytes = model.kv_block_bytes().map_err(|e| e.to_string())?;
+        let blocks = match budget {
+            Some(bytes) => bytes / block_bytes,
+            None => max_batch * blocks_for(model.config().max_position_embeddings),
+        };
+        if blocks == 0 {
+            return Err(format!(
+                "a KV budget of {} bytes is less than one block of {KV_BLOCK} positions ({block_bytes} bytes); raise --kv-budget",
+                budget.unwrap_or(0)
+            ));
+        }
+        let blocks = model.new_pool(blocks).map_err(|e| e.to_string())?;
+        Ok(Self { blocks, entries: Vec::new(), prefix })
     }
 
-    /// Cache bytes of one sequence of `positions`.
-    pub fn bytes_for(&self, positions: usize) -> usize {
-        positions * self.per_token
+    /// Cache bytes per position of one sequence.
+    pub fn bytes_per_token(&self) -> usize {
+        self.blocks.block_bytes() / KV_BLOCK
     }
 
-    /// Bytes held: running sequences' caches and prefix entries.
+    /// Bytes of the blocks in use: running sequences' and prefix entries'.
     pub fn held(&self) -> usize {
-        self.in_use + self.entries.iter().map(|e| e.cache.size_bytes()).sum::<usize>()
+        self.blocks.used_blocks() * self.blocks.block_bytes()
     }
 
-    pub fn budget(&self) -> Option<usize> {
-        self.budget
+    /// Bytes of the whole pool.
+    pub fn budget(&self) -> usize {
+        self.blocks.blocks() * self.blocks.block_bytes()
+    }
+
+    /// Blocks in the pool, and in use.
+    pub fn blocks(&self) -> (usize, usize) {
+        (self.blocks.blocks(), self.blocks.used_blocks())
     }
 
     pub fn entries(&self) -> usize {
         self.entries.len()
     }
 
-    /// A cache of `capacity` positions for `prompt`, starting from the longest cached prefix of
-    /// it (at most all but its last token, whose logits the caller needs).
-    pub fn reserve(&mut self, model: &Model, prompt: &[u32], capacity: usize) -> Result<Reserved, Refused> {
-        let needed = self.bytes_for(capacity);
-        let limit = self.budget.unwrap_or(usize::MAX);
-        if needed > limit {
-            return Err(Refused::TooLarge { needed, budget: limit });
+    /// Whether `blocks` fit in the pool beside nothing else.
+    pub fn has_room(&self, blocks: usize) -> bool {
+        blocks <= self.blocks.blocks()
+    }
+
+    /// A cache of up to `limit` positions for `prompt`, its prompt's blocks taken, starting from
+    /// the longest cached prefix of it (at most all but its last token, whose logits the caller
+    /// needs).
+    pub fn reserve(&mut self, prompt: &[u32], limit: usize) -> Result<Reserved, Refused> {
+        if let Some(why) = self.refuse(limit) {
+            return Err(why);
         }
-        // The reused entry leaves the list: used in place when it has the room, else copied into
-        // a new cache (both held during the copy) and dropped.
-        let taken = self.longest_prefix(prompt).map(|(i, len)| (self.entries.remove(i), len));
-        let in_place = taken.as_ref().is_some_and(|(e, _)| e.cache.capacity() >= capacity);
-        let taken_bytes = taken.as_ref().map_or(0, |(e, _)| e.cache.size_bytes());
-        let mut extra = if in_place { taken_bytes } else { taken_bytes + needed };
-        let mut taken = taken;
-        // Least recently used entries go first.
-        while self.in_use + self.entry_bytes() + extra > limit && !self.entries.is_empty() {
-            self.entries.remove(0);
-        }
-        if self.in_use + self.entry_bytes() + extra > limit
-            && taken.is_some()
-            && self.in_use + needed <= limit
-        {
-            // Copying would not fit beside the entry: start afresh without it.
-            taken = None;
-            extra = needed;
-        }
-        if self.in_use + self.entry_bytes() + extra > limit {
-            if let Some((entry, _)) = taken {
-                self.entries.push(entry);
+        let mut cache = match self.longest_prefix(prompt) {
+            Some((i, len)) => {
+                let entry = self.entries.remove(i);
+                let cache = entry.cache.fork(len, limit).map_err(model_error)?;
+                self.entries.push(entry); // now the most recently used
+                cache
             }
-            return Err(Refused::Busy);
-        }
-        let model_error = |e: xgen_model::ModelError| Refused::Model(e.to_string());
-        let (cache, reused) = match taken {
-            Some((mut entry, len)) => {
-                entry.cache.truncate(len);
-                let cache = if in_place {
-                    entry.cache
-                } else {
-                    entry.cache.resized(capacity).map_err(model_error)?
-                };
-                (cache, len)
-            }
-            None => (model.new_cache(1, capacity).map_err(model_error)?, 0),
+            None => KvCache::in_pool(&self.blocks, limit),
         };
-        self.in_use += cache.size_bytes();
+        self.ready(&mut cache, prompt.len())?;
+        let reused = cache.len();
         Ok(Reserved { cache, reused })
     }
 
-    /// Whether `bytes` more fit beside the running caches (prefix entries would be evicted).
-    pub fn has_room(&self, bytes: usize) -> bool {
-        self.in_use + bytes <= self.budget.unwrap_or(usize::MAX)
+    /// Readies `cache`'s blocks up to `positions` (taken where missing, copied where shared),
+    /// evicting prefix entries, least recently used first, while the pool is dry;
+    /// [`Refused::Busy`] when running sequences hold every block.
+    pub fn ready(&mut self, cache: &mut KvCache, positions: usize) -> Result<(), Refused> {
+        loop {
+            match cache.ready(positions) {
+                Ok(()) => return Ok(()),
+                Err(ModelError::PoolDry { .. }) if !self.entries.is_empty() => {
+                    self.entries.remove(0);
+                }
+                Err(ModelError::PoolDry { .. }) => return Err(Refused::Busy),
+                Err(e) => return Err(model_error(e)),
+            }
+        }
     }
 
-    /// Why a sequence of `positions` could never run here (`None`: it fits the budget alone).
+    /// Why a sequence of `positions` could never run here (`None`: it fits the pool alone).
     pub fn refuse(&self, positions: usize) -> Option<Refused> {
-        let (needed, budget) = (self.bytes_for(positions), self.budget?);
+        let (needed, budget) = (blocks_for(positions) * self.blocks.block_bytes(), self.budget());
         (needed > budget).then_some(Refused::TooLarge { needed, budget })
     }
 
-    /// A copy of running `cache` with room for `capacity` positions, prefix entries evicted
-    /// (oldest first) to make room; [`Refused::Busy`] when the running caches hold it. The caller
-    /// drops `cache` for the copy at once.
-    pub fn grow(&mut self, cache: &KvCache, capacity: usize) -> Result<KvCache, Refused> {
-        let (old, new) = (cache.size_bytes(), self.bytes_for(capacity));
-        let limit = self.budget.unwrap_or(usize::MAX);
-        // Both are held during the copy.
-        while self.in_use + self.entry_bytes() + new > limit && !self.entries.is_empty() {
-            self.entries.remove(0);
-        }
-        if self.in_use + self.entry_bytes() + new > limit {
-            return Err(Refused::Busy);
-        }
-        let grown = cache.resized(capacity).map_err(|e| Refused::Model(e.to_string()))?;
-        self.in_use = self.in_use + grown.size_bytes() - old;
-        Ok(grown)
-    }
-
     /// A sequence ended: its cache, holding `tokens` at its first positions, becomes a prefix
-    /// entry (or is freed when prefix caching is off).
+    /// entry (or its blocks are freed when prefix caching is off).
     pub fn release(&mut self, cache: KvCache, tokens: &[u32]) {
-        self.in_use -= cache.size_bytes();
         let len = cache.len().min(tokens.len());
         if self.prefix == PrefixCache::Off || len == 0 {
             return;
@@ -171,17 +165,8 @@ impl KvPool {
         self.entries.push(Entry { tokens: tokens[..len].to_vec(), cache });
     }
 
-    /// A running sequence's cache dropped without keeping it (an error, a shutdown).
-    pub fn forget(&mut self, cache: &KvCache) {
-        self.in_use -= cache.size_bytes();
-    }
-
-    fn entry_bytes(&self) -> usize {
-        self.entries.iter().map(|e| e.cache.size_bytes()).sum()
-    }
-
     /// The entry sharing the most leading tokens with `prompt` (at most `prompt.len() - 1`),
-    /// and that count; `None` when none shares any. Marks nothing: the caller takes it.
+    /// and that count; `None` when none shares any.
     fn longest_prefix(&self, prompt: &[u32]) -> Option<(usize, usize)> {
         let limit = prompt.len().saturating_sub(1);
         self.entries
@@ -191,6 +176,10 @@ impl KvPool {
             .filter(|&(_, len)| len > 0)
             .max_by_key(|&(i, len)| (len, i))
     }
+}
+
+fn model_error(e: ModelError) -> Refused {
+    Refused::Model(e.to_string())
 }
 
 #[cfg(test)]

@@ -33,8 +33,11 @@ pub struct Metrics {
     /// Admitted sequences whose prompts are still being read.
     pub prefilling: AtomicI64,
     pub kv_cache_bytes: AtomicI64,
-    /// -1: unbounded.
+    /// The pool's bytes (0 until the model is loaded).
     pub kv_budget_bytes: AtomicI64,
+    /// KV blocks in the pool, and in use.
+    pub kv_blocks: AtomicI64,
+    pub kv_blocks_used: AtomicI64,
     /// KV bytes per position of one sequence (0 until the model is loaded).
     pub kv_bytes_per_token: AtomicI64,
     /// Prompt tokens read per engine step (0 until the model is loaded).
@@ -105,7 +108,17 @@ impl Metrics {
                 "Bytes of KV cache held: admitted sequences and prefix-cache entries.",
                 &self.kv_cache_bytes,
             ),
-            ("xgen_kv_budget_bytes", "The KV cache budget (-1: unbounded).", &self.kv_budget_bytes),
+            (
+                "xgen_kv_budget_bytes",
+                "The KV block pool's bytes: the budget in whole blocks.",
+                &self.kv_budget_bytes,
+            ),
+            ("xgen_kv_blocks", "KV blocks in the pool.", &self.kv_blocks),
+            (
+                "xgen_kv_blocks_used",
+                "KV blocks held by admitted sequences and prefix-cache entries (shared ones once).",
+                &self.kv_blocks_used,
+            ),
             (
                 "xgen_kv_bytes_per_token",
                 "KV cache bytes per position of one sequence.",

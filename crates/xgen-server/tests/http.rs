@@ -404,9 +404,10 @@ fn timed_stream(s: &Server, body: &Value) -> Vec<Instant> {
 }
 
 /// KV cache bytes per position of the fixture model in f32.
-fn kv_bytes_per_token() -> usize {
+/// Bytes of one KV block (`KV_BLOCK` positions) of the fixture model.
+fn kv_block_bytes() -> usize {
     let model = Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {}).unwrap();
-    model.new_cache(1, 1).unwrap().size_bytes()
+    model.kv_block_bytes().unwrap()
 }
 
 /// `n` copies of `body` sent at once to `/v1/completions`: the responses, and the highest
@@ -475,9 +476,9 @@ fn a_stream_keeps_producing_tokens_while_a_long_prompt_is_read() {
 
 #[test]
 fn a_budget_smaller_than_the_load_queues_and_completes_every_request() {
-    let per = kv_bytes_per_token();
-    // Each request holds prompt + max_tokens = 4 + 60 positions: two fit, eight are sent.
-    let budget = per * 150;
+    // Each request holds prompt + max_tokens = 4 + 60 positions, one block of the two; eight are
+    // sent (admission also keeps growth room per running sequence, so they run one by one).
+    let budget = kv_block_bytes() * 2;
     let mut setup = Setup::new(8, 16);
     setup.engine.kv_budget = Some(budget);
     let s = start_setup(setup);
@@ -488,6 +489,10 @@ fn a_budget_smaller_than_the_load_queues_and_completes_every_request() {
     assert!(results.iter().all(|r| r["usage"]["completion_tokens"] == 60));
     assert!(peak > 0 && peak <= budget as i64, "KV bytes peaked at {peak} of a budget of {budget}");
     assert_eq!(metric(&s, "xgen_kv_budget_bytes"), budget as i64);
+    // Finished requests' blocks stay as prefix entries, counted in the bytes held.
+    assert_eq!(metric(&s, "xgen_kv_blocks"), 2);
+    let held = metric(&s, "xgen_kv_blocks_used") * (budget as i64 / 2);
+    assert!(held > 0 && held == metric(&s, "xgen_kv_cache_bytes"), "{held} bytes in blocks");
     // A request that could never fit is refused at once, with the numbers.
     let (code, err, _) =
         post(&s, "/v1/completions", &json!({"prompt": "Hi", "max_tokens": 200})).unwrap_err();
@@ -538,11 +543,10 @@ fn a_repeated_prefix_is_served_from_the_cache_with_identical_output() {
 
 #[test]
 fn caches_grow_as_tokens_are_written_and_a_dry_pool_preempts_and_recomputes() {
-    let per = kv_bytes_per_token();
-    // Three sequences of 4 + 600 positions start at 260 each (prompt + one 256-position step)
-    // and grow; 1300 positions hold all three at first but not grown, so some are preempted and
-    // recomputed. Their output must not change.
-    let budget = per * 1300;
+    // Three sequences of 4 + 600 positions (10 blocks each) start with one block and take one
+    // more every 64 tokens; 20 blocks hold all three at first but not grown, so some are
+    // preempted and recomputed. Their output must not change.
+    let budget = kv_block_bytes() * 20;
     let mut setup = Setup::new(8, 16);
     setup.engine.kv_budget = Some(budget);
     let s = start_setup(setup);

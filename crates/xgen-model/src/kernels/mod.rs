@@ -7,6 +7,7 @@
 //! - [`quant`]: q8_0/q4_0 matrices in a VNNI layout and their products.
 //! - [`decode_attention`]: one query per sequence over the KV cache.
 //! - [`prompt_attention`]: a prompt chunk over the KV cache, flash-attention style.
+//! - [`paging`]: where a cached position lives (the block tables the attention kernels read).
 //! - [`work_split`]: splitting products over the thread pool.
 //! - [`bandwidth`], [`peak`]: the memory-read and f32-FMA probes behind `xgen bench`'s ratios.
 
@@ -15,6 +16,7 @@ mod amx;
 pub mod bandwidth;
 pub(crate) mod decode_attention;
 pub mod matvec;
+pub mod paging;
 pub mod peak;
 pub mod prompt_attention;
 pub mod quant;

@@ -1,14 +1,14 @@
 //! One engine step after another: admit, read a chunk of prompts, sample, grow caches, decode.
 //!
-//! A sequence's KV cache starts at its prompt plus [`KV_STEP`] positions and grows by [`KV_STEP`]
-//! when full (never beyond prompt + `max_tokens`), so memory is taken as tokens are written. When
-//! the budget cannot give a cache its next step, the newest admitted sequence is preempted: its
-//! cache is freed and it waits, ahead of new requests, to be recomputed (prompt and the tokens it
-//! generated so far read again as a prompt) and continue where it stopped. A sequence alone always
-//! fits (requests larger than the budget are refused), so the oldest always makes progress. A
-//! sequence is admitted only while the largest running cache keeps room to grow a step beside it:
-//! without that headroom, 16 requests of 8000 positions under a budget of 4 preempted 36 times
-//! (recomputing 7000-token prompts) and took over 590 s where reserving whole caches took 134.
+//! A sequence takes the KV blocks of its prompt when admitted and one block more whenever its
+//! tokens fill the last (never beyond prompt + `max_tokens`), so memory is taken as tokens are
+//! written. When the pool cannot give a running cache its next block, the newest admitted sequence
+//! is preempted: its blocks are freed and it waits, ahead of new requests, to be recomputed
+//! (prompt and the tokens it generated so far read again as a prompt) and continue where it
+//! stopped. A sequence alone always fits (requests larger than the pool are refused), so the
+//! oldest always makes progress. A sequence is admitted only while the running ones keep
+//! [`KV_STEP`] positions each of room to grow beside it: admitting whatever fits the prompt
+//! alone leads to preemptions that recompute long prompts.
 
 use std::{
     collections::VecDeque,
@@ -22,7 +22,7 @@ use std::{
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::sync::mpsc::UnboundedSender;
 use xgen_generate::Sequence;
-use xgen_model::{KvCache, Model, Tensor};
+use xgen_model::{kv_cache::blocks_for, KvCache, Model, Tensor, KV_BLOCK};
 use xgen_tokenizer::Tokenizer;
 
 use super::{Event, Job};
@@ -31,8 +31,8 @@ use crate::{
     metrics::Metrics,
 };
 
-/// Positions a cache starts with beyond its prompt, and grows by.
-pub(super) const KV_STEP: usize = 256;
+/// Positions of growth every running sequence keeps room for when another is admitted.
+const KV_STEP: usize = 256;
 
 /// Sent to every sequence still running when the server shuts down.
 const SHUTDOWN: &str = "the server is shutting down";
@@ -206,21 +206,20 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// A first cache step for `what` and its place among the prompts being read; gives `what`
+    /// The blocks of `what`'s prompt and its place among the prompts being read; gives `what`
     /// back when there is no room now (and something else runs that will make room).
     fn reserve(&mut self, what: Waiting<'m>, order: u64, batch: &mut Batch<'m>) -> Result<(), Waiting<'m>> {
         let tokens = what.tokens();
-        let capacity = what.limit().min(tokens.len() + KV_STEP);
-        // Headroom: the largest running cache must still be able to grow a step (its copy holds
-        // old and new at once), or admitting this one would only lead to preemptions.
-        let largest =
-            batch.caches.iter().chain(batch.prefilling.iter().map(|p| &p.cache)).map(KvCache::capacity).max();
-        if let Some(largest) = largest {
-            if !self.pool.has_room(self.pool.bytes_for(capacity + largest + KV_STEP)) {
-                return Err(what);
-            }
+        // Headroom: every running sequence (and this one) must keep room to grow a step, or
+        // admitting this one would only lead to preemptions.
+        let running = batch.caches.iter().chain(batch.prefilling.iter().map(|p| &p.cache));
+        let (sequences, held) = running.fold((0, 0), |(n, b), c| (n + 1, b + c.held_blocks()));
+        if sequences > 0
+            && !self.pool.has_room(held + blocks_for(tokens.len()) + (sequences + 1) * blocks_for(KV_STEP))
+        {
+            return Err(what);
         }
-        match self.pool.reserve(self.model, &tokens, capacity) {
+        match self.pool.reserve(&tokens, what.limit()) {
             Ok(Reserved { cache, reused }) => {
                 self.metrics.prefix_cache_hit_tokens.fetch_add(reused as u64, Relaxed);
                 batch.prefilling.push_back(Prefilling { what, tokens, cache, done: reused, admitted: order });
@@ -281,7 +280,6 @@ impl<'m> Engine<'m> {
                 }
                 Err(e) => {
                     let p = batch.prefilling.pop_front().expect("the front sequence");
-                    self.pool.forget(&p.cache);
                     let _ = p.what.events().send(Event::Error(e.to_string()));
                 }
             }
@@ -315,28 +313,14 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Gives every running cache room for its next token, a [`KV_STEP`] at a time, preempting
-    /// the newest sequences while the budget cannot.
+    /// Gives every running cache a block for its next token where it needs one, preempting the
+    /// newest sequences while the pool cannot.
     fn make_room(&mut self, batch: &mut Batch<'m>) {
         let mut i = 0;
         while i < batch.active.len() {
-            let cache = &batch.caches[i];
-            if cache.len() < cache.capacity() {
-                i += 1;
-                continue;
-            }
-            let capacity = batch.active[i].limit.min(cache.capacity() + KV_STEP);
-            let grown = if capacity > cache.capacity() {
-                self.pool.grow(cache, capacity)
-            } else {
-                // Unreachable while sequences stop at max_tokens; never stall the whole batch on it.
-                Err(Refused::Model(format!("the sequence reached its {capacity} positions")))
-            };
-            match grown {
-                Ok(grown) => {
-                    batch.caches[i] = grown;
-                    i += 1;
-                }
+            let next = batch.caches[i].len() + 1;
+            match self.pool.ready(&mut batch.caches[i], next) {
+                Ok(()) => i += 1,
                 Err(Refused::Busy) => {
                     // The newest running sequence gives its cache back (possibly this one).
                     let newest =
@@ -348,17 +332,17 @@ impl<'m> Engine<'m> {
                 }
                 Err(why) => {
                     let a = batch.active.remove(i);
-                    self.pool.forget(&batch.caches.remove(i));
+                    batch.caches.remove(i);
                     let _ = a.events.send(Event::Error(refusal(why)));
                 }
             }
         }
     }
 
-    /// Frees running sequence `i`'s cache; it waits to be recomputed, oldest first.
+    /// Frees running sequence `i`'s blocks; it waits to be recomputed, oldest first.
     fn preempt(&mut self, batch: &mut Batch<'m>, i: usize) {
         let a = batch.active.remove(i);
-        self.pool.forget(&batch.caches.remove(i));
+        batch.caches.remove(i);
         self.metrics.preemptions.fetch_add(1, Relaxed);
         let at = batch.preempted.partition_point(|(order, _)| *order < a.admitted);
         batch.preempted.insert(at, (a.admitted, a));
@@ -380,8 +364,8 @@ impl<'m> Engine<'m> {
         match run() {
             Ok(rows) => batch.active.iter_mut().zip(rows).for_each(|(a, row)| a.logits = row),
             Err(e) => {
-                for (a, cache) in batch.active.drain(..).zip(batch.caches.drain(..)) {
-                    self.pool.forget(&cache);
+                batch.caches.clear();
+                for a in batch.active.drain(..) {
                     let _ = a.events.send(Event::Error(e.to_string()));
                 }
             }
@@ -391,14 +375,13 @@ impl<'m> Engine<'m> {
     /// Ends every admitted, preempted and running sequence with `why`.
     fn end_all(&mut self, batch: &mut Batch<'m>, why: &str) {
         for p in batch.prefilling.drain(..) {
-            self.pool.forget(&p.cache);
             let _ = p.what.events().send(Event::Error(why.into()));
         }
         for (_, a) in batch.preempted.drain(..) {
             let _ = a.events.send(Event::Error(why.into()));
         }
-        for (a, cache) in batch.active.drain(..).zip(batch.caches.drain(..)) {
-            self.pool.forget(&cache);
+        batch.caches.clear();
+        for a in batch.active.drain(..) {
             let _ = a.events.send(Event::Error(why.into()));
         }
     }
@@ -409,6 +392,9 @@ impl<'m> Engine<'m> {
         m.prefilling.store(batch.prefilling.len() as i64, Relaxed);
         m.preempted.store(batch.preempted.len() as i64, Relaxed);
         m.kv_cache_bytes.store(self.pool.held() as i64, Relaxed);
+        let (blocks, used) = self.pool.blocks();
+        m.kv_blocks.store(blocks as i64, Relaxed);
+        m.kv_blocks_used.store(used as i64, Relaxed);
         m.prefix_cache_entries.store(self.pool.entries() as i64, Relaxed);
     }
 }
@@ -426,9 +412,9 @@ fn record_latency(metrics: &Metrics, a: &mut Active<'_>) {
 fn refusal(why: Refused) -> String {
     match why {
         Refused::TooLarge { needed, budget } => format!(
-            "the request needs {needed} bytes of KV cache (prompt + max_tokens), over the server's whole budget of {budget} (--kv-budget)"
+            "the request needs {needed} bytes of KV cache (prompt + max_tokens, in blocks of {KV_BLOCK} positions), over the server's whole budget of {budget} (--kv-budget)"
         ),
-        Refused::Busy => "no KV cache room while nothing else runs".into(),
+        Refused::Busy => "no KV block free while nothing else runs".into(),
         Refused::Model(e) => e,
     }
 }

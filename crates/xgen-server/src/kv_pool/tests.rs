@@ -1,9 +1,9 @@
-//! The pool's bookkeeping on the tiny fixture model: the budget is never exceeded, prefixes are
-//! found and reused, entries are evicted oldest first.
+//! The pool's bookkeeping on the tiny fixture model: blocks never exceed the pool, prefixes are
+//! forked and reused, entries are evicted oldest first, a running cache takes a block at a time.
 
 use std::path::PathBuf;
 
-use xgen_model::{DType, Device, Model};
+use xgen_model::{DType, Device, KvCache, Model};
 
 use super::{KvPool, PrefixCache, Refused};
 
@@ -12,92 +12,104 @@ fn model() -> Model {
     Model::load(&dir, DType::F32, &Device::Cpu, &mut |_| {}).unwrap()
 }
 
-/// Writes `tokens` into a reserved cache as a forward pass would (positions only matter here).
-fn run(model: &Model, pool: &mut KvPool, prompt: &[u32], capacity: usize) -> (xgen_model::KvCache, usize) {
-    let r = pool.reserve(model, prompt, capacity).unwrap_or_else(|e| panic!("{e:?}"));
+/// A pool of `blocks` blocks.
+fn pool(model: &Model, blocks: usize, prefix: PrefixCache) -> KvPool {
+    let bytes = model.kv_block_bytes().unwrap();
+    KvPool::new(model, Some(blocks * bytes + bytes / 2), 4, prefix).unwrap()
+}
+
+/// Reserves a cache for `prompt` and reads what the prefix cache did not give, as the engine does.
+fn run(model: &Model, pool: &mut KvPool, prompt: &[u32], limit: usize) -> (KvCache, usize) {
+    let r = pool.reserve(prompt, limit).unwrap_or_else(|e| panic!("{e:?}"));
     let mut cache = r.cache;
     let ids = model.ids_tensor(&prompt[r.reused..]).unwrap();
     model.forward_hidden(&ids, &mut cache).unwrap();
     (cache, r.reused)
 }
 
-#[test]
-fn the_budget_bounds_every_cache_and_a_too_large_request_is_refused() {
-    let model = model();
-    let probe = KvPool::new(&model, None, PrefixCache::Off).unwrap();
-    let per = probe.bytes_for(1);
-    let mut pool = KvPool::new(&model, Some(per * 100), PrefixCache::Off).unwrap();
-    let a = pool.reserve(&model, &[1, 2, 3], 60).unwrap();
-    assert_eq!(pool.held(), per * 60);
-    assert!(matches!(pool.reserve(&model, &[4, 5], 50), Err(Refused::Busy)));
-    let b = pool.reserve(&model, &[4, 5], 40).unwrap();
-    assert_eq!(pool.held(), per * 100);
-    assert!(
-        matches!(pool.reserve(&model, &[6], 101), Err(Refused::TooLarge { needed, budget }) if needed == per * 101 && budget == per * 100)
-    );
-    pool.release(a.cache, &[1, 2, 3]);
-    assert_eq!((pool.held(), pool.entries()), (per * 40, 0), "prefix caching off: freed");
-    pool.forget(&b.cache);
-    assert_eq!(pool.held(), 0);
+fn tokens(from: u32, n: usize) -> Vec<u32> {
+    (from..from + n as u32).collect()
 }
 
 #[test]
-fn a_shared_prefix_is_reused_and_entries_are_evicted_oldest_first() {
+fn the_pool_bounds_every_cache_and_refuses_what_never_fits() {
     let model = model();
-    let per = KvPool::new(&model, None, PrefixCache::Off).unwrap().bytes_for(1);
-    let mut pool = KvPool::new(&model, Some(per * 64), PrefixCache::On).unwrap();
-    let doc: Vec<u32> = (100..120).collect();
-    let (cache, reused) = run(&model, &mut pool, &doc, 24);
+    let b = model.kv_block_bytes().unwrap();
+    let mut pool = pool(&model, 4, PrefixCache::Off);
+    assert_eq!((pool.budget(), pool.blocks()), (4 * b, (4, 0)), "rounded down to whole blocks");
+    let a = pool.reserve(&tokens(100, 100), 150).unwrap();
+    assert_eq!(pool.held(), 2 * b, "the prompt's blocks, not max_tokens'");
+    assert!(matches!(pool.reserve(&tokens(300, 130), 200), Err(Refused::Busy)));
+    assert_eq!(pool.held(), 2 * b, "a refused request takes nothing");
+    let c = pool.reserve(&tokens(300, 60), 64).unwrap();
+    assert_eq!(pool.blocks(), (4, 3));
+    assert!(pool.refuse(256).is_none());
+    assert!(
+        matches!(pool.refuse(257), Some(Refused::TooLarge { needed, budget }) if needed == 5 * b && budget == 4 * b)
+    );
+    pool.release(a.cache, &tokens(100, 100));
+    assert_eq!((pool.held(), pool.entries()), (b, 0), "prefix caching off: freed");
+    drop(c);
+    assert_eq!(pool.held(), 0);
+    let small = KvPool::new(&model, Some(b - 1), 4, PrefixCache::On).err().expect("less than a block");
+    assert!(small.contains("less than one block"), "{small}");
+}
+
+#[test]
+fn a_shared_prefix_is_forked_and_entries_are_evicted_oldest_first() {
+    let model = model();
+    let mut pool = pool(&model, 5, PrefixCache::On);
+    let doc = tokens(100, 100);
+    let (cache, reused) = run(&model, &mut pool, &doc, 200);
     assert_eq!(reused, 0);
     pool.release(cache, &doc);
-    assert_eq!((pool.entries(), pool.held()), (1, per * 24));
-    // The same document and a question: the document's 20 positions are reused, in place.
+    assert_eq!((pool.entries(), pool.blocks().1), (1, 2));
+    // The same document and a question: its 100 positions are reused; the block holding
+    // positions 64..128, shared with the entry, is copied before the question is written.
     let asked: Vec<u32> = doc.iter().copied().chain([7, 8, 9]).collect();
-    let (cache, reused) = run(&model, &mut pool, &asked, 24);
-    assert_eq!((reused, cache.len(), pool.entries()), (20, 23, 0));
+    let (cache, reused) = run(&model, &mut pool, &asked, 200);
+    assert_eq!((reused, cache.len(), pool.blocks().1), (100, 103, 3));
     pool.release(cache, &asked);
     // The identical prompt again: all but its last token come from the cache.
-    let (cache, reused) = run(&model, &mut pool, &asked, 40);
-    assert_eq!((reused, cache.capacity()), (22, 40), "copied into a larger cache");
-    pool.release(cache, &asked);
-    // Another prompt sharing nothing: it needs room, so the entry goes.
-    let other: Vec<u32> = (500..510).collect();
-    let (cache, reused) = run(&model, &mut pool, &other, 30);
-    assert_eq!((reused, pool.entries()), (0, 0));
-    assert!(pool.held() <= per * 64);
-    pool.release(cache, &other);
-    // Two entries; a third prompt that fits beside one evicts the older.
-    let (cache, _) = run(&model, &mut pool, &doc, 20);
-    pool.release(cache, &doc);
+    let (cache, reused) = run(&model, &mut pool, &asked, 300);
+    assert_eq!(reused, 102);
+    drop(cache);
     assert_eq!(pool.entries(), 2);
-    let (_c, reused) = run(&model, &mut pool, &[900, 901], 20);
+    // A prompt sharing nothing that needs every block: both entries go.
+    let other = tokens(1000, 300);
+    let (cache, reused) = run(&model, &mut pool, &other, 320);
+    assert_eq!((reused, pool.entries(), pool.blocks().1), (0, 0, 5));
+    drop(cache);
+    // Two entries (1 block, then the document's 2); a prompt of 3 blocks evicts the older.
+    let first = tokens(1500, 60);
+    let (cache, _) = run(&model, &mut pool, &first, 64);
+    pool.release(cache, &first);
+    let (cache, _) = run(&model, &mut pool, &doc, 128);
+    pool.release(cache, &doc);
+    assert_eq!((pool.entries(), pool.blocks().1), (2, 3));
+    let (_c, reused) = run(&model, &mut pool, &tokens(2000, 180), 192);
     assert_eq!((reused, pool.entries()), (0, 1));
-    let (_d, reused) = run(&model, &mut pool, &doc, 21);
-    assert_eq!(reused, 19, "the newer entry (the document) survived");
+    let (_d, reused) = run(&model, &mut pool, &doc, 128);
+    assert_eq!(reused, 99, "the newer entry (the document) survived");
 }
 
 #[test]
-fn a_cache_grows_within_the_budget_and_is_refused_room_beyond_it() {
+fn a_running_cache_takes_a_block_at_a_time_evicting_entries_first() {
     let model = model();
-    let per = KvPool::new(&model, None, PrefixCache::Off).unwrap().bytes_for(1);
-    let mut pool = KvPool::new(&model, Some(per * 100), PrefixCache::On).unwrap();
-    let (cache, _) = run(&model, &mut pool, &[1, 2, 3], 10);
-    assert!(pool.refuse(100).is_none() && matches!(pool.refuse(101), Some(Refused::TooLarge { .. })));
-    // 10 -> 40 needs 50 during the copy: fits; 40 -> 70 needs 110: does not.
-    let grown = pool.grow(&cache, 40).unwrap();
-    drop(cache);
-    assert_eq!((grown.len(), grown.capacity(), pool.held()), (3, 40, per * 40));
-    assert!(matches!(pool.grow(&grown, 70), Err(Refused::Busy)));
-    assert_eq!(pool.held(), per * 40, "a refused growth takes nothing");
-    // A prefix entry is evicted to let a running cache grow.
-    let other = pool.reserve(&model, &[9, 9], 20).unwrap();
-    pool.release(other.cache, &[9, 9]);
-    assert_eq!((pool.entries(), pool.held()), (0, per * 40), "nothing written: no entry kept");
-    let (cache, _) = run(&model, &mut pool, &[9, 9], 20);
-    pool.release(cache, &[9, 9]);
-    assert_eq!(pool.entries(), 1);
-    let grown = pool.grow(&grown, 55).unwrap();
-    assert_eq!((pool.entries(), pool.held()), (0, per * 55));
-    pool.forget(&grown);
-    assert_eq!(pool.held(), 0);
+    let mut pool = pool(&model, 3, PrefixCache::On);
+    let (mut a, _) = run(&model, &mut pool, &tokens(100, 60), 192);
+    assert_eq!(pool.blocks().1, 1);
+    pool.ready(&mut a, 65).unwrap();
+    assert_eq!(pool.blocks().1, 2);
+    let (entry, _) = run(&model, &mut pool, &tokens(900, 10), 20);
+    pool.release(entry, &tokens(900, 10));
+    assert_eq!((pool.entries(), pool.blocks().1), (1, 3));
+    pool.ready(&mut a, 129).unwrap();
+    assert_eq!((pool.entries(), pool.blocks().1, a.held_blocks()), (0, 3, 3), "the entry made room");
+    assert!(
+        matches!(pool.reserve(&tokens(50, 10), 64), Err(Refused::Busy)),
+        "running caches hold every block"
+    );
+    assert!(matches!(pool.ready(&mut a, 193), Err(Refused::Model(_))), "past its limit");
+    assert_eq!(a.held_blocks(), 3, "a refused block takes nothing");
 }

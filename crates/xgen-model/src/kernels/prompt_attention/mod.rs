@@ -3,7 +3,8 @@
 //! (running max `m` and sum `l` per row; the output rows are rescaled when a block raises the
 //! max), so no `[t, s]` score matrix ever exists: at most `BQ × BK` f32 scores per thread.
 //!
-//! Per (sequence, head) task the cached keys `0..past + t` are widened once to f32 (from f32, f16,
+//! Per (sequence, head) task the cached keys `0..past + t` (found through the block tables,
+//! [`Paging`]) are widened once to f32 (from f32, f16,
 //! bf16 or q8_0 storage), keys transposed in blocks (`[s / BK, hd, BK]`, so a score tile is `R`
 //! query rows × 64 keys of FMAs with broadcast queries), values as rows `[s, hd]`; every query
 //! block of the chunk then reads them. Blocks that lie past a block's last query are skipped, and
@@ -19,6 +20,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
+use super::paging::Paging;
 use crate::{error::Result, kv_cache::KvBuffer};
 
 #[cfg(target_arch = "x86_64")]
@@ -61,7 +63,8 @@ impl Path {
 }
 
 /// `q` `[b, h, t, hd]` (queries at cache slots `past..past + t`) against slots `0..past + t` of
-/// `keys`/`values` (`[b, kv_h, capacity, ..]`, written already) -> `[b, h, t, hd]` f32: causal, and
+/// `keys`/`values` (`[blocks, kv_h, block, ..]`, written already, sequence `i`'s slots where
+/// `paging` says) -> `[b, h, t, hd]` f32: causal, and
 /// row `i` never attends to its first `padding[i]` slots (a padding query, which sees only
 /// padding, gets their plain mean, as the reference's finite pad score gives). `None` when not
 /// applicable (not on the CPU, or a storage this kernel does not read).
@@ -69,10 +72,11 @@ pub fn prompt_attention(
     q: &Tensor,
     keys: &KvBuffer,
     values: &KvBuffer,
+    paging: &Paging,
     past: usize,
     padding: &[usize],
 ) -> Result<Option<Tensor>> {
-    prompt_attention_on(Path::detect(q.dim(3)?), q, keys, values, past, padding)
+    prompt_attention_on(Path::detect(q.dim(3)?), q, keys, values, paging, past, padding)
 }
 
 /// [`prompt_attention`] on a chosen [`Path`] (`None` also when this CPU cannot run it).
@@ -81,6 +85,7 @@ pub fn prompt_attention_on(
     q: &Tensor,
     keys: &KvBuffer,
     values: &KvBuffer,
+    paging: &Paging,
     past: usize,
     padding: &[usize],
 ) -> Result<Option<Tensor>> {
@@ -91,8 +96,8 @@ pub fn prompt_attention_on(
     let guards = [keys, values].map(Guards::new);
     let (Some(kg), Some(vg)) = (&guards[0], &guards[1]) else { return Ok(None) };
     let (Some(k), Some(v)) = (kg.rows(), vg.rows()) else { return Ok(None) };
-    let (kv_h, capacity) = (kg.kv_h, kg.capacity);
-    if h % kv_h != 0 || past + t > capacity {
+    let kv_h = paging.kv_h;
+    if h % kv_h != 0 || !paging.reads(keys.rows(), b, past + t) || values.dims() != keys.dims() {
         return Ok(None);
     }
     let scale = 1.0 / (hd as f64).sqrt();
@@ -102,8 +107,8 @@ pub fn prompt_attention_on(
     let mut out = vec![0f32; b * h * t * hd];
     out.par_chunks_mut(t * hd).zip(qs.par_chunks(t * hd)).enumerate().for_each(|(bh, (o, q))| {
         let (bi, head) = (bh / h, bh % h);
-        let base = (bi * kv_h + head / (h / kv_h)) * capacity;
-        one_head(path, &shape, q, &k, &v, base, padding[bi], o);
+        let at = |j: usize| paging.row(bi, head / (h / kv_h), j);
+        one_head(path, &shape, q, (&k, &v), at, padding[bi], o);
     });
     Ok(Some(Tensor::from_vec(out, (b, h, t, hd), q.device())?))
 }
@@ -116,10 +121,17 @@ struct Shape {
     past: usize,
 }
 
-/// One head: `q` `[t, hd]` (scaled) over the key/value head whose first row is `base` (flat index
-/// over `[b, kv_h, capacity]`), its first `pad` slots padding -> `o` `[t, hd]`.
-#[allow(clippy::too_many_arguments)]
-fn one_head(path: Path, s: &Shape, q: &[f32], k: &Rows, v: &Rows, base: usize, pad: usize, o: &mut [f32]) {
+/// One head: `q` `[t, hd]` (scaled) over the key/value head whose slot `j` is row `at(j)` of `k`
+/// and `v`, its first `pad` slots padding -> `o` `[t, hd]`.
+fn one_head(
+    path: Path,
+    s: &Shape,
+    q: &[f32],
+    (k, v): (&Rows, &Rows),
+    at: impl Fn(usize) -> usize,
+    pad: usize,
+    o: &mut [f32],
+) {
     let (hd, len) = (s.hd, s.past + s.t);
     let blocks = len.div_ceil(BK);
     // Keys [blocks, hd, BK] (transposed per block), values [blocks · BK, hd]; zero past `len`.
@@ -127,12 +139,12 @@ fn one_head(path: Path, s: &Shape, q: &[f32], k: &Rows, v: &Rows, base: usize, p
     let mut vs = vec![0f32; blocks * BK * hd];
     let mut row = vec![0f32; hd];
     for j in 0..len {
-        k.widen(base + j, hd, &mut row);
+        k.widen(at(j), hd, &mut row);
         let tile = &mut kt[j / BK * hd * BK + j % BK..];
         for (d, &x) in row.iter().enumerate() {
             tile[d * BK] = x;
         }
-        v.widen(base + j, hd, &mut vs[j * hd..(j + 1) * hd]);
+        v.widen(at(j), hd, &mut vs[j * hd..(j + 1) * hd]);
     }
     let mut scores = vec![0f32; BQ * BK]; // [rows, BK]
     for (qb, o) in o.chunks_mut(BQ * hd).enumerate() {
@@ -266,8 +278,6 @@ struct Guards<'a> {
     data: Lock<'a>,
     offset: usize,
     scales: Option<(Lock<'a>, usize)>,
-    kv_h: usize,
-    capacity: usize,
 }
 
 impl<'a> Guards<'a> {
@@ -276,7 +286,6 @@ impl<'a> Guards<'a> {
             KvBuffer::Float(t) => (t, None),
             KvBuffer::Q8_0 { q, d } => (q, Some(d)),
         };
-        let (_, kv_h, capacity, _) = t.dims4().ok()?;
         if !t.is_contiguous() || scales.is_some_and(|d| !d.is_contiguous()) {
             return None;
         }
@@ -286,7 +295,7 @@ impl<'a> Guards<'a> {
             let (s, l) = d.storage_and_layout();
             (Box::new(s) as Lock, l.start_offset())
         });
-        Some(Self { data, offset, scales, kv_h, capacity })
+        Some(Self { data, offset, scales })
     }
 
     fn rows(&self) -> Option<Rows<'_>> {

@@ -5,7 +5,12 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{prompt_attention_on, Path};
-use crate::{attention::grouped_causal_attention, kv_cache::KvBuffer, KvType};
+use crate::{
+    attention::grouped_causal_attention,
+    kernels::paging::{scatter_buffer, Paging},
+    kv_cache::KvBuffer,
+    KvType,
+};
 
 /// `(b, h, kv_h, hd, past, t, padding)`.
 type Case = (usize, usize, usize, usize, usize, usize, Vec<usize>);
@@ -60,15 +65,28 @@ fn equals_the_reference_attention_on_every_path_and_storage() {
                 let shape = (b, kv_h, past + t + 5, hd);
                 let (k, v) = (buffer(kind, shape, 1.0), buffer(kind, shape, 1.0));
                 let q = Tensor::randn(0f32, 1., (b, h, t, hd), &dev).unwrap();
-                let got = prompt_attention_on(path, &q, &k, &v, past, &padding).unwrap().expect("applies");
                 let want = reference(&q, &k, &v, past, &padding);
-                let err = max_diff(&got, &want);
-                assert!(err < 1e-4, "{path:?} {kind:?} b{b} h{h}/{kv_h} hd{hd} past {past} t {t}: {err}");
-                ran += 1;
+                // As one block per sequence, and scattered over blocks of 32 positions.
+                let tables = Paging::identity(b);
+                let contiguous = Paging::contiguous(&tables, shape.2, kv_h);
+                let ((ks, tables32, slots), (vs, _, _)) = (scatter_buffer(&k, 32), scatter_buffer(&v, 32));
+                let paged = Paging::pooled(&tables32, 32, slots, kv_h);
+                for (k, v, paging) in [(&k, &v, contiguous), (&ks, &vs, paged)] {
+                    let got = prompt_attention_on(path, &q, k, v, &paging, past, &padding)
+                        .unwrap()
+                        .expect("applies");
+                    let err = max_diff(&got, &want);
+                    let block = paging.block;
+                    assert!(
+                        err < 1e-4,
+                        "{path:?} {kind:?} b{b} h{h}/{kv_h} hd{hd} past {past} t {t} block {block}: {err}"
+                    );
+                    ran += 1;
+                }
             }
         }
     }
-    assert!(ran >= 28, "{ran} cases ran");
+    assert!(ran >= 56, "{ran} cases ran");
 }
 
 #[test]
@@ -85,8 +103,10 @@ fn scores_that_keep_rising_rescale_what_came_before() {
         let k = Tensor::randn(0f32, 0.01, (1, h, len, hd), &dev).unwrap().broadcast_add(&ramp).unwrap();
         let v = Tensor::randn(0f32, 1., (1, h, len, hd), &dev).unwrap();
         let (k, v) = (KvBuffer::Float(k), KvBuffer::Float(v));
+        let tables = Paging::identity(1);
+        let paging = Paging::contiguous(&tables, len, h);
         for path in [Path::Avx512, Path::Portable].into_iter().filter(|p| p.runs(hd)) {
-            let got = prompt_attention_on(path, &q, &k, &v, past, &[0]).unwrap().expect("applies");
+            let got = prompt_attention_on(path, &q, &k, &v, &paging, past, &[0]).unwrap().expect("applies");
             let err = max_diff(&got, &reference(&q, &k, &v, past, &[0]));
             assert!(err < 1e-4, "{path:?}: {err}");
         }
@@ -98,9 +118,15 @@ fn declines_what_it_cannot_read() {
     let dev = Device::Cpu;
     let q = Tensor::randn(0f32, 1., (1, 2, 3, 64), &dev).unwrap();
     let k = KvBuffer::Float(Tensor::zeros((1, 2, 2, 64), DType::F32, &dev).unwrap());
+    let tables = Paging::identity(1);
+    let paging = Paging::contiguous(&tables, 2, 2);
     // Three queries after one cached slot need four slots; the buffer has two.
-    assert!(prompt_attention_on(Path::Portable, &q, &k, &k, 1, &[0]).unwrap().is_none());
+    assert!(prompt_attention_on(Path::Portable, &q, &k, &k, &paging, 1, &[0]).unwrap().is_none());
     // Three query heads cannot share two key/value heads.
     let q3 = Tensor::randn(0f32, 1., (1, 3, 1, 64), &dev).unwrap();
-    assert!(prompt_attention_on(Path::Portable, &q3, &k, &k, 0, &[0]).unwrap().is_none());
+    assert!(prompt_attention_on(Path::Portable, &q3, &k, &k, &paging, 0, &[0]).unwrap().is_none());
+    // A table naming a block the buffer does not have.
+    let (far, one) = (vec![vec![5]], Tensor::randn(0f32, 1., (1, 2, 1, 64), &dev).unwrap());
+    let paging = Paging::contiguous(&far, 2, 2);
+    assert!(prompt_attention_on(Path::Portable, &one, &k, &k, &paging, 0, &[0]).unwrap().is_none());
 }
