@@ -124,6 +124,7 @@ pub fn spawn(
         let budget = options.kv_budget.or_else(kv_budget);
         let pool = KvPool::new(&model, budget, options.max_batch, options.prefix_cache)?;
         metrics.kv_budget_bytes.store(pool.budget() as i64, Relaxed);
+        metrics.kv_blocks.store(pool.blocks().0 as i64, Relaxed);
         metrics.kv_bytes_per_token.store(pool.bytes_per_token() as i64, Relaxed);
         metrics.prefill_chunk.store(model.prefill_chunk() as i64, Relaxed);
         ready.store(true, Relaxed);
