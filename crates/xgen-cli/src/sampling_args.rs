@@ -1,8 +1,11 @@
-//! Sampling, penalty and stop flags shared by `generate` and `chat`, validated into a
-//! `GenerationConfig` once.
+//! Sampling, penalty, stop and output-format flags shared by `generate` and `chat`, validated into
+//! a `GenerationConfig` once.
+
+use std::path::PathBuf;
 
 use clap::Args;
-use xgen_generate::{GenerationConfig, SampleParams, Sampling};
+use xgen_generate::{Format, GenerationConfig, Grammars, SampleParams, Sampling};
+use xgen_tokenizer::Tokenizer;
 
 use crate::exit::bad_input;
 
@@ -41,6 +44,18 @@ pub struct SamplingArgs {
     /// Stop when the text contains STR (repeatable); STR is not part of the output.
     #[arg(long = "stop", value_name = "STR")]
     pub stop: Vec<String>,
+    /// The output is JSON valid under the JSON schema in FILE (constrained decoding).
+    #[arg(long, value_name = "FILE", group = "format")]
+    pub json_schema: Option<PathBuf>,
+    /// The output matches the regular expression RE, whole.
+    #[arg(long, value_name = "RE", group = "format")]
+    pub regex: Option<String>,
+    /// The output is in the language of the Lark grammar in FILE (llguidance's dialect).
+    #[arg(long, value_name = "FILE", group = "format")]
+    pub grammar: Option<PathBuf>,
+    /// The output is exactly one of these comma-separated choices.
+    #[arg(long, value_name = "A,B,...", value_delimiter = ',', group = "format")]
+    pub choice: Option<Vec<String>>,
 }
 
 impl SamplingArgs {
@@ -72,8 +87,34 @@ impl SamplingArgs {
         base.penalties.frequency = self.frequency_penalty;
         base.penalties.logit_bias = self.logit_bias.clone();
         base.stop_strings.extend(self.stop.iter().cloned());
+        base.format = self.format()?;
         base.validate().map_err(|e| bad_input(e.to_string()))?;
         Ok(base)
+    }
+
+    /// The output format the flags ask for, checked (a bad schema, regex or grammar is the
+    /// user's to fix, reported before the model loads).
+    fn format(&self) -> anyhow::Result<Option<Format>> {
+        let read = |flag: &str, path: &PathBuf| {
+            std::fs::read_to_string(path).map_err(|e| bad_input(format!("--{flag} {}: {e}", path.display())))
+        };
+        let format = if let Some(path) = &self.json_schema {
+            let schema = serde_json::from_str(&read("json-schema", path)?)
+                .map_err(|e| bad_input(format!("--json-schema {}: invalid JSON: {e}", path.display())))?;
+            Format::JsonSchema(schema)
+        } else if let Some(rx) = &self.regex {
+            Format::Regex(rx.clone())
+        } else if let Some(path) = &self.grammar {
+            Format::Grammar(read("grammar", path)?)
+        } else if let Some(choices) = &self.choice {
+            Format::Choice(choices.clone())
+        } else {
+            return Ok(None);
+        };
+        let tokenizer = Tokenizer::xgen();
+        let grammars = Grammars::new(&tokenizer, tokenizer.n_vocab() as usize)?;
+        grammars.constraint(&format).map_err(|e| bad_input(e.to_string()))?;
+        Ok(Some(format))
     }
 
     pub fn seed(&self) -> u64 {

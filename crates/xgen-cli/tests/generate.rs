@@ -279,3 +279,58 @@ fn chat_places_a_document_in_the_first_turn() {
         assert!(err.contains("document"), "{err}");
     }
 }
+
+#[test]
+fn format_flags_constrain_the_output_and_bad_formats_are_usage_errors() {
+    let dir = fixture("tiny-xgen-8k-bin");
+    let tmp = tempfile::tempdir().unwrap();
+    let schema = tmp.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type":"object","properties":{"n":{"type":"integer","minimum":0,"maximum":9},"w":{"enum":["a\"b","é"]}},"required":["n","w"],"additionalProperties":false}"#,
+    )
+    .unwrap();
+    let base = [
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--prompt",
+        "JSON:",
+        "--max-new-tokens",
+        "60",
+    ];
+    for seed in ["1", "2"] {
+        let out =
+            xgen(&[&base[..], &["--json-schema", schema.to_str().unwrap(), "--seed", seed]].concat(), "");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            v["n"].as_u64().is_some_and(|n| n <= 9) && ["a\"b", "é"].contains(&v["w"].as_str().unwrap()),
+            "{v}"
+        );
+        assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+    }
+    let out = xgen(&[&base[..], &["--choice", "yes,no way", "--greedy"]].concat(), "");
+    assert!(["yes", "no way"].contains(&String::from_utf8_lossy(&out.stdout).trim_end()), "{out:?}");
+    let out = xgen(&[&base[..], &["--regex", "[0-9]{2}-[a-z]{2}"]].concat(), "");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let text = text.trim_end();
+    assert!(text.len() == 5 && text.as_bytes()[2] == b'-', "{text:?}");
+    // The same flags in chat.
+    let chat =
+        ["chat", "--model", dir.to_str().unwrap(), "--dtype", "f32", "--max-new-tokens", "30", "--greedy"];
+    let out = xgen(&[&chat[..], &["--choice", "sure,never"]].concat(), "hello\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        if out.stdout.starts_with(b"s") { "sure" } else { "never" }
+    );
+    for (flag, value, named) in
+        [("--regex", "((", "regex"), ("--json-schema", "/nonexistent.json", "json-schema")]
+    {
+        let out = xgen(&[&base[..], &[flag, value]].concat(), "");
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(named), "{out:?}");
+    }
+}

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 use xgen_model::Config;
 
+use crate::constraint::Format;
 use crate::{
     error::{GenerateError, Result},
     penalties::Penalties,
@@ -50,6 +51,8 @@ pub struct GenerationConfig {
     pub top_logprobs: Option<usize>,
     pub truncation: Truncation,
     pub special_text: SpecialText,
+    /// The format the output must match (constrained decoding), if any.
+    pub format: Option<Format>,
 }
 
 impl GenerationConfig {
@@ -66,6 +69,7 @@ impl GenerationConfig {
             top_logprobs: None,
             truncation: Truncation::Error,
             special_text: SpecialText::Keep,
+            format: None,
         }
     }
 

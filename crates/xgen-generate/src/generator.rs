@@ -8,6 +8,7 @@ use xgen_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::{
     config::{GenerationConfig, SpecialText},
+    constraint::{Constraint, Grammars},
     error::{GenerateError, Result},
     penalties::History,
     sampler,
@@ -62,6 +63,8 @@ pub struct Sequence<'t> {
     history: History,
     decoder: StreamDecoder<'t>,
     stops: StopStrings,
+    /// The format the output must match, if any.
+    constraint: Option<Constraint>,
     finished: bool,
 }
 
@@ -94,8 +97,15 @@ impl<'t> Sequence<'t> {
             },
             config,
             budget,
+            constraint: None,
             finished: false,
         }
+    }
+
+    /// The same sequence, its tokens masked to those `constraint` allows.
+    pub fn constrained(mut self, constraint: Constraint) -> Self {
+        self.constraint = Some(constraint);
+        self
     }
 
     pub fn is_finished(&self) -> bool {
@@ -112,19 +122,30 @@ impl<'t> Sequence<'t> {
 
     /// Chooses the next token from the model's raw logits for this sequence and records it.
     pub fn step(&mut self, raw: &[f32], rng: &mut impl Rng) -> Result<StepOutput> {
-        let token = if self.config.penalties.is_noop() {
+        let token = if self.config.penalties.is_noop() && self.constraint.is_none() {
             sampler::sample(raw, &self.config.sampling, rng)
         } else {
             let mut logits = raw.to_vec();
             self.history.apply(&self.config.penalties, &mut logits);
+            if let Some(c) = &mut self.constraint {
+                c.mask(&mut logits)?;
+            }
             sampler::sample(&logits, &self.config.sampling, rng)
         };
+        let complete = match &mut self.constraint {
+            Some(c) => {
+                c.accept(token)?;
+                c.is_done()
+            }
+            None => false,
+        };
         let logprob = self.config.top_logprobs.map(|n| token_logprob(raw, token, n));
-        self.accept(token, logprob)
+        self.accept(token, logprob, complete)
     }
 
-    /// Records `token`: ids, text (through the stop filter), finish conditions.
-    fn accept(&mut self, token: u32, logprob: Option<TokenLogprob>) -> Result<StepOutput> {
+    /// Records `token`: ids, text (through the stop filter), finish conditions (`complete`: the
+    /// constraint admits nothing more, a stop).
+    fn accept(&mut self, token: u32, logprob: Option<TokenLogprob>, complete: bool) -> Result<StepOutput> {
         self.out.ids.push(token);
         self.history.accept(token);
         if let Some(lp) = &logprob {
@@ -146,11 +167,15 @@ impl<'t> Sequence<'t> {
                 finish = Some(FinishReason::Stop);
             }
         }
+        let stop_string = finish == Some(FinishReason::Stop);
+        if finish.is_none() && complete {
+            finish = Some(FinishReason::Stop);
+        }
         if finish.is_none() && self.out.ids.len() >= self.budget {
             finish = Some(FinishReason::Length);
         }
         if let Some(reason) = finish {
-            if reason != FinishReason::Stop {
+            if !stop_string {
                 // Release what the decoder and the stop filter held back: it was no stop.
                 let tail = std::mem::replace(&mut self.decoder, self.tokenizer.stream_decoder()).finish();
                 let (emit, stopped) = self.stops.push(&tail);
@@ -171,11 +196,32 @@ impl<'t> Sequence<'t> {
 pub struct Generator<'a> {
     pub(crate) model: &'a Model,
     pub(crate) tokenizer: &'a Tokenizer,
+    /// The vocabulary for constraints, built when a config first asks for a format.
+    grammars: std::sync::OnceLock<Grammars>,
 }
 
 impl<'a> Generator<'a> {
     pub fn new(model: &'a Model, tokenizer: &'a Tokenizer) -> Self {
-        Self { model, tokenizer }
+        Self { model, tokenizer, grammars: std::sync::OnceLock::new() }
+    }
+
+    /// A sequence for `prompt`, constrained when `config` names a format.
+    pub(crate) fn sequence(
+        &self,
+        prompt: &[u32],
+        config: &GenerationConfig,
+        steps: usize,
+    ) -> Result<Sequence<'a>> {
+        let seq = Sequence::new(self.tokenizer, prompt.to_vec(), config.clone(), steps);
+        let Some(format) = &config.format else { return Ok(seq) };
+        let grammars = match self.grammars.get() {
+            Some(g) => g,
+            None => {
+                let g = Grammars::new(self.tokenizer, self.model.config().vocab_size)?;
+                self.grammars.get_or_init(|| g)
+            }
+        };
+        Ok(seq.constrained(grammars.constraint(format)?))
     }
 
     /// Generates a continuation of `prompt`; `on_step` sees each token and its text as produced.
@@ -222,10 +268,8 @@ impl<'a> Generator<'a> {
             input.extend(std::iter::repeat_n(config.pad_token_id, pad));
             input.extend_from_slice(p);
         }
-        let mut rows: Vec<Sequence> = prompts
-            .iter()
-            .map(|p| Sequence::new(self.tokenizer, p.to_vec(), config.clone(), steps))
-            .collect();
+        let mut rows: Vec<Sequence> =
+            prompts.iter().map(|p| self.sequence(p, config, steps)).collect::<Result<_>>()?;
 
         let model = self.model;
         let mut cache = model.new_cache(prompts.len(), width + steps)?;

@@ -3,10 +3,11 @@
 //! streaming, left-padded batches; the XGen-Inst chat format; model resolution through the HF cache.
 //!
 //! Data flow: prompt ids → [`Generator`] (model prefill, then per step: logits → penalties →
-//! sampler → token → incremental decoder → stop filter → text).
+//! constraint mask → sampler → token → incremental decoder → stop filter → text).
 
 pub mod chat;
 pub mod config;
+pub mod constraint;
 pub mod error;
 pub mod generator;
 pub mod hub;
@@ -16,6 +17,7 @@ pub mod session;
 pub mod stop;
 
 pub use config::{GenerationConfig, SpecialText, Truncation};
+pub use constraint::{Constraint, Format, Grammars};
 pub use error::{GenerateError, Result};
 pub use generator::{Generator, Output, Sequence, Step, StepOutput, TokenLogprob};
 pub use penalties::Penalties;

@@ -7,7 +7,7 @@ use xgen_model::{kv_cache::blocks_for, KvCache};
 
 use crate::{
     error::{GenerateError, Result},
-    generator::{Generator, Output, Sequence, Step},
+    generator::{Generator, Output, Step},
     GenerationConfig,
 };
 
@@ -64,7 +64,7 @@ impl Generator<'_> {
         };
         let reuse = cache.len();
         session.reused = reuse;
-        let mut seq = Sequence::new(self.tokenizer, prompt.to_vec(), config.clone(), steps);
+        let mut seq = self.sequence(prompt, config, steps)?;
         let mut logits = model.forward_last(&model.ids_tensor(&prompt[reuse..])?, &mut cache)?; // [1, v]
         loop {
             let s = seq.step(&logits.squeeze(0)?.to_vec1()?, rng)?;
