@@ -126,8 +126,9 @@ impl Constraint {
     /// Sets the logits of every token the format cannot take next to -inf.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
         let allowed = self.matcher.compute_mask().map_err(|e| invalid("constraint", e.to_string()))?;
+        let known = allowed.len();
         for (id, x) in logits.iter_mut().enumerate() {
-            if !allowed.is_allowed(id as u32) {
+            if id >= known || !allowed.is_allowed(id as u32) {
                 *x = f32::NEG_INFINITY;
             }
         }

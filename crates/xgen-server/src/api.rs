@@ -21,6 +21,8 @@ pub enum LogprobsField {
 /// Settings shared by both endpoints.
 pub struct Common {
     pub config: GenerationConfig,
+    /// The request field that named `config.format`.
+    pub format_param: Option<&'static str>,
     pub max_tokens: Option<usize>,
     pub n: usize,
     pub stream: bool,
@@ -167,7 +169,10 @@ impl<'a> Fields<'a> {
             Some(_) => return Err(ApiError::invalid("stream_options", "`stream_options` must be an object")),
         };
         self.string("user")?;
+        let format = self.format()?;
+        base.format = format.as_ref().map(|(f, _)| f.clone());
         Ok(Common {
+            format_param: format.map(|(_, p)| p),
             config: base,
             max_tokens: self.integer("max_tokens", 1, i64::MAX)?.map(|n| n as usize),
             n: self.integer("n", 1, MAX_CHOICES as i64)?.unwrap_or(1) as usize,

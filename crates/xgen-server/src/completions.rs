@@ -36,6 +36,8 @@ struct Prepared {
     common: Common,
     /// (prompt ids, prompt text for `echo`) per choice, in choice order.
     prompts: Vec<(Vec<u32>, String)>,
+    /// The output format's matcher per choice, when the request names one.
+    constraints: Vec<Option<xgen_generate::Constraint>>,
     budget: usize,
     id: String,
     created: u64,
@@ -96,13 +98,22 @@ fn prepare(
         ));
     }
     check_kv_budget(state, longest + budget)?;
-    let prompts = texts.into_iter().flat_map(|t| std::iter::repeat_n(t, common.n)).collect();
+    let prompts: Vec<(Vec<u32>, String)> =
+        texts.into_iter().flat_map(|t| std::iter::repeat_n(t, common.n)).collect();
+    // Each choice its own matcher; a bad format is a 400 before anything is queued.
+    let constraints = match (&common.config.format, common.format_param) {
+        (Some(format), Some(param)) => {
+            prompts.iter().map(|_| state.constraint(format, param).map(Some)).collect::<Result<_, _>>()?
+        }
+        _ => prompts.iter().map(|_| None).collect(),
+    };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
     Ok(Prepared {
         kind,
         common,
         prompts,
+        constraints,
         budget,
         id: format!("{prefix}-{:016x}", rand::random::<u64>()),
         created,
@@ -196,17 +207,19 @@ fn chat_prompt(fields: &Fields) -> Result<String, ApiError> {
 }
 
 async fn run(state: SharedState, prepared: Result<Prepared, ApiError>, endpoint: &'static str) -> Response {
-    let p = match prepared {
+    let mut p = match prepared {
         Ok(p) => p,
         Err(e) => return respond(&state, endpoint, Err(e)),
     };
     let base_seed = p.common.seed.unwrap_or_else(rand::random);
     let mut receivers = Vec::with_capacity(p.prompts.len());
-    for (i, (prompt, _)) in p.prompts.iter().enumerate() {
+    let constraints = std::mem::take(&mut p.constraints);
+    for (i, ((prompt, _), constraint)) in p.prompts.iter().zip(constraints).enumerate() {
         let (tx, rx) = unbounded_channel();
         let job = Job {
             prompt: prompt.clone(),
             config: p.common.config.clone(),
+            constraint,
             budget: p.budget,
             seed: base_seed.wrapping_add(i as u64),
             events: tx,

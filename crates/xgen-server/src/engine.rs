@@ -20,7 +20,7 @@ use std::{
 };
 
 use tokio::sync::mpsc::UnboundedSender;
-use xgen_generate::{GenerationConfig, StepOutput};
+use xgen_generate::{Constraint, GenerationConfig, StepOutput};
 use xgen_model::Model;
 use xgen_tokenizer::Tokenizer;
 
@@ -33,6 +33,8 @@ use crate::{
 pub struct Job {
     pub prompt: Vec<u32>,
     pub config: GenerationConfig,
+    /// The output format's matcher, when the request names one.
+    pub constraint: Option<Constraint>,
     /// New tokens allowed.
     pub budget: usize,
     pub seed: u64,

@@ -6,6 +6,7 @@ mod api;
 mod completions;
 pub mod engine;
 mod error;
+mod format;
 mod kv_pool;
 pub mod metrics;
 mod routes;
@@ -97,6 +98,7 @@ pub async fn serve(
         ready,
         metrics,
         body_limit: options.body_limit,
+        grammars: std::sync::OnceLock::new(),
     });
     axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await?;
     let why = failure.lock().unwrap_or_else(|e| e.into_inner()).take();

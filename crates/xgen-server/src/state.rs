@@ -1,11 +1,11 @@
 //! What every handler shares.
 
-use std::sync::{atomic::AtomicBool, Arc};
+use std::sync::{atomic::AtomicBool, Arc, OnceLock};
 
-use xgen_generate::GenerationConfig;
+use xgen_generate::{Constraint, Format, GenerationConfig, Grammars};
 use xgen_tokenizer::Tokenizer;
 
-use crate::{engine::EngineHandle, metrics::Metrics};
+use crate::{engine::EngineHandle, error::ApiError, metrics::Metrics};
 
 pub struct AppState {
     pub engine: EngineHandle,
@@ -21,6 +21,24 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     pub body_limit: usize,
+    /// The vocabulary for output formats, built by the first request that names one.
+    pub grammars: OnceLock<Grammars>,
 }
 
 pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// A fresh matcher for `format`, given by request field `param`; a bad schema, regex or
+    /// grammar is a 400 naming the field and the problem.
+    pub fn constraint(&self, format: &Format, param: &'static str) -> Result<Constraint, ApiError> {
+        let grammars = match self.grammars.get() {
+            Some(g) => g,
+            None => {
+                let g = Grammars::new(&self.tokenizer, self.vocab as usize)
+                    .map_err(|e| ApiError::invalid(param, e.to_string()))?;
+                self.grammars.get_or_init(|| g)
+            }
+        };
+        grammars.constraint(format).map_err(|e| ApiError::invalid(param, format!("`{param}`: {e}")))
+    }
+}

@@ -562,3 +562,73 @@ fn caches_grow_as_tokens_are_written_and_a_dry_pool_preempts_and_recomputes() {
     assert!(metric(&s, "xgen_preemptions_total") > 0, "the pool ran dry");
     assert!(peak <= budget as i64, "KV bytes peaked at {peak} of a budget of {budget}");
 }
+
+#[test]
+fn response_format_and_guided_fields_constrain_every_choice() {
+    let s = start(None, 8, 16, 1 << 20);
+    let schema = json!({"type": "object", "properties": {
+        "city": {"enum": ["Paris", "Zürich", "a \"quoted\" one"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 50}
+    }, "required": ["city", "n"], "additionalProperties": false});
+    let check = |text: &str| {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        assert!(v["n"].as_u64().is_some_and(|n| n <= 50) && v["city"].is_string(), "{v}");
+        assert_eq!(v.as_object().unwrap().len(), 2, "{v}");
+    };
+    let format =
+        json!({"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": true}});
+    let chat = json!({"messages": [{"role": "user", "content": "Where?"}], "max_tokens": 60,
+                      "response_format": format, "n": 2, "temperature": 1, "seed": 4});
+    let r = post(&s, "/v1/chat/completions", &chat).unwrap();
+    for choice in r["choices"].as_array().unwrap() {
+        check(choice["message"]["content"].as_str().unwrap());
+        assert_eq!(choice["finish_reason"], "stop");
+    }
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    streamed["n"] = json!(1);
+    check(&streamed_text(&stream(&s, "/v1/chat/completions", &streamed), "text"));
+    // The completions endpoint and vLLM's fields.
+    let base = json!({"prompt": "Answer:", "max_tokens": 20, "temperature": 0});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        post(&s, "/v1/completions", &b).unwrap()["choices"][0].clone()
+    };
+    let c = with("guided_choice", json!(["left", "right"]));
+    assert!(["left", "right"].contains(&c["text"].as_str().unwrap()), "{c}");
+    assert_eq!(c["finish_reason"], "stop");
+    let c = with("guided_regex", json!("[0-9]{2}:[0-9]{2}"));
+    assert_eq!(c["text"].as_str().unwrap().len(), 5, "{c}");
+    check(
+        with(
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}),
+        )["text"]
+            .as_str()
+            .unwrap(),
+    );
+    let c = with("response_format", json!({"type": "json_object"}));
+    assert!(c["text"].as_str().unwrap().starts_with('{'), "{c}");
+    // max_tokens running out mid-structure is `length`.
+    let mut short = base.clone();
+    short["max_tokens"] = json!(2);
+    short["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "p", "schema": schema}});
+    assert_eq!(post(&s, "/v1/completions", &short).unwrap()["choices"][0]["finish_reason"], "length");
+    // Bad formats are 400s naming the field.
+    for (k, v) in [
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "nonsense"}}}),
+        ),
+        ("response_format", json!({"type": "xml"})),
+        ("guided_regex", json!("((")),
+        ("guided_grammar", json!("start: (")),
+        ("guided_choice", json!([])),
+    ] {
+        let mut b = base.clone();
+        b[k] = v;
+        let (code, err, _) = post(&s, "/v1/completions", &b).unwrap_err();
+        assert_eq!((code, err["error"]["param"].as_str()), (400, Some(k)), "{err}");
+    }
+}

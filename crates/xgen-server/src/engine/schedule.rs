@@ -261,9 +261,13 @@ impl<'m> Engine<'m> {
                     let active = match p.what {
                         Waiting::Resumed(a) => Active { logits, ..*a },
                         Waiting::New(job) => {
-                            let Job { prompt, config, budget, seed, events, submitted } = *job;
+                            let Job { prompt, config, constraint, budget, seed, events, submitted } = *job;
+                            let seq = Sequence::new(self.tokenizer, prompt.clone(), config, budget);
                             Active {
-                                seq: Sequence::new(self.tokenizer, prompt.clone(), config, budget),
+                                seq: match constraint {
+                                    Some(c) => seq.constrained(c),
+                                    None => seq,
+                                },
                                 limit: prompt.len() + budget,
                                 prompt,
                                 admitted: p.admitted,
