@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use llguidance::{api::TopLevelGrammar, Matcher, ParserFactory};
 use serde_json::{json, Value};
-use toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie};
+use toktrie::{ApproximateTokEnv, SimpleVob, TokRxInfo, TokTrie};
 use xgen_tokenizer::Tokenizer;
 
 use crate::error::{GenerateError, Result};
@@ -111,21 +111,34 @@ impl Grammars {
         let matcher = Matcher::new(parser);
         match matcher.get_error() {
             Some(e) => Err(invalid(format.name(), e)),
-            None => Ok(Constraint { matcher }),
+            None => Ok(Constraint { matcher, ready: None }),
         }
     }
 }
 
 /// One sequence's place in its format.
-#[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
+    /// The next step's allowed tokens, computed ahead (while the model runs).
+    ready: Option<SimpleVob>,
 }
 
 impl Constraint {
+    /// Computes the next step's allowed tokens now, so that [`Constraint::mask`] only applies
+    /// them: callers run this beside the model's forward pass.
+    pub fn compute(&mut self) -> Result<()> {
+        if self.ready.is_none() && !self.matcher.is_stopped() {
+            self.ready = Some(self.matcher.compute_mask().map_err(|e| invalid("constraint", e.to_string()))?);
+        }
+        Ok(())
+    }
+
     /// Sets the logits of every token the format cannot take next to -inf.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let allowed = self.matcher.compute_mask().map_err(|e| invalid("constraint", e.to_string()))?;
+        let allowed = match self.ready.take() {
+            Some(allowed) => allowed,
+            None => self.matcher.compute_mask().map_err(|e| invalid("constraint", e.to_string()))?,
+        };
         let known = allowed.len();
         for (id, x) in logits.iter_mut().enumerate() {
             if id >= known || !allowed.is_allowed(id as u32) {
@@ -137,6 +150,7 @@ impl Constraint {
 
     /// Advances past `token` (one the mask allowed).
     pub fn accept(&mut self, token: u32) -> Result<()> {
+        self.ready = None;
         self.matcher.consume_token(token).map_err(|e| invalid("constraint", e.to_string()))
     }
 

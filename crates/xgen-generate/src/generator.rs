@@ -102,6 +102,20 @@ impl<'t> Sequence<'t> {
         }
     }
 
+    /// Whether an output format constrains it.
+    pub fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
+    }
+
+    /// Computes the next step's token mask ahead, when constrained: run it beside the forward
+    /// pass that produces the step's logits.
+    pub fn prepare(&mut self) -> Result<()> {
+        match &mut self.constraint {
+            Some(c) if !self.finished => c.compute(),
+            _ => Ok(()),
+        }
+    }
+
     /// The same sequence, its tokens masked to those `constraint` allows.
     pub fn constrained(mut self, constraint: Constraint) -> Self {
         self.constraint = Some(constraint);
@@ -297,7 +311,17 @@ impl<'a> Generator<'a> {
                 break;
             }
             let ids = Tensor::from_vec(next, (rows.len(), 1), model.device())?;
-            logits = model.forward_last(&ids, &mut cache)?;
+            logits = if rows.iter().any(Sequence::is_constrained) {
+                // The masks of the next step are computed while the model runs.
+                let (logits, masks) = std::thread::scope(|s| {
+                    let masks = s.spawn(|| rows.iter_mut().try_for_each(Sequence::prepare));
+                    (model.forward_last(&ids, &mut cache), masks.join().expect("mask thread"))
+                });
+                masks?;
+                logits?
+            } else {
+                model.forward_last(&ids, &mut cache)?
+            };
         }
         Ok(rows.into_iter().map(Sequence::into_output).collect())
     }

@@ -78,7 +78,18 @@ impl Generator<'_> {
             if seq.is_finished() {
                 break;
             }
-            logits = model.forward_last(&model.ids_tensor(&[s.token])?, &mut cache)?;
+            let ids = model.ids_tensor(&[s.token])?;
+            logits = if seq.is_constrained() {
+                // The next step's mask is computed while the model runs.
+                let (logits, mask) = std::thread::scope(|scope| {
+                    let mask = scope.spawn(|| seq.prepare());
+                    (model.forward_last(&ids, &mut cache), mask.join().expect("mask thread"))
+                });
+                mask?;
+                logits?
+            } else {
+                model.forward_last(&ids, &mut cache)?
+            };
         }
         let out = seq.into_output();
         session.tokens = prompt.iter().chain(&out.ids).copied().take(cache.len()).collect();

@@ -362,7 +362,22 @@ impl<'m> Engine<'m> {
             let last: Vec<u32> =
                 batch.active.iter().map(|a| *a.seq.output().ids.last().unwrap_or(&0)).collect();
             let ids = Tensor::from_vec(last, (batch.active.len(), 1), model.device())?;
-            let hidden = model.forward_rows(&ids, &mut batch.caches)?; // [n, 1, d]
+            let active = &mut batch.active;
+            let hidden = if active.iter().any(|a| a.seq.is_constrained()) {
+                // Output formats' masks for the next step are computed while the model runs. A
+                // failing one is computed again at its sequence's step, which reports the error
+                // to that sequence alone.
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        active.iter_mut().for_each(|a| {
+                            let _ = a.seq.prepare();
+                        })
+                    });
+                    model.forward_rows(&ids, &mut batch.caches)
+                })?
+            } else {
+                model.forward_rows(&ids, &mut batch.caches)?
+            }; // [n, 1, d]
             Ok(model.logits(&hidden.squeeze(1)?)?.to_vec2()?)
         };
         match run() {
