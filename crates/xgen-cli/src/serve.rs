@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use clap::Args;
 use xgen_generate::GenerationConfig;
-use xgen_server::{EngineOptions, PrefixCache, ServeOptions};
+use xgen_server::{EngineOptions, PrefixCache, ServeOptions, Ui};
 
 use crate::{
     exit::bad_input,
@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// header, a system prompt, earlier turns, the same document) skip those tokens.
     #[arg(long, value_enum, default_value_t = PrefixCacheArg::On)]
     pub prefix_cache: PrefixCacheArg,
+    /// Do not serve the chat page at `/` (the API only).
+    #[arg(long)]
+    pub no_ui: bool,
 }
 
 /// `--kv-budget`, validated.
@@ -136,6 +139,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         defaults,
         context,
         api_key: args.api_key.clone(),
+        ui: if args.no_ui { Ui::Off } else { Ui::On },
         engine: EngineOptions {
             max_batch: args.max_batch,
             max_queue: args.max_queue,

@@ -16,7 +16,7 @@ use std::{
 use serde_json::json;
 use xgen_generate::GenerationConfig;
 use xgen_model::{weights::random, DType, Device, Model};
-use xgen_server::{EngineOptions, PrefixCache, ServeOptions};
+use xgen_server::{EngineOptions, PrefixCache, ServeOptions, Ui};
 
 const REQUESTS_PER_CLIENT: usize = 8;
 const MAX_TOKENS: usize = 32;
@@ -134,6 +134,7 @@ fn start() -> String {
         context: config.max_position_embeddings,
         config: config.clone(),
         api_key: None,
+        ui: Ui::Off,
         engine: EngineOptions {
             max_batch: 16,
             max_queue: 64,

@@ -11,6 +11,7 @@ mod kv_pool;
 pub mod metrics;
 mod routes;
 mod state;
+mod ui;
 
 use std::{
     future::Future,
@@ -28,6 +29,7 @@ pub use error::ApiError;
 pub use kv_pool::PrefixCache;
 pub use routes::app;
 pub use state::AppState;
+pub use ui::Ui;
 
 /// Server settings, validated by the caller.
 pub struct ServeOptions {
@@ -38,6 +40,8 @@ pub struct ServeOptions {
     /// Context per sequence (at most the model's).
     pub context: usize,
     pub api_key: Option<String>,
+    /// Whether `GET /` serves the chat page.
+    pub ui: Ui,
     pub engine: EngineOptions,
     /// The KV budget when `engine.kv_budget` is `None`, decided once the model is loaded (`auto`:
     /// from the memory then available); `None` from it too: unbounded.
@@ -99,6 +103,7 @@ pub async fn serve(
         metrics,
         body_limit: options.body_limit,
         grammars: std::sync::OnceLock::new(),
+        ui: options.ui,
     });
     axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await?;
     let why = failure.lock().unwrap_or_else(|e| e.into_inner()).take();

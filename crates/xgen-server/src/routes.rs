@@ -14,7 +14,13 @@ use axum::{
 };
 use serde_json::{json, Value};
 
-use crate::{api::Fields, completions, error::ApiError, state::SharedState};
+use crate::{
+    api::Fields,
+    completions,
+    error::ApiError,
+    state::SharedState,
+    ui::{self, Ui},
+};
 
 /// The whole HTTP API.
 pub fn app(state: SharedState) -> Router {
@@ -25,7 +31,11 @@ pub fn app(state: SharedState) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
+    let router = match state.ui {
+        Ui::On => Router::new().route("/", get(ui::page)),
+        Ui::Off => Router::new(),
+    };
+    router
         .merge(protected)
         .route("/health", get(health))
         .route("/metrics", get(metrics))

@@ -21,6 +21,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     pub body_limit: usize,
+    /// Whether `GET /` serves the chat page.
+    pub ui: crate::ui::Ui,
     /// The vocabulary for output formats, built by the first request that names one.
     pub grammars: OnceLock<Grammars>,
 }

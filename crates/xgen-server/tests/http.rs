@@ -10,7 +10,7 @@ use std::{
 use serde_json::{json, Value};
 use xgen_generate::GenerationConfig;
 use xgen_model::{Config, DType, Device, Model};
-use xgen_server::{EngineOptions, PrefixCache, ServeOptions};
+use xgen_server::{EngineOptions, PrefixCache, ServeOptions, Ui};
 use xgen_tokenizer::Tokenizer;
 
 fn fixture() -> PathBuf {
@@ -44,6 +44,7 @@ struct Setup {
     body_limit: usize,
     /// Prompt tokens per engine step (the model's default when `None`).
     prefill_chunk: Option<usize>,
+    ui: Ui,
 }
 
 impl Setup {
@@ -53,6 +54,7 @@ impl Setup {
             engine: EngineOptions { max_batch, max_queue, kv_budget: None, prefix_cache: PrefixCache::On },
             body_limit: 1 << 20,
             prefill_chunk: None,
+            ui: Ui::On,
         }
     }
 }
@@ -77,6 +79,7 @@ fn start_with(setup: Setup, before_load: impl FnOnce() + Send + 'static) -> Serv
         context: config.max_position_embeddings,
         config,
         api_key: setup.api_key,
+        ui: setup.ui,
         engine: setup.engine,
         kv_budget_after_load: || None,
         body_limit: setup.body_limit,
@@ -366,6 +369,7 @@ fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
         context: config.max_position_embeddings,
         config,
         api_key: None,
+        ui: Ui::On,
         engine: EngineOptions { max_batch: 1, max_queue: 1, kv_budget: None, prefix_cache: PrefixCache::On },
         kv_budget_after_load: || None,
         body_limit: 1 << 20,
@@ -631,4 +635,27 @@ fn response_format_and_guided_fields_constrain_every_choice() {
         let (code, err, _) = post(&s, "/v1/completions", &b).unwrap_err();
         assert_eq!((code, err["error"]["param"].as_str()), (400, Some(k)), "{err}");
     }
+}
+
+#[test]
+fn the_chat_page_is_served_at_the_root_unless_turned_off() {
+    let s = start(Some("secret"), 2, 4, 1 << 20);
+    let r = ureq::get(&format!("{}/", s.base)).call().unwrap();
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    let page = r.into_string().unwrap();
+    // Self-contained (no URL leaves the server), relative API URLs (works behind a prefix), the
+    // XGen-Inst header as the default system prompt, and model text only ever set as text.
+    assert!(!page.contains("http://") && !page.contains("https://") && !page.contains("src=\""));
+    assert!(page.contains("\"v1/chat/completions\"") && page.contains("\"v1/completions\""));
+    assert!(!page.contains("fetch(\"/"), "absolute API URLs");
+    assert!(page.contains("A chat between a curious human") && !page.contains("__XGEN_DEFAULT_HEADER__"));
+    assert!(!page.contains("innerHTML") && !page.contains("insertAdjacentHTML"));
+    // The page needs no key; the API still does.
+    assert_eq!(
+        ureq::get(&format!("{}/v1/models", s.base)).call().unwrap_err().into_response().unwrap().status(),
+        401
+    );
+    let off = start_setup(Setup { ui: Ui::Off, ..Setup::new(2, 4) });
+    let err = ureq::get(&format!("{}/", off.base)).call().unwrap_err();
+    assert_eq!(err.into_response().unwrap().status(), 404);
 }
