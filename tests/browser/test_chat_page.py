@@ -165,3 +165,18 @@ def test_an_api_key_is_asked_once_and_sent(browser, server):
     send(page, "again")
     expect(page.locator(".msg.assistant .stats").nth(1)).to_contain_text("6 tokens", timeout=30000)
     assert page.locator(".msg.error").count() == 0
+
+
+def test_raw_mode_continues_the_text_through_completions(browser, server):
+    page = open_page(browser, server)
+    seen = []
+    page.on("request", lambda r: seen.append(r.url))
+    page.click("#toggle-settings")
+    page.select_option("#mode", "raw")
+    page.fill("#max_tokens", "5")
+    page.dispatch_event("#max_tokens", "change")
+    send(page, "Once upon a time")
+    expect(page.locator(".msg.assistant .stats")).to_contain_text("5 tokens", timeout=30000)
+    assert any(u.endswith("/v1/completions") for u in seen), seen
+    page.reload()
+    assert page.input_value("#mode") == "raw"
