@@ -57,6 +57,20 @@ pub struct ServeArgs {
     /// Do not serve the chat page at `/` (the API only).
     #[arg(long)]
     pub no_ui: bool,
+    /// This replica's name, sent in every response's `X-Xgen-Replica` header (default: the
+    /// host name, a pod's name in Kubernetes).
+    #[arg(long, env = "XGEN_REPLICA_ID")]
+    pub replica_id: Option<String>,
+}
+
+/// The host's name (`$HOSTNAME`, else `/etc/hostname`, else `xgen`).
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "xgen".into())
 }
 
 /// `--kv-budget`, validated.
@@ -140,6 +154,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         context,
         api_key: args.api_key.clone(),
         ui: if args.no_ui { Ui::Off } else { Ui::On },
+        replica_id: args.replica_id.clone().unwrap_or_else(host_name),
         engine: EngineOptions {
             max_batch: args.max_batch,
             max_queue: args.max_queue,

@@ -135,6 +135,7 @@ fn start() -> String {
         config: config.clone(),
         api_key: None,
         ui: Ui::Off,
+        replica_id: "bench".into(),
         engine: EngineOptions {
             max_batch: 16,
             max_queue: 64,

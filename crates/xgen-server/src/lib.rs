@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Whether `GET /` serves the chat page.
     pub ui: Ui,
+    /// Sent in every response's `X-Xgen-Replica` header (which replica answered, behind a proxy).
+    pub replica_id: String,
     pub engine: EngineOptions,
     /// The KV budget when `engine.kv_budget` is `None`, decided once the model is loaded (`auto`:
     /// from the memory then available); `None` from it too: unbounded.
@@ -104,6 +106,8 @@ pub async fn serve(
         body_limit: options.body_limit,
         grammars: std::sync::OnceLock::new(),
         ui: options.ui,
+        replica: axum::http::HeaderValue::from_str(&options.replica_id)
+            .unwrap_or_else(|_| axum::http::HeaderValue::from_static("xgen")),
     });
     axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await?;
     let why = failure.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -41,7 +41,14 @@ pub fn app(state: SharedState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(DefaultBodyLimit::max(state.body_limit))
+        .layer(middleware::map_response_with_state(state.clone(), replica_header))
         .with_state(state)
+}
+
+/// Names the replica that answered (`--replica-id`), so routing behind a proxy can be seen.
+async fn replica_header(State(state): State<SharedState>, mut response: Response) -> Response {
+    response.headers_mut().insert("x-xgen-replica", state.replica.clone());
+    response
 }
 
 /// With `--api-key`, requires `Authorization: Bearer KEY`.

@@ -23,6 +23,8 @@ pub struct AppState {
     pub body_limit: usize,
     /// Whether `GET /` serves the chat page.
     pub ui: crate::ui::Ui,
+    /// Every response's `X-Xgen-Replica` header.
+    pub replica: axum::http::HeaderValue,
     /// The vocabulary for output formats, built by the first request that names one.
     pub grammars: OnceLock<Grammars>,
 }

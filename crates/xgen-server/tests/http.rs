@@ -80,6 +80,7 @@ fn start_with(setup: Setup, before_load: impl FnOnce() + Send + 'static) -> Serv
         config,
         api_key: setup.api_key,
         ui: setup.ui,
+        replica_id: "replica-7".into(),
         engine: setup.engine,
         kv_budget_after_load: || None,
         body_limit: setup.body_limit,
@@ -370,6 +371,7 @@ fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
         config,
         api_key: None,
         ui: Ui::On,
+        replica_id: "r".into(),
         engine: EngineOptions { max_batch: 1, max_queue: 1, kv_budget: None, prefix_cache: PrefixCache::On },
         kv_budget_after_load: || None,
         body_limit: 1 << 20,
@@ -650,6 +652,13 @@ fn the_chat_page_is_served_at_the_root_unless_turned_off() {
     assert!(!page.contains("fetch(\"/"), "absolute API URLs");
     assert!(page.contains("A chat between a curious human") && !page.contains("__XGEN_DEFAULT_HEADER__"));
     assert!(!page.contains("innerHTML") && !page.contains("insertAdjacentHTML"));
+    // Every response names the replica that answered, errors included.
+    assert_eq!(
+        ureq::get(&format!("{}/health", s.base)).call().unwrap().header("x-xgen-replica"),
+        Some("replica-7")
+    );
+    let refused = ureq::get(&format!("{}/v1/models", s.base)).call().unwrap_err().into_response().unwrap();
+    assert_eq!(refused.header("x-xgen-replica"), Some("replica-7"));
     // The page needs no key; the API still does.
     assert_eq!(
         ureq::get(&format!("{}/v1/models", s.base)).call().unwrap_err().into_response().unwrap().status(),
