@@ -94,19 +94,9 @@ impl KvCache {
         (self.tables[0].len() * KV_BLOCK).min(self.limit)
     }
 
-    /// Positions it may grow to.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// How keys and values are stored.
     pub fn kind(&self) -> KvType {
         self.pool.kind()
-    }
-
-    /// The pool its blocks come from.
-    pub fn pool(&self) -> &Arc<BlockPool> {
-        &self.pool
     }
 
     /// Blocks it holds (shared ones included).

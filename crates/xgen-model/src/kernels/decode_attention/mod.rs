@@ -343,33 +343,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn decode_attention_contiguous() {
-        let dev = Device::Cpu;
-        let (h, hd, len) = (32, 128, 4096);
-        let q = Tensor::randn(0f32, 1., (1, h, 1, hd), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1., (1, h, len, hd), &dev).unwrap().to_dtype(DType::F16).unwrap();
-        let v = Tensor::randn(0f32, 1., (1, h, len, hd), &dev).unwrap().to_dtype(DType::F16).unwrap();
-        let (kb, vb) = (KvBuffer::Float(k), KvBuffer::Float(v));
-        let tables = Paging::identity(1);
-        let paging = Paging::contiguous(&tables, len, h);
-        for _ in 0..3 {
-            let mut best = f64::MAX;
-            for _ in 0..40 {
-                let t = std::time::Instant::now();
-                decode_attention(&q, &kb, &vb, &paging, len, &[0]).unwrap().unwrap();
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            println!(
-                "contiguous: {:.3} ms, {:.1} GB/s",
-                best * 1e3,
-                (2 * h * len * hd * 2) as f64 / best / 1e9
-            );
-        }
-    }
-}
