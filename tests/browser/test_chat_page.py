@@ -5,26 +5,15 @@ Each test starts the release binary on the tiny fixture model on a free loopback
 """
 import json
 import os
-import socket
-import subprocess
 import time
-import urllib.error
 import urllib.request
 
 import pytest
+from conftest import start_xgen
 from playwright.sync_api import sync_playwright, expect
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-XGEN = os.path.join(ROOT, "target", "release", "xgen")
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "models", "tiny-xgen-8k-bin")
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SHOTS = os.environ.get("XGEN_SCREENSHOTS")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metric(base, name):
@@ -34,19 +23,7 @@ def metric(base, name):
 
 @pytest.fixture
 def server(request):
-    extra = getattr(request, "param", [])
-    port = free_port()
-    proc = subprocess.Popen([XGEN, "serve", "--model", FIXTURE, "--dtype", "f32", "--port", str(port), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(base + "/health")
-            break
-        except (urllib.error.URLError, ConnectionError):
-            assert time.time() < deadline and proc.poll() is None, "xgen serve did not start"
-            time.sleep(0.1)
+    proc, base = start_xgen(*getattr(request, "param", []))
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -68,6 +45,13 @@ def open_page(browser, base, width=1280, height=800):
     return page
 
 
+def set_max_tokens(page, n):
+    """Opens the settings and sets the reply length (stored as on a user's change)."""
+    page.click("#toggle-settings")
+    page.fill("#max_tokens", str(n))
+    page.dispatch_event("#max_tokens", "change")
+
+
 def send(page, text):
     page.fill("#input", text)
     page.press("#input", "Enter")
@@ -76,8 +60,8 @@ def send(page, text):
 def test_a_message_streams_a_reply_with_its_numbers(browser, server):
     page = open_page(browser, server)
     page.click("#toggle-settings")
-    page.fill("#max_tokens", "24")
     page.fill("#temperature", "0")
+    page.fill("#max_tokens", "24")
     page.dispatch_event("#max_tokens", "change")
     send(page, "Hello there")
     reply = page.locator(".msg.assistant").last
@@ -97,9 +81,7 @@ def test_a_message_streams_a_reply_with_its_numbers(browser, server):
 
 def test_stop_aborts_the_stream_and_frees_the_slot(browser, server):
     page = open_page(browser, server)
-    page.click("#toggle-settings")
-    page.fill("#max_tokens", "4000")
-    page.dispatch_event("#max_tokens", "change")
+    set_max_tokens(page, 4000)
     send(page, "Tell me a long story")
     reply = page.locator(".msg.assistant").last
     expect(reply.locator(".text")).not_to_be_empty(timeout=30000)
@@ -113,9 +95,7 @@ def test_stop_aborts_the_stream_and_frees_the_slot(browser, server):
 
 def test_the_conversation_survives_a_reload_and_new_clears_it(browser, server):
     page = open_page(browser, server)
-    page.click("#toggle-settings")
-    page.fill("#max_tokens", "8")
-    page.dispatch_event("#max_tokens", "change")
+    set_max_tokens(page, 8)
     send(page, "Remember me")
     expect(page.locator(".msg.assistant .stats")).to_contain_text("tokens", timeout=30000)
     page.reload()
@@ -150,9 +130,7 @@ def test_model_output_is_text_never_html(browser, server):
 @pytest.mark.parametrize("server", [["--api-key", "sesame"]], indirect=True)
 def test_an_api_key_is_asked_once_and_sent(browser, server):
     page = open_page(browser, server)
-    page.click("#toggle-settings")
-    page.fill("#max_tokens", "6")
-    page.dispatch_event("#max_tokens", "change")
+    set_max_tokens(page, 6)
     # Refused without the key: the prompt is dismissed.
     page.once("dialog", lambda d: d.dismiss())
     send(page, "hi")

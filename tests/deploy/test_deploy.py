@@ -2,24 +2,19 @@
 against the README's build step, and conversation-affine routing through Debian's nginx in front
 of two `xgen serve` replicas on a fixture model (loopback only). Run by `tests/run`."""
 import copy
+import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.error
 import urllib.request
-import json
 
 import kubernetes_validate
 import yaml
+from conftest import ROOT, free_port, start_xgen, wait_healthy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEPLOY = os.path.join(ROOT, "deploy")
-XGEN = os.path.join(ROOT, "target", "release", "xgen")
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "models", "tiny-xgen-8k-bin")
 K8S_VERSION = "1.30.0"
 CUSTOM_KINDS = {"PodMonitor"}  # Prometheus Operator CRD: not in the Kubernetes schemas
 
@@ -126,31 +121,6 @@ def test_the_dockerfile_builds_as_the_readme_says():
     assert re.search(r'ENTRYPOINT \["xgen", "serve", "--host", "0.0.0.0"', docker)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url, proc, seconds=60):
-    deadline = time.time() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health")
-            return
-        except (urllib.error.URLError, ConnectionError):
-            assert time.time() < deadline and (proc is None or proc.poll() is None), url
-            time.sleep(0.1)
-
-
-def replica(port, name):
-    proc = subprocess.Popen([XGEN, "serve", "--model", FIXTURE, "--dtype", "f32", "--port", str(port),
-                             "--replica-id", name, "--drain-timeout", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_healthy(f"http://127.0.0.1:{port}", proc)
-    return proc
-
-
 def ask(base, session):
     body = json.dumps({"prompt": "Hi", "max_tokens": 2, "temperature": 0}).encode()
     req = urllib.request.Request(base + "/v1/completions", data=body,
@@ -162,8 +132,9 @@ def ask(base, session):
 
 def test_sessions_stick_to_a_replica_and_move_when_it_stops():
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    ports = [free_port(), free_port()]
-    procs = [replica(ports[0], "a"), replica(ports[1], "b")]
+    (proc_a, base_a), (proc_b, base_b) = (start_xgen("--replica-id", name, "--drain-timeout", "1") for name in "ab")
+    procs = [proc_a, proc_b]
+    ports = [base_a.rsplit(":", 1)[1], base_b.rsplit(":", 1)[1]]
     front = free_port()
     work = tempfile.mkdtemp()
     conf = open(os.path.join(DEPLOY, "nginx", "xgen.conf")).read()

@@ -311,20 +311,30 @@ impl<'a> Generator<'a> {
                 break;
             }
             let ids = Tensor::from_vec(next, (rows.len(), 1), model.device())?;
-            logits = if rows.iter().any(Sequence::is_constrained) {
-                // The masks of the next step are computed while the model runs.
-                let (logits, masks) = std::thread::scope(|s| {
-                    let masks = s.spawn(|| rows.iter_mut().try_for_each(Sequence::prepare));
-                    (model.forward_last(&ids, &mut cache), masks.join().expect("mask thread"))
-                });
-                masks?;
-                logits?
-            } else {
-                model.forward_last(&ids, &mut cache)?
-            };
+            let (next_logits, masks) =
+                forward_beside_masks(rows.iter_mut().collect(), || model.forward_last(&ids, &mut cache));
+            masks?;
+            logits = next_logits?;
         }
         Ok(rows.into_iter().map(Sequence::into_output).collect())
     }
+}
+
+/// Runs `forward` (the model step that produces the next logits) while the constrained ones among
+/// `sequences` compute their next token masks on another thread; `forward` alone, on this thread,
+/// when none is constrained. Returns `forward`'s result and the masks' outcome.
+pub fn forward_beside_masks<R: Send>(
+    mut sequences: Vec<&mut Sequence<'_>>,
+    forward: impl FnOnce() -> R,
+) -> (R, Result<()>) {
+    sequences.retain(|s| s.is_constrained());
+    if sequences.is_empty() {
+        return (forward(), Ok(()));
+    }
+    std::thread::scope(|scope| {
+        let masks = scope.spawn(move || sequences.into_iter().try_for_each(|s| s.prepare()));
+        (forward(), masks.join().expect("the mask thread does not panic"))
+    })
 }
 
 /// log-softmax of `raw` at `token`, and the `n` largest entries.

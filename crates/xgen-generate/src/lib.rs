@@ -19,7 +19,7 @@ pub mod stop;
 pub use config::{GenerationConfig, SpecialText, Truncation};
 pub use constraint::{Constraint, Format, Grammars};
 pub use error::{GenerateError, Result};
-pub use generator::{Generator, Output, Sequence, Step, StepOutput, TokenLogprob};
+pub use generator::{forward_beside_masks, Generator, Output, Sequence, Step, StepOutput, TokenLogprob};
 pub use penalties::Penalties;
 pub use sampler::{SampleParams, Sampling};
 pub use session::Session;

@@ -7,7 +7,7 @@ use xgen_model::{kv_cache::blocks_for, KvCache};
 
 use crate::{
     error::{GenerateError, Result},
-    generator::{Generator, Output, Step},
+    generator::{forward_beside_masks, Generator, Output, Step},
     GenerationConfig,
 };
 
@@ -79,17 +79,10 @@ impl Generator<'_> {
                 break;
             }
             let ids = model.ids_tensor(&[s.token])?;
-            logits = if seq.is_constrained() {
-                // The next step's mask is computed while the model runs.
-                let (logits, mask) = std::thread::scope(|scope| {
-                    let mask = scope.spawn(|| seq.prepare());
-                    (model.forward_last(&ids, &mut cache), mask.join().expect("mask thread"))
-                });
-                mask?;
-                logits?
-            } else {
-                model.forward_last(&ids, &mut cache)?
-            };
+            let (next_logits, mask) =
+                forward_beside_masks(vec![&mut seq], || model.forward_last(&ids, &mut cache));
+            mask?;
+            logits = next_logits?;
         }
         let out = seq.into_output();
         session.tokens = prompt.iter().chain(&out.ids).copied().take(cache.len()).collect();

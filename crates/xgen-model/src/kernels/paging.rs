@@ -30,12 +30,15 @@ impl<'a> Paging<'a> {
         Self { tables, block, block_stride: block, head_stride: blocks * block, kv_h }
     }
 
-    /// Tables for a plain `[b, kv_h, capacity, ..]` buffer: sequence `i` is block `i`.
+    /// Tables for a plain `[b, kv_h, capacity, ..]` buffer: sequence `i` is block `i` (the
+    /// kernels' tests read such buffers).
+    #[cfg(test)]
     pub fn contiguous(tables: &'a [Vec<u32>], capacity: usize, kv_h: usize) -> Self {
         Self { tables, block: capacity, block_stride: kv_h * capacity, head_stride: capacity, kv_h }
     }
 
     /// The identity tables of [`Paging::contiguous`] for `b` sequences.
+    #[cfg(test)]
     pub fn identity(b: usize) -> Vec<Vec<u32>> {
         (0..b as u32).map(|i| vec![i]).collect()
     }

@@ -21,7 +21,7 @@ use std::{
 
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::sync::mpsc::UnboundedSender;
-use xgen_generate::Sequence;
+use xgen_generate::{forward_beside_masks, Sequence};
 use xgen_model::{kv_cache::blocks_for, KvCache, Model, Tensor, KV_BLOCK};
 use xgen_tokenizer::Tokenizer;
 
@@ -362,22 +362,11 @@ impl<'m> Engine<'m> {
             let last: Vec<u32> =
                 batch.active.iter().map(|a| *a.seq.output().ids.last().unwrap_or(&0)).collect();
             let ids = Tensor::from_vec(last, (batch.active.len(), 1), model.device())?;
-            let active = &mut batch.active;
-            let hidden = if active.iter().any(|a| a.seq.is_constrained()) {
-                // Output formats' masks for the next step are computed while the model runs. A
-                // failing one is computed again at its sequence's step, which reports the error
-                // to that sequence alone.
-                std::thread::scope(|s| {
-                    s.spawn(|| {
-                        active.iter_mut().for_each(|a| {
-                            let _ = a.seq.prepare();
-                        })
-                    });
-                    model.forward_rows(&ids, &mut batch.caches)
-                })?
-            } else {
-                model.forward_rows(&ids, &mut batch.caches)?
-            }; // [n, 1, d]
+            // Output formats' masks for the next step are computed while the model runs. A failing
+            // one is computed again at its sequence's step, which reports the error to it alone.
+            let sequences = batch.active.iter_mut().map(|a| &mut a.seq).collect();
+            let (hidden, _) = forward_beside_masks(sequences, || model.forward_rows(&ids, &mut batch.caches));
+            let hidden = hidden?; // [n, 1, d]
             Ok(model.logits(&hidden.squeeze(1)?)?.to_vec2()?)
         };
         match run() {
