@@ -8,7 +8,7 @@ use xgen_model::weights::{self, write};
 
 use crate::{
     exit::bad_input,
-    model_args::{show_progress, status, tensor_progress_bar, Dtype},
+    model_args::{dtype_parser, show_progress, status, tensor_progress_bar, Dtype},
 };
 
 /// `--format`.
@@ -32,7 +32,7 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Stored dtype of the output.
-    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    #[arg(long, value_parser = dtype_parser(), default_value = "bf16")]
     pub dtype: Dtype,
     /// Output file format.
     #[arg(long, value_enum, default_value_t = Format::Safetensors)]

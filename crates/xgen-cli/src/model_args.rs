@@ -5,54 +5,16 @@ use std::{io::IsTerminal, path::PathBuf, time::Instant};
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use xgen_generate::hub::{self, HubCache, Network};
-use xgen_model::{weights, DType, Device, KvType, Model, Quant, WeightFormat};
+use xgen_generate::hub;
+use xgen_model::{weights, DType, KvType, Model};
 
-/// How the weights are held: a float compute dtype, or linear layers quantized on load (GGUF
-/// block formats; activations, embeddings and norms then in f32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Dtype {
-    F32,
-    Bf16,
-    F16,
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q4_0")]
-    Q4_0,
-    #[value(name = "q4_k")]
-    Q4K,
-}
+pub use xgen_generate::{Dtype, Source};
 
-impl Dtype {
-    /// The dtype of activations and float weights.
-    pub fn candle(self) -> DType {
-        match self {
-            Dtype::Bf16 => DType::BF16,
-            Dtype::F16 => DType::F16,
-            Dtype::F32 | Dtype::Q8_0 | Dtype::Q4_0 | Dtype::Q4K => DType::F32,
-        }
-    }
-
-    pub fn format(self) -> WeightFormat {
-        let linear = match self {
-            Dtype::Q8_0 => Some(Quant::Q8_0),
-            Dtype::Q4_0 => Some(Quant::Q4_0),
-            Dtype::Q4K => Some(Quant::Q4K),
-            Dtype::F32 | Dtype::Bf16 | Dtype::F16 => None,
-        };
-        WeightFormat { dtype: self.candle(), linear }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Dtype::F32 => "f32",
-            Dtype::Bf16 => "bf16",
-            Dtype::F16 => "f16",
-            Dtype::Q8_0 => "q8_0",
-            Dtype::Q4_0 => "q4_0",
-            Dtype::Q4K => "q4_k",
-        }
-    }
+/// `--dtype` values: the library's [`Dtype`] names, listed in `--help`.
+pub fn dtype_parser() -> impl clap::builder::TypedValueParser<Value = Dtype> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Dtype::ALL.map(Dtype::name))
+        .map(|name| name.parse::<Dtype>().expect("a listed dtype name"))
 }
 
 /// How the KV cache stores keys and values.
@@ -123,7 +85,7 @@ pub struct ModelArgs {
     #[arg(long, value_name = "PRESET")]
     pub random_weights: Option<String>,
     /// Compute dtype (weights are converted on load).
-    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    #[arg(long, value_parser = dtype_parser(), default_value = "bf16")]
     pub dtype: Dtype,
     /// KV cache storage: the compute dtype (auto), a float dtype, or q8_0 (half of f16's memory).
     #[arg(long, value_enum, default_value_t = KvTypeArg::Auto)]
@@ -149,60 +111,12 @@ pub struct Loaded {
     pub dir: Option<PathBuf>,
 }
 
-/// Where the weights will come from, resolved but not loaded.
-#[derive(Clone, Debug)]
-pub enum Source {
-    Dir(PathBuf),
-    /// A GGUF file (its block types are used as stored; `--dtype` applies to float files).
-    Gguf(PathBuf),
-    Random(xgen_model::Config),
-}
-
-impl Source {
-    /// The model's configuration (reads config.json only).
-    pub fn config(&self) -> anyhow::Result<xgen_model::Config> {
-        Ok(match self {
-            Source::Dir(dir) => xgen_model::Config::load(&dir.join("config.json"))?,
-            Source::Gguf(path) => xgen_model::gguf::read::GgufFile::open(path)?.config()?,
-            Source::Random(config) => config.clone(),
-        })
-    }
-
-    /// Loads the weights in `format`, reporting each tensor to `progress`.
-    pub fn load(
-        &self,
-        format: WeightFormat,
-        progress: &mut dyn FnMut(weights::LoadProgress),
-    ) -> xgen_model::Result<Model> {
-        match self {
-            Source::Dir(dir) => Model::load_as(dir, format, &Device::Cpu, progress),
-            Source::Gguf(path) => Model::load_gguf(path, format.dtype, &Device::Cpu, progress),
-            Source::Random(config) => {
-                let w = weights::random::tensors_with(
-                    config,
-                    format.dtype,
-                    &Device::Cpu,
-                    progress,
-                    &mut |n, t| format.convert(n, t),
-                )?;
-                Model::from_weights(config.clone(), w, format.dtype, &Device::Cpu)
-            }
-        }
-    }
-}
-
 impl ModelArgs {
     /// Resolves `--model` (through the Hub cache) or `--random-weights`.
     pub fn source(&self) -> anyhow::Result<Source> {
         Ok(match &self.random_weights {
-            Some(preset) => Source::Random(weights::random::preset(preset)?),
-            None if is_gguf(&self.model) => Source::Gguf(PathBuf::from(&self.model)),
-            None => Source::Dir(hub::resolve(
-                &self.model,
-                &self.revision,
-                &HubCache::from_env(),
-                Network::from_env(),
-            )?),
+            Some(preset) => Source::random(preset)?,
+            None => Source::resolve(&self.model, &self.revision)?,
         })
     }
 
@@ -236,18 +150,13 @@ impl ModelArgs {
         }
         let dir = match source {
             Source::Dir(dir) => Some(dir),
-            Source::Gguf(_) | Source::Random(_) => None,
+            Source::Gguf(_) | Source::Random { .. } => None,
         };
         let loaded = Loaded { model, dir };
         bar.finish_and_clear();
         status(&format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
         Ok(loaded)
     }
-}
-
-/// Whether `--model` names a GGUF file (`*.gguf` that exists).
-fn is_gguf(model: &str) -> bool {
-    model.ends_with(".gguf") && std::path::Path::new(model).is_file()
 }
 
 /// A progress bar over tensors (drawn only when stderr is a terminal).

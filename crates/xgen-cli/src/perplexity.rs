@@ -8,7 +8,7 @@ use xgen_tokenizer::Tokenizer;
 
 use crate::{
     exit::bad_input,
-    model_args::{Dtype, ModelArgs},
+    model_args::{dtype_parser, Dtype, ModelArgs},
     text_input::read_text,
 };
 
@@ -32,7 +32,7 @@ pub struct PerplexityArgs {
     pub stride: Option<usize>,
     /// Also compare with the same model loaded in this dtype (e.g. f32 or bf16 for a quantized
     /// model): mean KL divergence and top-1 agreement of the next-token distributions.
-    #[arg(long, value_enum, value_name = "DTYPE")]
+    #[arg(long, value_parser = dtype_parser(), value_name = "DTYPE")]
     pub kl_reference: Option<Dtype>,
     /// Print one JSON object: {"tokens", "mean_nll", "perplexity", ...}.
     #[arg(long)]

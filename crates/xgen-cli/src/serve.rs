@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 
 use clap::Args;
-use xgen_generate::GenerationConfig;
 use xgen_server::{EngineOptions, PrefixCache, ServeOptions, Ui};
 
 use crate::{
@@ -136,16 +135,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if context == 0 || context > config.max_position_embeddings {
         return Err(bad_input(format!("--ctx {context} must be in 1..={}", config.max_position_embeddings)));
     }
-    let defaults = match &source {
-        Source::Dir(dir) => GenerationConfig::for_model_dir(dir, &config)?,
-        Source::Gguf(_) | Source::Random(_) => GenerationConfig::defaults_for(&config),
-    };
+    let defaults = source.generation_config(&config)?;
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .map_err(|e| bad_input(format!("--host {} --port {}: {e}", args.host, args.port)))?;
     let model_name = match &source {
         Source::Dir(_) | Source::Gguf(_) => args.model.model.clone(),
-        Source::Random(_) => format!("random-{}", args.model.random_weights.as_deref().unwrap_or_default()),
+        Source::Random { preset, .. } => format!("random-{preset}"),
     };
     let options = ServeOptions {
         model_name,

@@ -75,15 +75,19 @@ impl GenerationConfig {
 
     /// The defaults of `dir/generation_config.json` when it exists, else [`Self::defaults_for`].
     pub fn for_model_dir(dir: &Path, model: &Config) -> Result<Self> {
+        Self::from_json(&Self::read_json(dir)?, model)
+    }
+
+    /// The JSON of `dir/generation_config.json`, or `{}` when there is none: what
+    /// transformers' `generate(**kwargs)` overrides key by key.
+    pub fn read_json(dir: &Path) -> Result<Value> {
         let path = dir.join("generation_config.json");
         if !path.is_file() {
-            return Ok(Self::defaults_for(model));
+            return Ok(Value::Object(Default::default()));
         }
         let text = std::fs::read_to_string(&path)
             .map_err(|source| GenerateError::Io { path: path.clone(), source })?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|source| GenerateError::Json { path, source })?;
-        Self::from_json(&value, model)
+        serde_json::from_str(&text).map_err(|source| GenerateError::Json { path, source })
     }
 
     /// Reads the keys transformers' `GenerationConfig` defines; absent keys keep the defaults.

@@ -28,8 +28,13 @@ pub enum GenerateError {
     #[error("generation setting `{field}`: {message}")]
     Setting { field: String, message: String },
 
+    /// The model is neither a local path nor complete in the Hub cache (and cannot be downloaded).
     #[error("{0}")]
-    Hub(String),
+    NotFound(String),
+
+    /// The caller asked the work to stop (its cancel flag was set).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 pub type Result<T, E = GenerateError> = std::result::Result<T, E>;

@@ -2,8 +2,10 @@
 //! penalties, stops, streaming text and log-probabilities. Several prompts run as one left-padded
 //! batch, as transformers batches them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rand::Rng;
-use xgen_model::{Model, Tensor};
+use xgen_model::{KvCache, Model, Tensor};
 use xgen_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::{
@@ -212,11 +214,43 @@ pub struct Generator<'a> {
     pub(crate) tokenizer: &'a Tokenizer,
     /// The vocabulary for constraints, built when a config first asks for a format.
     grammars: std::sync::OnceLock<Grammars>,
+    /// Set by the caller (from another thread) to stop; checked between prompt chunks and tokens.
+    cancel: Option<&'a AtomicBool>,
 }
 
 impl<'a> Generator<'a> {
     pub fn new(model: &'a Model, tokenizer: &'a Tokenizer) -> Self {
-        Self { model, tokenizer, grammars: std::sync::OnceLock::new() }
+        Self { model, tokenizer, grammars: std::sync::OnceLock::new(), cancel: None }
+    }
+
+    /// Stops with [`GenerateError::Cancelled`] once `flag` is set (between prompt chunks and
+    /// between tokens): how a caller on another thread interrupts a long call.
+    pub fn cancellable(mut self, flag: &'a AtomicBool) -> Self {
+        self.cancel = Some(flag);
+        self
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        match self.cancel {
+            Some(flag) if flag.load(Ordering::Relaxed) => Err(GenerateError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads `input` `[b, t]` into `cache` in steps of the model's prefill chunk, checking for
+    /// cancellation between steps; returns the f32 logits of the last position, `[b, v]`.
+    fn prefill(&self, input: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let model = self.model;
+        let t = input.dim(1)?;
+        cache.check_room(t)?;
+        let step = model.prefill_chunk();
+        let mut last = None;
+        for start in (0..t).step_by(step) {
+            self.check_cancel()?;
+            last = Some(model.forward_hidden(&input.narrow(1, start, step.min(t - start))?, cache)?);
+        }
+        let hidden = last.ok_or(GenerateError::EmptyPrompt)?; // [b, chunk, d]
+        Ok(model.logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?)?)
     }
 
     /// A sequence for `prompt`, constrained when `config` names a format.
@@ -289,8 +323,9 @@ impl<'a> Generator<'a> {
         let mut cache = model.new_cache(prompts.len(), width + steps)?;
         cache.set_padding(padding)?;
         let input = Tensor::from_vec(input, (prompts.len(), width), model.device())?;
-        let mut logits = model.forward_last(&input, &mut cache)?; // [b, v]
+        let mut logits = self.prefill(&input, &mut cache)?; // [b, v]
         loop {
+            self.check_cancel()?;
             let all: Vec<Vec<f32>> = logits.to_vec2()?;
             let mut next = vec![config.pad_token_id; rows.len()];
             for (i, (row, raw)) in rows.iter_mut().zip(all).enumerate() {

@@ -85,7 +85,7 @@ pub fn resolve(spec: &str, revision: &str, cache: &HubCache, network: Network) -
         return Ok(path.to_path_buf());
     }
     if !is_repo_id(spec) {
-        return Err(GenerateError::Hub(format!(
+        return Err(GenerateError::NotFound(format!(
             "--model {spec}: no such directory, and not a Hub id of the form org/name"
         )));
     }
@@ -163,7 +163,7 @@ fn missing_error(
     why: &str,
 ) -> GenerateError {
     let list: String = missing.iter().map(|f| format!("\n  {f}")).collect();
-    GenerateError::Hub(format!(
+    GenerateError::NotFound(format!(
         "model {repo} (revision {revision}) is not complete in the Hugging Face cache {} and cannot be downloaded ({why}).\n\
          Missing files:{list}\n\
          Get them with `huggingface-cli download {repo}` (or `hf download {repo}`) where the Hub is reachable, \

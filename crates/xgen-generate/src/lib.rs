@@ -14,6 +14,7 @@ pub mod hub;
 pub mod penalties;
 pub mod sampler;
 pub mod session;
+pub mod source;
 pub mod stop;
 
 pub use config::{GenerationConfig, SpecialText, Truncation};
@@ -23,4 +24,5 @@ pub use generator::{forward_beside_masks, Generator, Output, Sequence, Step, Ste
 pub use penalties::Penalties;
 pub use sampler::{SampleParams, Sampling};
 pub use session::Session;
+pub use source::{Dtype, Source};
 pub use stop::FinishReason;

@@ -48,6 +48,9 @@ pub enum ModelError {
     #[error("token id {id} is outside the model's vocabulary of {vocab_size}")]
     TokenOutOfRange { id: u32, vocab_size: usize },
 
+    #[error("cancelled")]
+    Cancelled,
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -2,6 +2,8 @@
 //! perplexity (transformers' causal-LM loss with `labels = input_ids`), with a strided sliding
 //! window for sequences longer than the context.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Tensor, D};
 
 use crate::{
@@ -39,8 +41,17 @@ pub struct Perplexity {
 /// `window.stride` tokens and each scores the tokens that no earlier window scored, so every token
 /// keeps at least `size - stride` tokens of context.
 pub fn score(model: &Model, ids: &[u32], window: Window) -> Result<Perplexity> {
+    score_until(model, ids, window, &AtomicBool::new(false))
+}
+
+/// [`score`], stopping with [`ModelError::Cancelled`] once `cancel` is set (checked between
+/// forward steps): how a caller on another thread interrupts a long sequence.
+pub fn score_until(model: &Model, ids: &[u32], window: Window, cancel: &AtomicBool) -> Result<Perplexity> {
     let mut logprobs = Vec::with_capacity(ids.len().saturating_sub(1));
     let windows = for_each_scored_chunk(&[model], ids, window, &mut |logits, targets| {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ModelError::Cancelled);
+        }
         let targets = Tensor::new(targets, model.device())?.unsqueeze(1)?; // [r, 1]
         let lp = candle_nn::ops::log_softmax(&logits[0], D::Minus1)?.gather(&targets, 1)?; // [r, 1]
         logprobs.extend(lp.squeeze(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?);

@@ -75,20 +75,38 @@ impl Tokenizer {
 
     /// Encodes `text` with the given treatment of special strings.
     pub fn encode_with(&self, text: &str, specials: Specials) -> Vec<TokenId> {
-        let mut out = Vec::with_capacity(text.len() / 3 + 1);
         match specials {
-            Specials::AsText => self.encode_ordinary_into(text, &mut out),
-            Specials::Recognize => {
-                let mut start = 0;
-                while let Some((s, e, id)) = self.find_special(text, start) {
-                    self.encode_ordinary_into(&text[start..s], &mut out);
-                    out.push(id);
-                    start = e;
-                }
-                self.encode_ordinary_into(&text[start..], &mut out);
+            Specials::Recognize => self.encode_allowing(text, &|_| true),
+            Specials::AsText => {
+                let mut out = Vec::with_capacity(text.len() / 3 + 1);
+                self.encode_ordinary_into(text, &mut out);
+                out
             }
         }
+    }
+
+    /// Encodes `text`, recognising the special strings whose id `allowed` accepts; the others are
+    /// ordinary text (tiktoken's `encode(text, allowed_special=...)` with nothing disallowed).
+    pub fn encode_allowing(&self, text: &str, allowed: &dyn Fn(TokenId) -> bool) -> Vec<TokenId> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        let mut start = 0;
+        while let Some((s, e, id)) = self.find_special(text, start, allowed) {
+            self.encode_ordinary_into(&text[start..s], &mut out);
+            out.push(id);
+            start = e;
+        }
+        self.encode_ordinary_into(&text[start..], &mut out);
         out
+    }
+
+    /// The first special string in `text` whose id `which` accepts, and its id: how tiktoken's
+    /// `disallowed_special` check finds what to refuse.
+    pub fn find_special_where<'s>(
+        &self,
+        text: &'s str,
+        which: &dyn Fn(TokenId) -> bool,
+    ) -> Option<(&'s str, TokenId)> {
+        self.find_special(text, 0, which).map(|(s, e, id)| (&text[s..e], id))
     }
 
     /// Encodes every text in parallel on rayon's thread pool; results are in input order.
@@ -102,11 +120,17 @@ impl Tokenizer {
         }
     }
 
-    /// The leftmost special token at or after byte `from`: (start, end, id).
+    /// The leftmost special token at or after byte `from` whose id `accept` takes: (start, end, id).
     ///
     /// Every special has the form `<…>` with no `<` or `>` inside (checked by a test), so an
-    /// occurrence starting at a `<` can only end at the first `>` after it, with no `<` between.
-    fn find_special(&self, text: &str, from: usize) -> Option<(usize, usize, TokenId)> {
+    /// occurrence starting at a `<` can only end at the first `>` after it, with no `<` between;
+    /// two occurrences never overlap, so skipping a refused one loses nothing.
+    fn find_special(
+        &self,
+        text: &str,
+        from: usize,
+        accept: &dyn Fn(TokenId) -> bool,
+    ) -> Option<(usize, usize, TokenId)> {
         let bytes = text.as_bytes();
         let mut pos = from;
         while let Some(i) = memchr::memchr(b'<', &bytes[pos..]).map(|i| pos + i) {
@@ -115,7 +139,7 @@ impl Tokenizer {
                 pos = j;
                 continue;
             }
-            if let Some(&id) = self.vocab.specials.get(&text[i..=j]) {
+            if let Some(&id) = self.vocab.specials.get(&text[i..=j]).filter(|&&id| accept(id)) {
                 return Some((i, j + 1, id));
             }
             pos = j + 1;
@@ -154,6 +178,13 @@ impl Tokenizer {
     /// The id of a special token's text, e.g. `"<fim_prefix>"` -> 50295.
     pub fn special_token_id(&self, text: &str) -> Option<TokenId> {
         self.vocab.specials.get(text).copied()
+    }
+
+    /// The id of one whole token given by its bytes (a special token's text, or an ordinary
+    /// token's bytes), like tiktoken's `encode_single_token`; `None` when no token has them.
+    pub fn token_id(&self, bytes: &[u8]) -> Option<TokenId> {
+        let special = std::str::from_utf8(bytes).ok().and_then(|s| self.vocab.specials.get(s));
+        special.or_else(|| self.vocab.ranks.get(bytes)).copied()
     }
 
     /// The text of a special id, or `None` for ordinary or unknown ids.
@@ -211,6 +242,20 @@ mod tests {
         let ids = t.encode("<<mask_1><mask_0><sep>>");
         assert_eq!(ids.iter().filter(|&&id| t.is_special(id)).count(), 2);
         assert!(ids.contains(&51199) && ids.contains(&50317));
+    }
+
+    #[test]
+    fn token_id_finds_whole_tokens_by_their_bytes() {
+        let t = Tokenizer::xgen();
+        assert_eq!(t.token_id(b"<|endoftext|>"), Some(50256));
+        assert_eq!(t.token_id(b"<mask_1>"), Some(51199));
+        assert_eq!(t.token_id(b" world"), Some(995));
+        assert_eq!(t.token_id(&[b' '; 31]), Some(50257));
+        for id in 0..N_VOCAB {
+            assert_eq!(t.token_id(t.token_bytes(id).unwrap()), Some(id), "every token's bytes name it");
+        }
+        assert_eq!(t.token_id(b" world is"), None);
+        assert_eq!(t.token_id(b"<mask_0>"), None);
     }
 
     #[test]

@@ -53,6 +53,21 @@ proptest! {
     }
 
     #[test]
+    fn encode_allowing_equals_tiktoken_rs_with_allowed_special(s in text()) {
+        // tiktoken's `encode(text, allowed_special={...})`: only the listed specials are recognised.
+        let (t, r) = (&*TOKENIZER, &*REFERENCE);
+        let allowed: std::collections::HashSet<&str> = ["<sep>", "<mask_1>", "<|endoftext|>"].into();
+        let ids: Vec<TokenId> = allowed.iter().map(|s| t.special_token_id(s).unwrap()).collect();
+        let want = r.encode(&s, &allowed).unwrap().0;
+        prop_assert_eq!(t.encode_allowing(&s, &|id| ids.contains(&id)), want);
+        // The disallowed check finds the leftmost special that is not allowed: the first such id
+        // in the reference's all-specials encoding.
+        let refused = |id: TokenId| t.is_special(id) && !ids.contains(&id);
+        let first = r.encode_with_special_tokens(&s).into_iter().find(|&id| refused(id));
+        prop_assert_eq!(t.find_special_where(&s, &refused).map(|(_, id)| id), first);
+    }
+
+    #[test]
     fn round_trips_and_ordinary_never_yields_specials(s in text()) {
         let t = &*TOKENIZER;
         let ids = t.encode(&s);

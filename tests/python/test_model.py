@@ -1,0 +1,210 @@
+"""xgen.Model on the fixture models against transformers' outputs (expected.json,
+last_logits.f32): greedy ids, batched left-padded generation, NLL, logits; transformers'
+keyword semantics; errors; streaming, chat, Ctrl-C and the GIL."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import xgen
+
+from conftest import ROOT
+
+MODELS = os.path.join(ROOT, "tests", "fixtures", "models")
+
+
+def expected(name):
+    with open(os.path.join(MODELS, name, "expected.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module", params=["tiny-xgen-8k-bin", "tiny-xgen-8k-st"])
+def fixture(request):
+    name = request.param
+    return name, xgen.Model(os.path.join(MODELS, name), dtype="f32"), expected(name)["float32"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return xgen.Model(os.path.join(MODELS, "tiny-xgen-8k-bin"), dtype="f32")
+
+
+def test_greedy_ids_equal_transformers(fixture):
+    name, model, run = fixture
+    for p in run["prompts"]:
+        g = p["greedy"]
+        assert model.generate(p["ids"], max_length=g["max_length"]) == g["sequence"], (name, p["name"])
+        # max_new_tokens counts only new tokens; numpy in, numpy out with transformers' [1, n] shape
+        out = model.generate(input_ids=np.array([p["ids"]]), max_new_tokens=len(g["new_ids"]))
+        assert isinstance(out, np.ndarray) and out.tolist() == [g["sequence"]]
+
+
+def test_nll_and_perplexity_equal_transformers(fixture):
+    name, model, run = fixture
+    for p in run["prompts"]:
+        if p["mean_nll"] is None:
+            with pytest.raises(ValueError, match="at least 2 tokens"):
+                model.nll(p["ids"])
+            continue
+        nll = model.nll(p["ids"])
+        assert abs(nll - p["mean_nll"]) / p["mean_nll"] < 1e-4, (name, p["name"], nll)
+        assert abs(model.perplexity(p["ids"]) / np.exp(nll) - 1) < 1e-9
+
+
+def test_logits_equal_transformers(fixture):
+    name, model, run = fixture
+    vocab = model.config["vocab_size"]
+    path = os.path.join(MODELS, name, run["last_logits_file"])
+    want = np.fromfile(path, dtype="<f4").reshape(len(run["prompts"]), vocab)
+    for p, row in zip(run["prompts"], want):
+        if p["n_tokens"] > 300:
+            continue  # the 8000-token prompt: covered by greedy ids and NLL above
+        logits = model.logits(p["ids"])
+        assert logits.shape == (p["n_tokens"], vocab) and logits.dtype == np.float32
+        err = np.abs(logits[-1] - row).max() / np.abs(row).max()
+        assert err < 1e-4, (name, p["name"], err)
+        # every position's log-softmax at the next token: the reference's next-token log-probs
+        lp = logits[:-1] - np.log(np.exp(logits[:-1] - logits[:-1].max(1, keepdims=True)).sum(1, keepdims=True)) \
+            - logits[:-1].max(1, keepdims=True)
+        got = lp[np.arange(p["n_tokens"] - 1), p["ids"][1:]]
+        assert np.allclose(got, p["next_token_logprobs"], rtol=1e-4, atol=1e-3), (name, p["name"])
+
+
+def test_left_padded_batch_equals_transformers(model):
+    b = expected("tiny-xgen-8k-bin")["float32"]["batch"]
+    assert b["padding_side"] == "left"
+    out = model.generate(input_ids=np.array(b["input_ids"]), attention_mask=np.array(b["attention_mask"]),
+                         max_new_tokens=b["max_new_tokens"])
+    assert isinstance(out, np.ndarray) and out.tolist() == b["sequences"]
+    # Ragged lists: each row its own prompt, left-padded in the output.
+    rows = model.generate(b["prompts"], max_new_tokens=b["max_new_tokens"])
+    assert [r[len(r) - len(n):] for r, n in zip(rows, b["new_ids"])] == b["new_ids"]
+
+
+def test_text_in_text_out(model):
+    tok = model.tokenizer
+    p = next(p for p in expected("tiny-xgen-8k-bin")["float32"]["prompts"] if p["name"] == "code-line")
+    text = tok.decode(p["ids"])
+    assert tok.encode(text) == p["ids"]
+    new = p["greedy"]["new_ids"]
+    assert model.generate(text, max_length=p["greedy"]["max_length"]) == tok.decode(new)
+    assert model.generate([text, text], max_new_tokens=len(new)) == [tok.decode(new)] * 2
+    # the tokenizer's output goes straight in, as with transformers
+    inputs = tok(text, return_tensors="np")
+    assert model.generate(**inputs, max_new_tokens=len(new)).tolist() == [p["greedy"]["sequence"]]
+    # streaming gives the same text, in pieces
+    s = model.stream(text, max_new_tokens=len(new))
+    pieces = list(s)
+    assert "".join(pieces) == tok.decode(new) and len(pieces) > 1 and s.finish_reason == "length"
+
+
+def test_transformers_keyword_semantics(model):
+    ids = [464, 995, 318]
+    greedy = model.generate(ids, max_new_tokens=12)
+    # do_sample=False (XGen's default): greedy whatever the sampling keywords say
+    assert model.generate(ids, max_new_tokens=12, temperature=0.7, top_k=3) == greedy
+    # the default budget is generation_config's max_length 20, prompt included
+    assert len(model.generate(ids)) == 20
+    sampled = [model.generate(ids, max_new_tokens=12, do_sample=True, temperature=1.5, seed=s) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
+    assert model.generate(ids, max_new_tokens=12, do_sample=True, top_k=1, seed=5) == greedy
+    # a stop string ends the text before it
+    text = model.generate("The world is", max_new_tokens=12)
+    cut = text[: len(text) // 2 + 1].split()[-1]
+    assert model.generate("The world is", max_new_tokens=12, stop=cut) == text[: text.index(cut)]
+    # an eos id ends generation after it; finished rows are padded with pad_token_id
+    first_new = greedy[3]
+    assert model.generate(ids, max_new_tokens=12, eos_token_id=first_new) == ids + [first_new]
+    out = model.generate([ids, [464]], max_new_tokens=12, eos_token_id=first_new, pad_token_id=7)
+    assert len(out[0]) == len(out[1]) and out[0] == ids + [first_new] + [7] * (len(out[0]) - 4)
+    assert out[1][:3] == [7, 7, 464]  # the shorter prompt, left-padded
+
+
+def test_constrained_output(model):
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"],
+              "additionalProperties": False}
+    text = model.generate("The world is", max_new_tokens=40, json_schema=schema)
+    assert 0 <= json.loads(text)["n"] <= 99
+    assert model.generate("The world is", max_new_tokens=10, choice=["yes", "no"]) in ("yes", "no")
+
+
+def test_chat(model):
+    answer = model.chat([{"role": "user", "content": "Hello"}], max_new_tokens=16, seed=3)
+    assert isinstance(answer, str) and "###" not in answer and not answer.startswith("Assistant:")
+    s = model.chat([{"role": "user", "content": "Hello"}], max_new_tokens=16, seed=3, stream=True)
+    assert "".join(s).strip() == answer
+    with pytest.raises(ValueError, match="last message"):
+        model.chat([{"role": "assistant", "content": "Hi"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].role"):
+        model.chat([{"role": "robot", "content": "Hi"}])
+
+
+def test_errors_name_the_problem(model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        xgen.Model(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError):
+        xgen.Model(str(tmp_path))  # a directory without config.json
+    with pytest.raises(ValueError, match="unknown dtype"):
+        xgen.Model(os.path.join(MODELS, "tiny-xgen-8k-bin"), dtype="q3")
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate([464], do_sample=True, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate([464], do_sample=True, top_p=0.0)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        model.generate([51200])
+    with pytest.raises(ValueError, match="not a token id"):
+        model.generate([-3])
+    with pytest.raises(ValueError, match="max_length"):
+        model.generate(list(range(30)))  # 30 prompt tokens > max_length 20
+    with pytest.raises(ValueError, match="context"):
+        model.generate([464], max_new_tokens=9000)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate("")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temprature'"):
+        model.generate([464], temprature=0.5)
+    with pytest.raises(TypeError, match="max_new_tokens"):
+        model.generate([464], max_new_tokens="ten")
+    with pytest.raises(ValueError, match="json_schema"):
+        model.generate([464], json_schema="{not json")
+    with pytest.raises(ValueError, match="right"):
+        model.generate(input_ids=[[464, 995]], attention_mask=[[1, 0]])
+
+
+def test_ctrl_c_interrupts_a_long_call():
+    """SIGINT during a long generation raises KeyboardInterrupt at once (the call runs off the
+    Python thread and polls for signals)."""
+    script = (
+        "import os, signal, threading, time, xgen\n"
+        f"m = xgen.Model({os.path.join(MODELS, 'tiny-xgen-8k-bin')!r}, dtype='f32')\n"
+        "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "t = time.time()\n"
+        "try:\n"
+        "    m.generate([464], max_new_tokens=8000, eos_token_id=[])\n"
+        "    print('finished', time.time() - t)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', time.time() - t)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    word, seconds = out.stdout.split()
+    assert word == "interrupted" and float(seconds) < 3, out
+
+
+def test_the_gil_is_released_while_the_model_runs(model):
+    done = threading.Event()
+
+    def work():
+        model.generate([464], max_new_tokens=400, eos_token_id=[])
+        done.set()
+
+    thread = threading.Thread(target=work)
+    start = time.perf_counter()
+    thread.start()
+    ticks = 0
+    while not done.is_set():
+        ticks += 1  # Python keeps running beside the generation
+    thread.join()
+    assert time.perf_counter() - start > 0.05 and ticks > 10_000
