@@ -1,10 +1,12 @@
 """Type stubs of the native module `xgen._xgen` (re-exported by `xgen`)."""
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import Any, Literal, Optional, Union, overload
+from typing import Any, Literal, Optional, Union, final, overload
 
 import numpy as np
 import numpy.typing as npt
+
+__all__ = ["Tokenizer", "Model", "TextStream", "__version__"]
 
 __version__: str
 
@@ -12,6 +14,7 @@ _Ids = Union[Sequence[int], npt.NDArray[np.integer[Any]], Any]
 _Rows = Union[Sequence[Sequence[int]], npt.NDArray[np.integer[Any]], Any]
 _Specials = Union[Literal["all", "none"], Collection[str]]
 
+@final
 class Tokenizer:
     """The XGen-7B tokenizer: tiktoken's ``gpt2`` ranks, 38 whitespace-run tokens and 906
     special tokens (51200 ids), embedded; no files are read."""
@@ -81,7 +84,7 @@ class Tokenizer:
     @overload
     def __call__(
         self,
-        text: Sequence[str],
+        text: list[str],
         *,
         return_tensors: None = None,
         padding: Union[bool, str] = False,
@@ -106,8 +109,9 @@ class Tokenizer:
         """The id of each whole token (a special token's text, or a token's bytes or text);
         ``KeyError`` otherwise."""
     @overload
-    def convert_tokens_to_ids(self, tokens: Sequence[Union[str, bytes]]) -> list[int]: ...
+    def convert_tokens_to_ids(self, tokens: list[Union[str, bytes]]) -> list[int]: ...
 
+@final
 class TextStream(Iterator[str]):
     """The new text of a generation, piece by piece as it becomes final."""
 
@@ -120,18 +124,19 @@ class TextStream(Iterator[str]):
     def close(self) -> None:
         """Stops the generation."""
 
+@final
 class Model:
     """A loaded XGen model (or another LLaMA-architecture model)."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         model: str = "Salesforce/xgen-7b-8k-base",
         *,
         dtype: Literal["f32", "bf16", "f16", "q8_0", "q4_0", "q4_k"] = "bf16",
         threads: Optional[int] = None,
         revision: str = "main",
         random_weights: Optional[str] = None,
-    ) -> None:
+    ) -> Model:
         """Loads ``model``: a directory (config.json + weights), a ``.gguf`` file, or a Hugging
         Face Hub id resolved through the HF cache (``HF_HOME``/``HF_HUB_CACHE``; downloaded when
         missing unless ``HF_HUB_OFFLINE=1``). ``dtype`` is how float checkpoints are held

@@ -52,7 +52,8 @@ impl Model {
     /// Loads `model`: a directory (config.json + weights), a `.gguf` file, or a Hugging Face Hub
     /// id resolved through the HF cache (downloaded when missing unless `HF_HUB_OFFLINE=1`).
     #[new]
-    #[pyo3(signature = (model = DEFAULT_MODEL.to_string(), *, dtype = "bf16".to_string(), threads = None, revision = "main".to_string(), random_weights = None))]
+    #[pyo3(signature = (model = DEFAULT_MODEL.to_string(), *, dtype = "bf16".to_string(), threads = None, revision = "main".to_string(), random_weights = None),
+           text_signature = "(model='Salesforce/xgen-7b-8k-base', *, dtype='bf16', threads=None, revision='main', random_weights=None)")]
     fn new(
         py: Python<'_>,
         model: String,

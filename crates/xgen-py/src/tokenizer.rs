@@ -12,6 +12,19 @@ use xgen_tokenizer::{TokenId, Tokenizer as Core, EOS_TOKEN, EOS_TOKEN_ID, N_VOCA
 
 use crate::tensors::{self, TensorKind};
 
+/// `allowed_special` / `disallowed_special` as given: `"all"`, `"none"` or a collection of
+/// special-token strings (a set, list or tuple).
+#[derive(FromPyObject)]
+enum SpecialsArg<'py> {
+    Name(String),
+    Tokens(Bound<'py, PyAny>),
+}
+
+/// `"all"`: the default of both arguments (the reference tokenizer's call).
+fn all_specials<'py>() -> SpecialsArg<'py> {
+    SpecialsArg::Name("all".to_string())
+}
+
 /// Which special strings a call treats as special tokens: tiktoken's `"all"`, a set of them, or
 /// none (`"none"`, `()`, an empty set).
 enum SpecialSet {
@@ -27,19 +40,22 @@ impl SpecialSet {
         }
     }
 
-    /// `"all"`, `"none"` or a collection of special-token strings; `param` names the argument.
-    fn parse(core: &Core, value: &Bound<'_, PyAny>, param: &str) -> PyResult<Self> {
-        if let Ok(s) = value.cast::<PyString>() {
-            return match s.to_cow()?.as_ref() {
-                "all" => Ok(SpecialSet::All),
-                "none" => Ok(SpecialSet::Some(HashSet::new())),
-                other => Err(PyValueError::new_err(format!(
-                    "{param}: expected \"all\", \"none\" or a set of special tokens, got {other:?}"
-                ))),
-            };
-        }
+    /// The set `value` names; `param` names the argument in errors.
+    fn parse(core: &Core, value: &SpecialsArg<'_>, param: &str) -> PyResult<Self> {
+        let tokens = match value {
+            SpecialsArg::Name(name) => {
+                return match name.as_str() {
+                    "all" => Ok(SpecialSet::All),
+                    "none" => Ok(SpecialSet::Some(HashSet::new())),
+                    other => Err(PyValueError::new_err(format!(
+                        "{param}: expected \"all\", \"none\" or a set of special tokens, got {other:?}"
+                    ))),
+                }
+            }
+            SpecialsArg::Tokens(tokens) => tokens,
+        };
         let mut ids = HashSet::new();
-        for item in value.try_iter().map_err(|_| {
+        for item in tokens.try_iter().map_err(|_| {
             PyTypeError::new_err(format!("{param}: expected \"all\", \"none\" or a set of special tokens"))
         })? {
             let text: String = item?.extract()?;
@@ -87,10 +103,11 @@ impl Tokenizer {
         Ok(self.core.encode_allowing(text, &|id| allowed.contains(id)))
     }
 
+    /// The special sets of a call.
     fn specials(
         &self,
-        allowed: &Bound<'_, PyAny>,
-        disallowed: &Bound<'_, PyAny>,
+        allowed: &SpecialsArg<'_>,
+        disallowed: &SpecialsArg<'_>,
     ) -> PyResult<(SpecialSet, SpecialSet)> {
         Ok((
             SpecialSet::parse(&self.core, allowed, "allowed_special")?,
@@ -172,15 +189,16 @@ impl Tokenizer {
     /// turns every special-token string into its id; a set allows only those; `"none"` allows
     /// none. As in tiktoken, a special string that is not allowed raises `ValueError` unless
     /// `disallowed_special=()` (then it is encoded as ordinary text).
-    #[pyo3(signature = (text, *, allowed_special = None, disallowed_special = None))]
+    #[pyo3(signature = (text, *, allowed_special = all_specials(), disallowed_special = all_specials()),
+           text_signature = "(self, text, *, allowed_special='all', disallowed_special='all')")]
     fn encode(
         &self,
         py: Python<'_>,
         text: String,
-        allowed_special: Option<&Bound<'_, PyAny>>,
-        disallowed_special: Option<&Bound<'_, PyAny>>,
+        allowed_special: SpecialsArg<'_>,
+        disallowed_special: SpecialsArg<'_>,
     ) -> PyResult<Vec<TokenId>> {
-        let (allowed, disallowed) = self.specials_or_default(py, allowed_special, disallowed_special)?;
+        let (allowed, disallowed) = self.specials(&allowed_special, &disallowed_special)?;
         py.detach(|| self.encode_checked(&text, &allowed, &disallowed))
     }
 
@@ -190,16 +208,17 @@ impl Tokenizer {
     }
 
     /// [`encode`] of many texts, in parallel on all cores; results in input order.
-    #[pyo3(signature = (texts, *, allowed_special = None, disallowed_special = None))]
+    #[pyo3(signature = (texts, *, allowed_special = all_specials(), disallowed_special = all_specials()),
+           text_signature = "(self, texts, *, allowed_special='all', disallowed_special='all')")]
     fn encode_batch(
         &self,
         py: Python<'_>,
         texts: Vec<String>,
-        allowed_special: Option<&Bound<'_, PyAny>>,
-        disallowed_special: Option<&Bound<'_, PyAny>>,
+        allowed_special: SpecialsArg<'_>,
+        disallowed_special: SpecialsArg<'_>,
     ) -> PyResult<Vec<Vec<TokenId>>> {
         use rayon::prelude::*;
-        let (allowed, disallowed) = self.specials_or_default(py, allowed_special, disallowed_special)?;
+        let (allowed, disallowed) = self.specials(&allowed_special, &disallowed_special)?;
         py.detach(|| texts.par_iter().map(|t| self.encode_checked(t, &allowed, &disallowed)).collect())
     }
 
@@ -338,18 +357,5 @@ impl Tokenizer {
 
     fn __repr__(&self) -> String {
         format!("xgen.Tokenizer(vocab_size={N_VOCAB}, eos_token_id={EOS_TOKEN_ID})")
-    }
-}
-
-impl Tokenizer {
-    /// The special sets of a call, `"all"` / `"all"` when not given (the reference's call).
-    fn specials_or_default(
-        &self,
-        py: Python<'_>,
-        allowed: Option<&Bound<'_, PyAny>>,
-        disallowed: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<(SpecialSet, SpecialSet)> {
-        let all = PyString::new(py, "all").into_any();
-        self.specials(allowed.unwrap_or(&all), disallowed.unwrap_or(&all))
     }
 }
