@@ -154,7 +154,9 @@ class Model:
     @property
     def context_length(self) -> int: ...
     @property
-    def dtype(self) -> str: ...
+    def dtype(self) -> str:
+        """The weight format that runs (``"bf16"``, ``"q8_0"``, ...; a GGUF file's stored types,
+        ``"q4_k+q6_k"`` when mixed)."""
     @property
     def threads(self) -> int: ...
     def generate(

@@ -208,3 +208,17 @@ def test_the_gil_is_released_while_the_model_runs(model):
         ticks += 1  # Python keeps running beside the generation
     thread.join()
     assert time.perf_counter() - start > 0.05 and ticks > 10_000
+
+
+def test_a_gguf_file_runs_as_in_the_cli(tmp_path):
+    """`xgen quantize` output loads by path and generates the ids `xgen generate` prints."""
+    from conftest import XGEN
+    gguf = str(tmp_path / "tiny-q8_0.gguf")
+    subprocess.run([XGEN, "quantize", "--model", os.path.join(MODELS, "tiny-xgen-8k-bin"), "--type", "q8_0",
+                    "--out", gguf], check=True, capture_output=True)
+    ids = [464, 995, 318]
+    cli = subprocess.run([XGEN, "generate", "--model", gguf, "--prompt-ids", ",".join(map(str, ids)),
+                          "--max-new-tokens", "16", "--json"], check=True, capture_output=True, text=True)
+    model = xgen.Model(gguf, threads=1)
+    assert model.threads == 1 and model.dtype.startswith("q8_0")  # the file's stored format runs
+    assert model.generate(ids, max_new_tokens=16) == ids + json.loads(cli.stdout)["ids"]

@@ -14,7 +14,6 @@ pub struct Engine {
     pub pool: rayon::ThreadPool,
     /// generation_config.json (`{}` when the model has none).
     pub generation: serde_json::Value,
-    pub dtype: Dtype,
     /// Where the weights came from, for `repr`.
     pub name: String,
 }
@@ -42,7 +41,7 @@ impl Engine {
             .map_err(|e| GenerateError::Setting { field: "threads".into(), message: e.to_string() })?;
         let generation = source.generation_json()?;
         let model = pool.install(|| source.load(dtype.format(), &mut |_| {}))?;
-        Ok(Engine { model, tokenizer: Arc::new(Tokenizer::xgen()), pool, generation, dtype, name })
+        Ok(Engine { model, tokenizer: Arc::new(Tokenizer::xgen()), pool, generation, name })
     }
 
     /// The model's context length in tokens.

@@ -113,9 +113,11 @@ impl Model {
         self.engine.context()
     }
 
+    /// The weight format that runs: the linear layers' storage (`bf16`, `q8_0`, ... as loaded;
+    /// `q4_k+q6_k` for a mixed GGUF file).
     #[getter]
-    fn dtype(&self) -> &'static str {
-        self.engine.dtype.name()
+    fn dtype(&self) -> String {
+        self.engine.model.weight_format_name()
     }
 
     #[getter]
@@ -258,12 +260,7 @@ impl Model {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "xgen.Model({:?}, dtype={:?}, threads={})",
-            self.engine.name,
-            self.engine.dtype.name(),
-            self.threads()
-        )
+        format!("xgen.Model({:?}, dtype={:?}, threads={})", self.engine.name, self.dtype(), self.threads())
     }
 }
 
