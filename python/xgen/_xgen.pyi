@@ -143,7 +143,8 @@ class Model:
         (q8_0/q4_0/q4_k quantize on load; a GGUF file keeps its stored types). ``threads``:
         compute threads (default all cores). ``random_weights``: a preset shape (``"xgen-7b"``,
         ``"small"``, ``"tiny"``) instead of ``model``, for benchmarks. Missing files raise
-        ``FileNotFoundError``."""
+        ``FileNotFoundError``. Ctrl-C while loading raises ``KeyboardInterrupt`` at once (the
+        load already under way finishes in the background and is freed)."""
     @property
     def tokenizer(self) -> Tokenizer: ...
     @property

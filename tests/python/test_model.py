@@ -174,16 +174,26 @@ def test_errors_name_the_problem(model, tmp_path):
         model.generate(input_ids=[[464, 995]], attention_mask=[[1, 0]])
 
 
-def test_ctrl_c_interrupts_a_long_call():
-    """SIGINT during a long generation raises KeyboardInterrupt at once (the call runs off the
-    Python thread and polls for signals)."""
+CALLS = {
+    # a generation of 8000 tokens on the tiny model (tens of seconds)
+    "generate": f"m = xgen.Model({os.path.join(MODELS, 'tiny-xgen-8k-bin')!r}, dtype='f32')\n"
+                "go = lambda: m.generate([464], max_new_tokens=8000, eos_token_id=[])",
+    # loading random weights of the 8-layer 7B shape (about 10 s)
+    "load": "go = lambda: xgen.Model(random_weights='xgen-7b-8l', dtype='q4_0')",
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_ctrl_c_interrupts_a_long_call(call):
+    """SIGINT during a long call raises KeyboardInterrupt at once (the call runs off the Python
+    thread and polls for signals)."""
     script = (
         "import os, signal, threading, time, xgen\n"
-        f"m = xgen.Model({os.path.join(MODELS, 'tiny-xgen-8k-bin')!r}, dtype='f32')\n"
+        f"{CALLS[call]}\n"
         "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
         "t = time.time()\n"
         "try:\n"
-        "    m.generate([464], max_new_tokens=8000, eos_token_id=[])\n"
+        "    go()\n"
         "    print('finished', time.time() - t)\n"
         "except KeyboardInterrupt:\n"
         "    print('interrupted', time.time() - t)\n"

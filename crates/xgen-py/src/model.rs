@@ -66,15 +66,14 @@ impl Model {
         if threads == Some(0) {
             return Err(PyValueError::new_err("threads: must be at least 1"));
         }
-        let engine = py
-            .detach(|| {
-                let named = match &random_weights {
-                    Some(preset) => Named::Random(preset),
-                    None => Named::Model { model: &model, revision: &revision },
-                };
-                Engine::load(named, dtype, threads)
-            })
-            .map_err(generate_error)?;
+        let engine = worker::run_uncancellable(py, move || {
+            let named = match &random_weights {
+                Some(preset) => Named::Random(preset),
+                None => Named::Model { model: &model, revision: &revision },
+            };
+            Engine::load(named, dtype, threads)
+        })?
+        .map_err(generate_error)?;
         Ok(Model { engine: Arc::new(engine) })
     }
 

@@ -19,20 +19,41 @@ use crate::engine::Engine;
 /// How often a waiting call looks at Python's signals.
 const POLL: Duration = Duration::from_millis(50);
 
+/// Starts `job` on a new thread with a cancel flag and a sender for whatever it reports.
+fn spawn_thread<T: Send + 'static>(
+    job: impl FnOnce(&AtomicBool, &mpsc::Sender<T>) + Send + 'static,
+) -> PyResult<(Receiver<T>, Arc<AtomicBool>)> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let flag = Arc::clone(&cancel);
+    std::thread::Builder::new()
+        .name("xgen-worker".into())
+        .spawn(move || job(&flag, &tx))
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start a worker thread: {e}")))?;
+    Ok((rx, cancel))
+}
+
 /// Starts `job` on a new thread, inside `engine`'s thread pool; it gets the engine, a cancel flag
 /// and a sender for whatever it reports.
 pub fn spawn<T: Send + 'static>(
     engine: &Arc<Engine>,
     job: impl FnOnce(&Engine, &AtomicBool, &mpsc::Sender<T>) + Send + 'static,
 ) -> PyResult<(Receiver<T>, Arc<AtomicBool>)> {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel();
-    let (engine, flag) = (Arc::clone(engine), Arc::clone(&cancel));
-    std::thread::Builder::new()
-        .name("xgen-worker".into())
-        .spawn(move || engine.pool.install(|| job(&engine, &flag, &tx)))
-        .map_err(|e| PyRuntimeError::new_err(format!("cannot start a worker thread: {e}")))?;
-    Ok((rx, cancel))
+    let engine = Arc::clone(engine);
+    spawn_thread(move |flag, tx| engine.pool.install(|| job(&engine, flag, tx)))
+}
+
+/// Runs `job` (which cannot be cancelled: loading a model) on its own thread; Ctrl-C returns
+/// `KeyboardInterrupt` at once and the job's result is dropped when it ends.
+pub fn run_uncancellable<R: Send + 'static>(
+    py: Python<'_>,
+    job: impl FnOnce() -> R + Send + 'static,
+) -> PyResult<R> {
+    let (rx, cancel) = spawn_thread(move |_, tx| {
+        let _ = tx.send(job());
+    })?;
+    receive(py, &Mutex::new(rx), &cancel)?
+        .ok_or_else(|| PyRuntimeError::new_err("the xgen worker thread failed (panicked)"))
 }
 
 /// The next message from a worker, waiting with the GIL released; `None` when the worker ended
