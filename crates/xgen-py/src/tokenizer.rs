@@ -207,7 +207,7 @@ impl Tokenizer {
         py.detach(|| self.core.encode_ordinary(&text))
     }
 
-    /// [`encode`] of many texts, in parallel on all cores; results in input order.
+    /// `encode` of many texts, in parallel on all cores; results in input order.
     #[pyo3(signature = (texts, *, allowed_special = all_specials(), disallowed_special = all_specials()),
            text_signature = "(self, texts, *, allowed_special='all', disallowed_special='all')")]
     fn encode_batch(
@@ -234,7 +234,7 @@ impl Tokenizer {
         py.detach(|| self.core.decode(&ids)).map_err(|e| PyKeyError::new_err(e.to_string()))
     }
 
-    /// [`decode`] of many id lists, in parallel.
+    /// `decode` of many id lists, in parallel.
     #[pyo3(signature = (batch, skip_special_tokens = false))]
     fn decode_batch(
         &self,
