@@ -2,13 +2,15 @@
 //! the prefill chunk):
 //! - products with block-quantized weights: xgen's packed kernels against candle's `QMatMul` on
 //!   the same GGUF blocks;
+//! - products with bf16 weights and activations: `matvec::matmul_wt` (the `vdpbf16ps` or AMX tile
+//!   where the CPU has them) against candle's `matmul`;
 //! - attention of the chunk over an f16 cache of 4K and 8K positions: the fused kernel
 //!   (`kernels::prompt_attention`) against `attention::causal_attention` (the f32 path it replaced).
 //!
 //! Prints tera-operations per second (2 per multiply-add) and the ratio to the f32 FMA peak of the
 //! same threads, measured in the same run. Runs inside the rayon pool, as the engine does.
 //!
-//! `cargo bench -p xgen-model --bench prompt` (env: ROWS, FORMAT=q8_0|q4_0 for one format,
+//! `cargo bench -p xgen-model --bench prompt` (env: ROWS, FORMAT=q8_0|q4_0|bf16 for one format,
 //! FORMAT=attention for the attention alone, REFERENCE=off to skip candle's side)
 
 use std::{hint::black_box, time::Instant};
@@ -19,7 +21,7 @@ use candle_core::{
 };
 use xgen_model::{
     attention::causal_attention,
-    kernels::{peak, prompt_attention::prompt_attention},
+    kernels::{matvec::matmul_wt, peak, prompt_attention::prompt_attention},
     quant::{BlockFormat, PackedMatrix},
     DType, KvCache, KvType,
 };
@@ -40,6 +42,9 @@ fn run() {
     println!("f32 FMA peak of {} threads: {:.0} GFLOP/s", rayon::current_num_threads(), peak / 1e9);
     if only.as_deref().is_none_or(|f| f == "attention") {
         attention(rows, peak);
+    }
+    if only.as_deref().is_none_or(|f| f == "bf16") {
+        bf16(rows, peak, reference);
     }
     for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
         if only.as_deref().is_some_and(|f| f != format!("{format:?}").to_lowercase()) {
@@ -66,6 +71,26 @@ fn run() {
                 ours / theirs
             );
         }
+    }
+}
+
+/// bf16 weights `[n, k]` times `rows` bf16 activation rows, for each 7B shape.
+fn bf16(rows: usize, peak: f64, reference: bool) {
+    let dev = Device::Cpu;
+    for &(n, k, name) in &SHAPES {
+        let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let x = Tensor::randn(0f32, 1., (1, rows, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let ops = 2.0 * (n * k * rows) as f64;
+        let ours = ops / seconds(|| matmul_wt(&x, &w).unwrap().expect("applies"));
+        let theirs =
+            if reference { ops / seconds(|| x.broadcast_matmul(&w.t().unwrap()).unwrap()) } else { f64::NAN };
+        println!(
+            "bf16 {n}x{k} ({name}) rows {rows}: xgen {:.3} TOPS ({:.2}x f32 peak)   candle {:.3} TOPS   ratio {:.2}x",
+            ours / 1e12,
+            ours / peak,
+            theirs / 1e12,
+            ours / theirs
+        );
     }
 }
 
