@@ -237,20 +237,13 @@ impl<'a> Generator<'a> {
         }
     }
 
-    /// Reads `input` `[b, t]` into `cache` in steps of the model's prefill chunk, checking for
-    /// cancellation between steps; returns the f32 logits of the last position, `[b, v]`.
+    /// Reads `input` `[b, t]` into `cache` (stopping between steps once cancelled); the f32 logits
+    /// of the last position, `[b, v]`.
     fn prefill(&self, input: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let model = self.model;
-        let t = input.dim(1)?;
-        cache.check_room(t)?;
-        let step = model.prefill_chunk();
-        let mut last = None;
-        for start in (0..t).step_by(step) {
-            self.check_cancel()?;
-            last = Some(model.forward_hidden(&input.narrow(1, start, step.min(t - start))?, cache)?);
-        }
-        let hidden = last.ok_or(GenerateError::EmptyPrompt)?; // [b, chunk, d]
-        Ok(model.logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?)?)
+        Ok(match self.cancel {
+            Some(flag) => self.model.forward_last_until(input, cache, flag)?,
+            None => self.model.forward_last(input, cache)?,
+        })
     }
 
     /// A sequence for `prompt`, constrained when `config` names a format.

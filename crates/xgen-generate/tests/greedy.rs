@@ -226,3 +226,31 @@ fn a_session_reuses_the_conversation_and_equals_generation_without_it() {
     assert_eq!(session.reused(), 0);
     assert_eq!(turn3.ids, gen.generate(&other, &config, &mut rng(), &mut |_| {}).unwrap().ids);
 }
+
+#[test]
+fn a_cancelled_generator_stops_between_steps() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tokenizer = Tokenizer::xgen();
+    let (m, defaults) = load("tiny-xgen-8k-bin");
+    let config = GenerationConfig { max_new_tokens: Some(50), eos_token_ids: vec![], ..defaults };
+    let flag = AtomicBool::new(false);
+    let gen = Generator::new(&m, &tokenizer).cancellable(&flag);
+    // Not set: the whole budget.
+    assert_eq!(gen.generate(&[464], &config, &mut rng(), &mut |_| {}).unwrap().ids.len(), 50);
+    // Set before the prompt: the first prompt step refuses.
+    flag.store(true, Ordering::Relaxed);
+    let err = gen.generate(&[464], &config, &mut rng(), &mut |_| {}).unwrap_err();
+    assert!(matches!(err, GenerateError::Model(xgen_model::ModelError::Cancelled)), "{err}");
+    // Set by the 5th token's callback: no token after it.
+    flag.store(false, Ordering::Relaxed);
+    let mut seen = 0;
+    let err = gen
+        .generate(&[464], &config, &mut rng(), &mut |_| {
+            seen += 1;
+            if seen == 5 {
+                flag.store(true, Ordering::Relaxed);
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, GenerateError::Cancelled) && seen == 5, "{err} after {seen}");
+}

@@ -1,7 +1,14 @@
 //! The XGen / Llama decoder: embed → layers (attention, MLP, each pre-normed and residual) →
 //! norm → `lm_head`.
 
-use std::{collections::HashMap, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, RmsNorm};
@@ -449,11 +456,25 @@ impl Model {
     /// Runs `ids` `[b, t]` in steps of at most [`Model::prefill_chunk`] tokens and returns the f32
     /// logits of the last position, `[b, v]`.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.forward_last_until(ids, cache, &AtomicBool::new(false))
+    }
+
+    /// [`Model::forward_last`], stopping with [`ModelError::Cancelled`] once `cancel` is set
+    /// (checked before each step): how a caller on another thread interrupts a long prompt.
+    pub fn forward_last_until(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        cancel: &AtomicBool,
+    ) -> Result<Tensor> {
         let t = ids.dim(1)?;
         cache.check_room(t)?;
         let mut last = None;
         let step = self.prefill_chunk;
         for start in (0..t).step_by(step) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(ModelError::Cancelled);
+            }
             let chunk = ids.narrow(1, start, step.min(t - start))?;
             last = Some(self.forward_hidden(&chunk, cache)?);
         }
