@@ -1,7 +1,7 @@
 //! Prompt work of one chunk, XGen-7B shapes, same run, `ROWS` query/activation rows (default 256,
 //! the prefill chunk):
-//! - products with block-quantized weights: xgen's packed kernels against candle's `QMatMul` on
-//!   the same GGUF blocks;
+//! - products with block-quantized weights: xgen's packed kernels (AMX int8 tiles where the CPU has
+//!   them, else the VNNI tiles; the line names which) against candle's `QMatMul` on the same GGUF blocks;
 //! - products with bf16 weights and activations: `matvec::matmul_wt` (the `vdpbf16ps` or AMX tile
 //!   where the CPU has them) against candle's `matmul`;
 //! - attention of the chunk over an f16 cache of 4K and 8K positions: the fused kernel
@@ -22,7 +22,7 @@ use candle_core::{
 use xgen_model::{
     attention::causal_attention,
     kernels::{matvec::matmul_wt, peak, prompt_attention::prompt_attention},
-    quant::{BlockFormat, PackedMatrix},
+    quant::{self, BlockFormat, PackedMatrix},
     DType, KvCache, KvType,
 };
 
@@ -64,9 +64,10 @@ fn run() {
                 f64::NAN
             };
             println!(
-                "{format:?} {n}x{k} ({name}) rows {rows}: xgen {:.3} TOPS ({:.2}x f32 peak)   candle {:.3} TOPS   ratio {:.2}x",
+                "{format:?} {n}x{k} ({name}) rows {rows}: xgen {:.3} TOPS ({:.2}x f32 peak, {})   candle {:.3} TOPS   ratio {:.2}x",
                 ours / 1e12,
                 ours / peak,
+                quant::prompt_kernel(),
                 theirs / 1e12,
                 ours / theirs
             );

@@ -123,8 +123,7 @@ impl Linear {
         match &self.kind {
             Kind::Float(t) => matvec::prompt_kernel(t.dtype()),
             Kind::Quantized { .. } => "candle",
-            Kind::Packed(_) if crate::kernels::quant::has_fast_kernels() => "avx512-vnni",
-            Kind::Packed(_) => "portable",
+            Kind::Packed(_) => crate::kernels::quant::prompt_kernel(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! Prompt products with bf16 weights on Intel AMX tiles (`tdpbf16ps`), where the CPU and the OS
-//! offer them (Sapphire Rapids and later; Linux grants the tile state on request).
+//! offer them (Sapphire Rapids and later; Linux grants the tile state on request); also the
+//! detection and tile configuration that the int8 tiles of [`crate::kernels::quant`] share.
 //!
 //! `y = x · wᵀ` with the weight as the tiles' A operand, read in place (16 features × 32 values of
 //! `k` per tile, row-major as checkpoints store it), and the activations as B, packed once per call
@@ -21,12 +22,31 @@ pub(crate) const BLOCK: usize = 32;
 
 /// Whether AMX-BF16 runs here: the CPU has it and Linux grants this process the tile state.
 pub(crate) fn available() -> bool {
+    has(Unit::Bf16)
+}
+
+/// The AMX multiply units, by their CPUID.(EAX=7, ECX=0):EDX bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unit {
+    /// `tdpbf16ps` (bit 22).
+    Bf16,
+    /// `tdpbssd` and its sign variants (bit 25).
+    Int8,
+}
+
+/// Whether `unit` runs here: the CPU has it and the tiles (bit 24), and Linux grants this process
+/// the tile state.
+pub(crate) fn has(unit: Unit) -> bool {
     use std::arch::x86_64::{__cpuid, __cpuid_count};
     // Leaf 7 only where the CPU reports it (its highest leaf, from leaf 0).
     let leaf7 = (__cpuid(0).eax >= 7).then(|| __cpuid_count(7, 0));
     let Some(leaf7) = leaf7 else { return false };
-    let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
-    amx_bf16 && amx_tile && request_tile_state()
+    let bit = match unit {
+        Unit::Bf16 => 22,
+        Unit::Int8 => 25,
+    };
+    let (unit, tiles) = (leaf7.edx & (1 << bit) != 0, leaf7.edx & (1 << 24) != 0);
+    unit && tiles && request_tile_state()
 }
 
 #[cfg(target_os = "linux")]
@@ -52,7 +72,7 @@ pub(crate) fn matmul(w: &[u16], x: &[u16], rows: usize, k: usize, n: usize) -> V
     // Feature-major blocks: [n / 32][groups][32 features × 32 rows].
     let mut yt = vec![0f32; n * groups * BLOCK];
     yt.par_chunks_mut(4 * BLOCK * groups * BLOCK).enumerate().for_each(|(t, chunk)| {
-        let _tiles = TileConfig::load();
+        let _tiles = TileConfig::load(&[(16, 64); 8]);
         for (fb, out) in chunk.chunks_mut(groups * BLOCK * BLOCK).enumerate() {
             let f = (t * 4 + fb) * BLOCK;
             for (g, block) in out.chunks_mut(BLOCK * BLOCK).enumerate() {
@@ -89,9 +109,8 @@ fn pack_pairs(x: &[u16], rows: usize, k: usize, groups: usize) -> Vec<u16> {
     packed
 }
 
-/// The tile shapes of [`block_product`] loaded on this thread (8 tiles of 16 rows × 64 bytes),
-/// released on drop.
-struct TileConfig;
+/// Tile shapes loaded on this thread (`ldtilecfg`), released on drop (`tilerelease`).
+pub(crate) struct TileConfig;
 
 #[repr(C, align(64))]
 struct Palette {
@@ -103,11 +122,19 @@ struct Palette {
 }
 
 impl TileConfig {
-    fn load() -> Self {
+    /// `shapes[i]` = (rows, bytes per row) of tile `tmm{i}`; tiles past the list stay unused.
+    /// The caller checked [`has`] for the unit it will run.
+    pub(crate) fn load(shapes: &[(u8, u16)]) -> Self {
+        assert!(
+            shapes.len() <= 8 && shapes.iter().all(|&(r, c)| r <= 16 && c <= 64),
+            "AMX tiles: 8 of 16 × 64 B"
+        );
         let mut cfg = Palette { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
-        cfg.colsb[..8].fill(64);
-        cfg.rows[..8].fill(16);
-        // SAFETY: a valid palette-1 configuration; `available()` was checked by the caller.
+        for (i, &(rows, colsb)) in shapes.iter().enumerate() {
+            (cfg.rows[i], cfg.colsb[i]) = (rows, colsb);
+        }
+        // SAFETY: a valid palette-1 configuration (reserved bytes zero, shapes within limits);
+        // the tile state was granted by `has`.
         unsafe { asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack)) };
         TileConfig
     }

@@ -87,8 +87,6 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(y))
 }
 
-/// `[rows, n]` f32 for prompts with bf16 activations on AMX tiles ([`crate::kernels::amx`]), where the CPU
-/// has them and the shape is in whole blocks of 32; `None` otherwise.
 /// The kernel that multiplies prompts (several rows) by a `dtype` weight here: `amx-bf16`,
 /// `avx512`, or `candle` (the f32 gemm candle runs for other dtypes).
 pub fn prompt_kernel(dtype: DType) -> &'static str {
@@ -104,6 +102,8 @@ pub fn prompt_kernel(dtype: DType) -> &'static str {
     }
 }
 
+/// `[rows, n]` f32 for prompts with bf16 activations on AMX tiles ([`crate::kernels::amx`]), where the CPU
+/// has them and the shape is in whole blocks of 32; `None` otherwise.
 #[cfg(target_arch = "x86_64")]
 fn amx_product(w: &[u16], x: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Vec<f32>>> {
     use crate::kernels::amx;

@@ -4,7 +4,8 @@
 //! `causal_attention`). The model reads as the paper; these files read as the machine.
 //!
 //! - [`matvec`]: 16-bit float products (decode rows, AMX prompt tiles via `amx`).
-//! - [`quant`]: q8_0/q4_0 matrices in a VNNI layout and their products.
+//! - [`quant`]: q8_0/q4_0 matrices in a VNNI layout and their products (VNNI tiles; AMX int8
+//!   tiles for prompts where the CPU has them).
 //! - [`decode_attention`]: one query per sequence over the KV cache.
 //! - [`prompt_attention`]: a prompt chunk over the KV cache, flash-attention style.
 //! - [`paging`]: where a cached position lives (the block tables the attention kernels read).

@@ -2,7 +2,8 @@
 //! ([`work_split`]), activation rows taken in groups of [`GROUP`] per pass over a weight row (the
 //! row stays in L1 for the next group), long prompts in tiles of [`TILE`] rows so a tile's
 //! activations stay in L2. Each (weight row, row group) goes to the SIMD kernel when the CPU has
-//! one, else to [`dot_scalar`].
+//! one, else to [`dot_scalar`]. Prompts of 16 rows or more go to AMX tiles instead where the CPU
+//! has them ([`super::amx`]).
 
 use super::{
     layout::{signed_block, GROUP_BLOCKS},
@@ -10,6 +11,8 @@ use super::{
 };
 use crate::kernels::work_split;
 
+/// Activation rows from which prompts take AMX tiles where the CPU has them (one full tile).
+const AMX_ROWS: usize = 16;
 /// Activation rows per pass over a weight row (accumulators kept in registers).
 pub(crate) const GROUP: usize = 4;
 /// Activation rows per tile.
@@ -34,6 +37,10 @@ pub(super) fn matmul(w: &PackedMatrix, acts: &Activations) -> Vec<f32> {
 pub(super) fn matmul_many(ws: &[&PackedMatrix], acts: &Activations) -> Vec<Vec<f32>> {
     for w in ws {
         assert_eq!(acts.k, w.k, "activation width must equal the weight's");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if acts.rows >= AMX_ROWS && super::amx::fits(ws) && super::amx::available() {
+        return super::amx::matmul_many(ws, acts);
     }
     let rows = acts.rows;
     // Feature f of the concatenation is row f - starts[m] of matrix m.
@@ -91,7 +98,7 @@ pub(super) fn matmul_many(ws: &[&PackedMatrix], acts: &Activations) -> Vec<Vec<f
 
 /// A row-major `[rows, n]` output written column by column from several threads, each column by
 /// one of them.
-struct Columns {
+pub(super) struct Columns {
     ptr: *mut f32,
     len: usize,
     n: usize,
@@ -101,7 +108,7 @@ struct Columns {
 unsafe impl Sync for Columns {}
 
 impl Columns {
-    fn new(y: &mut [f32], n: usize) -> Self {
+    pub(super) fn new(y: &mut [f32], n: usize) -> Self {
         Self { ptr: y.as_mut_ptr(), len: y.len(), n }
     }
 
@@ -111,7 +118,7 @@ impl Columns {
     /// # Safety
     /// No other thread reads or writes columns `j0..` meanwhile, and the `Vec` behind `ptr`
     /// outlives the call.
-    unsafe fn write_columns(&self, j0: usize, row0: usize, columns: &[f32], rows: usize) {
+    pub(super) unsafe fn write_columns(&self, j0: usize, row0: usize, columns: &[f32], rows: usize) {
         let width = columns.len() / rows;
         assert!(j0 + width <= self.n && (row0 + rows) * self.n <= self.len, "columns within the output");
         for r in 0..rows {

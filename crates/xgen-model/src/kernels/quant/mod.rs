@@ -8,12 +8,15 @@
 //!
 //! Layout: per row, the quants in groups of 16 blocks interleaved so that one `vpdpbusd` sums 4
 //! products of each of 16 blocks (`layout.rs` has the details); scales `[n, k/32]` f16 bits apart.
+//! Prompts on AMX (`amx.rs`) unpack 16 rows at a time from the same layout: one copy of the weights.
 //!
 //! candle's quantized matmul (`QMatMul`) is the reference in tests. Ours exists because candle's
 //! x86 path keeps a repacked second copy of q8_0/q4_k weights next to the original and has no
 //! fast q4_0 path (see docs/performance.md).
 
 mod activations;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod kernel;
 mod layout;
 pub mod repack;
@@ -37,6 +40,20 @@ pub fn has_fast_kernels() -> bool {
     return x86::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// The kernel that multiplies prompts (16 rows or more, features in strips of 16) by packed
+/// weights here: `amx-int8`, `avx512-vnni` or `portable`.
+pub fn prompt_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if amx::available() {
+        return "amx-int8";
+    }
+    if has_fast_kernels() {
+        "avx512-vnni"
+    } else {
+        "portable"
+    }
 }
 
 /// The block formats with kernels here.
