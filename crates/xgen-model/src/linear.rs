@@ -52,7 +52,7 @@ impl Quant {
         match self {
             Quant::Q8_0 => Some(BlockFormat::Q8_0),
             Quant::Q4_0 => Some(BlockFormat::Q4_0),
-            Quant::Q4K => None,
+            Quant::Q4K => Some(BlockFormat::Q4K),
         }
     }
 
@@ -73,7 +73,7 @@ pub enum Weight {
     Float(Tensor),
     /// Blocks in candle's storage, multiplied by candle's kernels.
     Quantized(Arc<QTensor>),
-    /// q8_0/q4_0 in [`crate::kernels::quant`]'s layout (CPU).
+    /// q8_0/q4_0/q4_k in [`crate::kernels::quant`]'s layout (CPU).
     Packed(Arc<PackedMatrix>),
 }
 

@@ -1,8 +1,9 @@
 //! Reading GGUF (files xgen writes and llama.cpp's XGen conversions), memory-mapped: the
 //! configuration from the metadata, and each tensor checked against it, un-permuted (q/k) and
-//! turned into a model [`Weight`]: q8_0/q4_0 matrices into the packed CPU layout (where the CPU
-//! runs its kernels), q5_0/q4_1/q5_1/q2_k..q6_k converted to packed q8_0 ([`Repack`]), q4_k and
-//! the rest into candle's quantized storage, quantized embeddings dequantized, floats converted.
+//! turned into a model [`Weight`]: q8_0/q4_0/q4_k matrices into the packed CPU layout (where the
+//! CPU runs its kernels), q5_0/q4_1/q5_1/q2_k/q3_k/q5_k/q6_k converted to packed q8_0
+//! ([`Repack`]), the rest into candle's quantized storage, quantized embeddings dequantized,
+//! floats converted.
 
 use std::{
     collections::HashMap,

@@ -1,11 +1,12 @@
-//! Prompt products of q8_0/q4_0 weights on Intel AMX int8 tiles (`tdpbssd`), where the CPU and
+//! Prompt products of q8_0/q4_0/q4_k weights on Intel AMX int8 tiles (`tdpbssd`), where the CPU and
 //! the OS offer them ([`amx::has`]); elsewhere prompts run on the VNNI tiles of [`super::x86`].
 //!
 //! One `tdpbssd` multiplies a 16 × 32 tile of signed weights (16 features, one block of 32
 //! values) by an 8 × 64 tile of activations (the same block of 16 activation rows, 4 values of
 //! each row per tile row: AMX's pair-of-dwords operand layout) into 16 × 16 exact i32 sums. Each
 //! block has its own scales, so every block's sums are stored and added into 16 f32 registers as
-//! `sum · d_w · d_x` (llama.cpp's AMX kernels do the same; `../shared/docs/amx-prefill-facts.md`).
+//! `sum · d_w · d_x` (llama.cpp's AMX kernels do the same; `../shared/docs/amx-prefill-facts.md`);
+//! q4_k's minimums subtract `M·m · d_x·Σ x` with one more FMA.
 //! Two blocks per step keep two tile products in flight while the previous pair is scaled.
 //!
 //! - Weights: per strip of 16 features, the packed runs ([`super::layout`]) are unpacked once per
@@ -34,7 +35,7 @@ const B_TILE: usize = TILE * BLOCK;
 /// Strips of 16 features per chunk of work handed to a thread ([`work_split`]).
 const CHUNK_STRIPS: usize = 4;
 
-/// Whether prompts of q8_0/q4_0 weights run here: AMX-INT8 granted, and AVX-512 for the scaling.
+/// Whether prompts of packed weights run here: AMX-INT8 granted, and AVX-512 for the scaling.
 pub(super) fn available() -> bool {
     super::x86::available() && amx::has(Unit::Int8)
 }
@@ -60,6 +61,8 @@ struct TileActs {
     q: Vec<i8>,
     /// `[groups, nb, 16]`.
     d: Vec<f32>,
+    /// `[groups, nb, 16]`: `d · Σ q` per block (for q4_k's minimums).
+    dx_sums: Vec<f32>,
 }
 
 impl TileActs {
@@ -68,11 +71,17 @@ impl TileActs {
         let groups = acts.rows.div_ceil(TILE);
         let mut q = vec![0i8; groups * nb * B_TILE];
         let mut d = vec![0f32; groups * nb * TILE];
-        q.par_chunks_mut(nb * B_TILE).zip(d.par_chunks_mut(nb * TILE)).enumerate().for_each(|(g, (q, d))| {
+        let mut dx_sums = vec![0f32; groups * nb * TILE];
+        let parts = q
+            .par_chunks_mut(nb * B_TILE)
+            .zip(d.par_chunks_mut(nb * TILE).zip(dx_sums.par_chunks_mut(nb * TILE)));
+        parts.enumerate().for_each(|(g, (q, (d, dx_sums)))| {
             for n in 0..TILE.min(acts.rows - g * TILE) {
-                let (row, scales) = (acts.row_grouped(g * TILE + n), acts.row_d(g * TILE + n));
+                let r = g * TILE + n;
+                let (row, scales, sums) = (acts.row_grouped(r), acts.row_d(r), acts.row_sums(r));
                 for b in 0..real {
                     d[b * TILE + n] = scales[b];
+                    dx_sums[b * TILE + n] = sums[b] as f32 * scales[b];
                 }
                 // Group by group: run p's dword `lane` is values 4p..4p + 4 of block 16 g + lane.
                 for (gi, runs) in row.chunks(GROUP_BLOCKS * BLOCK).enumerate() {
@@ -86,7 +95,7 @@ impl TileActs {
                 }
             }
         });
-        Self { groups, nb, q, d }
+        Self { groups, nb, q, d, dx_sums }
     }
 
     /// The B tiles of row group `g` from block `b` on (each block's tile follows the previous).
@@ -96,6 +105,10 @@ impl TileActs {
 
     fn scales(&self, g: usize, b: usize) -> &[f32] {
         &self.d[(g * self.nb + b) * TILE..][..TILE]
+    }
+
+    fn dx_sums(&self, g: usize, b: usize) -> &[f32] {
+        &self.dx_sums[(g * self.nb + b) * TILE..][..TILE]
     }
 }
 
@@ -117,9 +130,10 @@ fn matmul_many_with<T: TileMul>(ws: &[&PackedMatrix], acts: &Activations) -> Vec
     let mut claimed = vec![(); strips];
     work_split::for_each_chunk(strips, CHUNK_STRIPS, &mut claimed, 1, |chunk, _| {
         let _config = T::configure();
-        // Per strip: signed quants [16, stride], scales [16, nb], results [16 features, rows].
+        // Per strip: signed quants [16, stride], scales and minimums [16, nb], results [16
+        // features, rows].
         let (stride, nb) = (padded_blocks(k) * BLOCK, padded_blocks(k));
-        let (mut strip, mut scales) = (vec![0i8; TILE * stride], vec![0f32; TILE * nb]);
+        let (mut strip, mut scales) = (vec![0i8; TILE * stride], Scales::new(TILE * nb));
         let mut block = vec![0f32; TILE * rows];
         for s in chunk {
             let f = s * TILE;
@@ -127,10 +141,11 @@ fn matmul_many_with<T: TileMul>(ws: &[&PackedMatrix], acts: &Activations) -> Vec
             let j = f - starts[m];
             // SAFETY: `available()` (AVX-512) was checked by the caller (or the test).
             unsafe { unpack_strip(ws[m], j, &mut strip, &mut scales) };
+            let mins = (ws[m].format == BlockFormat::Q4K).then_some(&scales.min[..]);
             for g in 0..tiles.groups {
                 let mut sums = Sums([[0f32; TILE]; TILE]);
                 // SAFETY: as above; the strip and the tiles hold `nb` blocks.
-                unsafe { strip_times_group::<T>(&strip, &scales, &tiles, g, &mut sums) };
+                unsafe { strip_times_group::<T>(&strip, (&scales.scale, mins), &tiles, g, &mut sums) };
                 for (fm, sums) in sums.0.iter().enumerate() {
                     let n = TILE.min(rows - g * TILE);
                     block[fm * rows + g * TILE..][..n].copy_from_slice(&sums[..n]);
@@ -141,6 +156,18 @@ fn matmul_many_with<T: TileMul>(ws: &[&PackedMatrix], acts: &Activations) -> Vec
         }
     });
     ys
+}
+
+/// A strip's per-block weight scales and minimums (`[16, nb]` each; minimums 0 but for q4_k).
+struct Scales {
+    scale: Vec<f32>,
+    min: Vec<f32>,
+}
+
+impl Scales {
+    fn new(len: usize) -> Self {
+        Self { scale: vec![0f32; len], min: vec![0f32; len] }
+    }
 }
 
 /// 16 × 16 values of a tile, aligned as `tilestored` prefers.
@@ -205,12 +232,12 @@ impl TileMul for Amx {
 /// `out[m][n]` = feature `m` of the strip times activation row `16 g + n`, over all blocks.
 ///
 /// # Safety
-/// AVX-512F and FMA; `strip` `[16, 32 · nb]`, `scales` `[16, nb]` with `nb` = `tiles.nb`;
-/// [`TileMul::configure`] ran on this thread.
+/// AVX-512F and FMA; `strip` `[16, 32 · nb]`, `scales` (and `mins` where the format has them)
+/// `[16, nb]` with `nb` = `tiles.nb`; [`TileMul::configure`] ran on this thread.
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn strip_times_group<T: TileMul>(
     strip: &[i8],
-    scales: &[f32],
+    (scales, mins): (&[f32], Option<&[f32]>),
     tiles: &TileActs,
     g: usize,
     out: &mut Sums<f32>,
@@ -218,6 +245,7 @@ unsafe fn strip_times_group<T: TileMul>(
     let nb = tiles.nb;
     let stride = nb * BLOCK;
     assert!(strip.len() >= TILE * stride && scales.len() >= TILE * nb, "a strip of 16 rows of nb blocks");
+    assert!(mins.is_none_or(|m| m.len() >= TILE * nb), "minimums as the scales");
     let mut acc = [_mm512_setzero_ps(); TILE];
     let mut c = [Sums([[0i32; TILE]; TILE]), Sums([[0i32; TILE]; TILE])];
     for b in (0..nb).step_by(2) {
@@ -233,10 +261,14 @@ unsafe fn strip_times_group<T: TileMul>(
         for (h, c) in c.iter().enumerate() {
             // SAFETY: 16 scales per (group, block); `c` rows are 16 i32.
             let d_x = unsafe { _mm512_loadu_ps(tiles.scales(g, b + h).as_ptr()) };
+            let dx_sums = unsafe { _mm512_loadu_ps(tiles.dx_sums(g, b + h).as_ptr()) };
             for (m, acc) in acc.iter_mut().enumerate() {
                 let scale = _mm512_mul_ps(_mm512_set1_ps(scales[m * nb + b + h]), d_x);
                 let sums = unsafe { _mm512_cvtepi32_ps(_mm512_load_si512(c.0[m].as_ptr().cast())) };
                 *acc = _mm512_fmadd_ps(sums, scale, *acc);
+                if let Some(mins) = mins {
+                    *acc = _mm512_fnmadd_ps(_mm512_set1_ps(mins[m * nb + b + h]), dx_sums, *acc);
+                }
             }
         }
     }
@@ -247,24 +279,31 @@ unsafe fn strip_times_group<T: TileMul>(
 }
 
 /// Features `j..j + 16` of `w` into `strip` as signed quants (block `b` of feature `m` at
-/// `m · stride + 32 b`, `stride` = `strip.len() / 16`) and their scales into `scales` `[16, nb]`
-/// (f32; `nb` = `scales.len() / 16`). Blocks past `w`'s are left as they are (zeros).
+/// `m · stride + 32 b`, `stride` = `strip.len() / 16`) and their scales and minimums into
+/// `scales` (`[16, nb]` f32 each). Blocks past `w`'s are left as they are (zeros).
 ///
 /// # Safety
 /// AVX-512F/BW/VL.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn unpack_strip(w: &PackedMatrix, j: usize, strip: &mut [i8], scales: &mut [f32]) {
-    let (stride, nb) = (strip.len() / TILE, scales.len() / TILE);
+unsafe fn unpack_strip(w: &PackedMatrix, j: usize, strip: &mut [i8], scales: &mut Scales) {
+    let (stride, nb) = (strip.len() / TILE, scales.scale.len() / TILE);
     let real = w.k / BLOCK;
     assert!(real <= nb && nb * BLOCK <= stride && j + TILE <= w.n, "strip within the matrix");
     for m in 0..TILE {
         let (qs, d) = (w.row_qs(j + m), w.row_d(j + m));
-        for (o, bits) in scales[m * nb..][..real].chunks_mut(16).zip(d.chunks(16)) {
-            let lanes = ((1u32 << bits.len()) - 1) as u16;
-            // SAFETY: `bits.len()` (≤ 16) values read and written.
-            unsafe {
-                let v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, bits.as_ptr().cast()));
-                _mm512_mask_storeu_ps(o.as_mut_ptr(), lanes, v);
+        let (scale, min) = (&mut scales.scale[m * nb..][..real], &mut scales.min[m * nb..][..real]);
+        if w.format == BlockFormat::Q4K {
+            for (b, (s, mn)) in scale.iter_mut().zip(min).enumerate() {
+                (*s, *mn) = w.block_scale(j + m, b);
+            }
+        } else {
+            for (o, bits) in scale.chunks_mut(16).zip(d.chunks(16)) {
+                let lanes = ((1u32 << bits.len()) - 1) as u16;
+                // SAFETY: `bits.len()` (≤ 16) values read and written.
+                unsafe {
+                    let v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, bits.as_ptr().cast()));
+                    _mm512_mask_storeu_ps(o.as_mut_ptr(), lanes, v);
+                }
             }
         }
         for g in 0..real.div_ceil(GROUP_BLOCKS) {
@@ -299,12 +338,15 @@ unsafe fn unpack_group(format: BlockFormat, qs: &[u8], nb: usize, g: usize, out:
                 *r = _mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN));
             }
         }
-        BlockFormat::Q4_0 => {
-            let (nibble, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
+        BlockFormat::Q4_0 | BlockFormat::Q4K => {
+            // q4_0's nibbles are offset by 8; q4_k's are not (its minimum is apart).
+            let offset = _mm512_set1_epi8(if format == BlockFormat::Q4_0 { 8 } else { 0 });
+            let nibble = _mm512_set1_epi8(0x0F);
             for v in 0..4 {
                 let x = unsafe { _mm512_maskz_loadu_epi8(bytes, qs.as_ptr().add(start + run * v).cast()) };
-                runs[2 * v] = _mm512_sub_epi8(_mm512_and_si512(x, nibble), eight);
-                runs[2 * v + 1] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(x), nibble), eight);
+                runs[2 * v] = _mm512_sub_epi8(_mm512_and_si512(x, nibble), offset);
+                runs[2 * v + 1] =
+                    _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(x), nibble), offset);
             }
         }
     }

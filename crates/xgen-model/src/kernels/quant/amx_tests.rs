@@ -59,31 +59,43 @@ fn matrix(format: BlockFormat, n: usize, k: usize, seed: u64) -> PackedMatrix {
 }
 
 /// Block counts: one short group (3), a full group and a one-block group (17), full groups (32),
-/// 21 full groups and a half one (344, the 7B's down projection).
-const WIDTHS: [usize; 4] = [96, 544, 1024, 11008];
+/// 21 full groups and a half one (344, the 7B's down projection); q4_k takes the multiples of 256
+/// (with one more: a group and a half, 24).
+const WIDTHS: [usize; 5] = [96, 544, 768, 1024, 11008];
+
+const FORMATS: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K];
+
+fn holds(format: BlockFormat, k: usize) -> bool {
+    k.is_multiple_of(format.ggml_block_values())
+}
 
 #[test]
 fn unpacked_strips_are_the_blocks_in_order() {
     if !simd() {
         return;
     }
-    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
-        for k in WIDTHS {
+    for format in FORMATS {
+        for k in WIDTHS.into_iter().filter(|&k| holds(format, k)) {
             let (w, nb) = (matrix(format, 32, k, 3), padded_blocks(k));
-            let (mut strip, mut scales) = (vec![0i8; TILE * nb * BLOCK], vec![0f32; TILE * nb]);
+            let (mut strip, mut scales) = (vec![0i8; TILE * nb * BLOCK], Scales::new(TILE * nb));
             // SAFETY: AVX-512 (checked above).
             unsafe { unpack_strip(&w, 16, &mut strip, &mut scales) };
             for m in 0..TILE {
-                let (qs, d) = (w.row_qs(16 + m), w.row_d(16 + m));
+                let qs = w.row_qs(16 + m);
                 for b in 0..nb {
                     let got = &strip[m * nb * BLOCK + b * BLOCK..][..BLOCK];
                     let (want, scale) = if b < k / BLOCK {
-                        (signed_block(format, qs, k / BLOCK, b), half::f16::from_bits(d[b]).to_f32())
+                        (signed_block(format, qs, k / BLOCK, b), w.block_scale(16 + m, b))
                     } else {
-                        ([0; BLOCK], 0.0)
+                        ([0; BLOCK], (0.0, 0.0))
                     };
                     assert_eq!(got, want, "{format:?} k {k} feature {m} block {b}");
-                    assert_eq!(scales[m * nb + b], scale, "{format:?} k {k} feature {m} block {b}");
+                    let at = m * nb + b;
+                    assert_eq!(
+                        (scales.scale[at], scales.min[at]),
+                        scale,
+                        "{format:?} k {k} feature {m} block {b}"
+                    );
                 }
             }
         }
@@ -105,6 +117,8 @@ fn tile_activations_hold_each_block() {
                 assert_eq!(got, want, "rows {rows} k {k} row {r} block {b}");
                 let scale = if real { acts.row_d(r)[b] } else { 0.0 };
                 assert_eq!(tiles.scales(r / TILE, b)[r % TILE], scale);
+                let sum = if real { acts.row_sums(r)[b] as f32 * scale } else { 0.0 };
+                assert_eq!(tiles.dx_sums(r / TILE, b)[r % TILE], sum);
             }
         }
     }
@@ -128,12 +142,19 @@ fn max_rel(want: &[f32], got: &[f32]) -> f32 {
 
 /// (rows, k, n): one tile of rows, row counts not a multiple of 16, every kind of last group,
 /// several matrices sharing the activations (q/k/v-style) in one pass.
-const SHAPES: [(usize, &[usize], usize); 5] =
-    [(16, &[16], 64), (37, &[48, 16], 544), (70, &[32], 96), (33, &[16, 32, 16], 1024), (20, &[16], 11008)];
+const SHAPES: [(usize, &[usize], usize); 7] = [
+    (16, &[16], 64),
+    (37, &[48, 16], 544),
+    (70, &[32], 96),
+    (33, &[16, 32, 16], 1024),
+    (20, &[16], 11008),
+    (16, &[16], 256),
+    (37, &[48, 16], 768),
+];
 
 fn check<T: TileMul>(label: &str) {
-    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
-        for (rows, ns, k) in SHAPES {
+    for format in FORMATS {
+        for (rows, ns, k) in SHAPES.into_iter().filter(|&(_, _, k)| holds(format, k)) {
             let ws: Vec<PackedMatrix> =
                 ns.iter().enumerate().map(|(i, &n)| matrix(format, n, k, 10 + i as u64)).collect();
             let refs: Vec<&PackedMatrix> = ws.iter().collect();

@@ -172,16 +172,18 @@ pub(crate) fn dot_scalar(
     blocks: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let (qs, wd, nb) = (w.row_qs(j), w.row_d(j), w.k / BLOCK);
-    let weights: Vec<(usize, [i8; BLOCK])> = blocks.map(|b| (b, signed_block(w.format, qs, nb, b))).collect();
+    let (qs, nb) = (w.row_qs(j), w.k / BLOCK);
+    let weights: Vec<(usize, [i8; BLOCK], (f32, f32))> =
+        blocks.map(|b| (b, signed_block(w.format, qs, nb, b), w.block_scale(j, b))).collect();
     for (i, o) in out.iter_mut().enumerate() {
-        let xd = acts.row_d(first + i);
+        let (xd, xsum) = (acts.row_d(first + i), acts.row_sums(first + i));
         *o += weights
             .iter()
-            .map(|&(b, wq)| {
+            .map(|&(b, wq, (scale, min))| {
                 let xq = acts.block_q(first + i, b);
                 let s: i32 = wq.iter().zip(&xq).map(|(&a, &c)| a as i32 * c as i32).sum();
-                half::f16::from_bits(wd[b]).to_f32() * xd[b] * s as f32
+                // `min` is 0 but for q4_k: `Σ (D·s · q - M·m) · x`.
+                scale * xd[b] * s as f32 - min * (xsum[b] as f32 * xd[b])
             })
             .sum::<f32>();
     }

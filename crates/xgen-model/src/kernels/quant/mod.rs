@@ -1,13 +1,17 @@
-//! Block-quantized weight matrices (q8_0, q4_0) held once, in a layout made for the CPU kernels of
-//! this module, and their product with activation rows.
+//! Block-quantized weight matrices (q8_0, q4_0, q4_k) held once, in a layout made for the CPU
+//! kernels of this module, and their product with activation rows.
 //!
 //! The numbers are GGUF's: a row of `k` weights is cut into blocks of 32, each with an f16 scale
 //! `d`; q8_0 stores `round(w / d)` as i8, q4_0 stores `round(w / d) + 8` as a nibble (0..=15).
-//! Activations are quantized to q8_0 per 32 values (as llama.cpp and candle do), so a block's
-//! contribution is `d_w · d_x · Σ w_q·x_q`, summed exactly in i32.
+//! q4_k groups 8 blocks under an f16 scale `D` and minimum scale `M` (256 values); each block has
+//! 6-bit integers `s`, `m` and nibbles `q`, so `w = D·s · q - M·m`.
+//! Activations are quantized to q8_0 per 32 values, so a block's contribution is
+//! `d_w · d_x · Σ w_q·x_q` (q4_k: `d_x · (D·s · Σ q·x_q - M·m · Σ x_q)`), summed exactly in i32.
+//! (llama.cpp and candle quantize activations for q4_k per 256 values instead (q8_K): finer here.)
 //!
 //! Layout: per row, the quants in groups of 16 blocks interleaved so that one `vpdpbusd` sums 4
-//! products of each of 16 blocks (`layout.rs` has the details); scales `[n, k/32]` f16 bits apart.
+//! products of each of 16 blocks (`layout.rs` has the details); scales `[n, k/32]` apart (f16
+//! bits; for q4_k `s | m << 8`, and `D`, `M` per 256 values in `[n, k/256, 2]`).
 //! Prompts on AMX (`amx.rs`) unpack 16 rows at a time from the same layout: one copy of the weights.
 //!
 //! candle's quantized matmul (`QMatMul`) is the reference in tests. Ours exists because candle's
@@ -61,26 +65,45 @@ pub fn prompt_kernel() -> &'static str {
 pub enum BlockFormat {
     Q8_0,
     Q4_0,
+    /// GGUF's q4_K: blocks of 32 nibbles with 6-bit scales and minimums, under an f16 scale and
+    /// minimum scale per 256 values (4.5 bits per weight in the file, 4.625 here).
+    Q4K,
 }
+
+/// Values under one q4_k super-block scale.
+pub(crate) const SUPER_BLOCK: usize = 256;
 
 impl BlockFormat {
     pub fn ggml(self) -> GgmlDType {
         match self {
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4K => GgmlDType::Q4K,
         }
     }
 
-    /// Bytes of one block in GGUF: f16 scale + quants.
-    pub fn ggml_block_bytes(self) -> usize {
-        2 + self.quant_bytes()
+    /// Values of one GGUF block.
+    pub fn ggml_block_values(self) -> usize {
+        match self {
+            Self::Q8_0 | Self::Q4_0 => BLOCK,
+            Self::Q4K => SUPER_BLOCK,
+        }
     }
 
-    /// Quant bytes of one block.
+    /// Bytes of one GGUF block: f16 scale + quants; q4_k: `D`, `M`, 12 bytes of 6-bit scales
+    /// and minimums, 128 bytes of nibbles.
+    pub fn ggml_block_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 | Self::Q4_0 => 2 + self.quant_bytes(),
+            Self::Q4K => 4 + 12 + SUPER_BLOCK / 2,
+        }
+    }
+
+    /// Packed quant bytes of one block of 32.
     fn quant_bytes(self) -> usize {
         match self {
             Self::Q8_0 => BLOCK,
-            Self::Q4_0 => BLOCK / 2,
+            Self::Q4_0 | Self::Q4K => BLOCK / 2,
         }
     }
 }
@@ -93,29 +116,41 @@ pub struct PackedMatrix {
     k: usize,
     /// `[n, k · quant_bytes / 32]`, layout in the module docs.
     qs: Vec<u8>,
-    /// f16 scale bits, `[n, k / 32]`.
+    /// Per block, `[n, k / 32]`: f16 scale bits; q4_k: its 6-bit scale `s | m << 8` (minimum).
     d: Vec<u16>,
+    /// q4_k only (else empty), `[n, k / 256, 2]`: f16 bits of `D` and `M`.
+    sd: Vec<u16>,
 }
 
 impl PackedMatrix {
     /// From GGUF block bytes of an `[n, k]` matrix (row-major blocks).
     pub fn from_ggml(format: BlockFormat, n: usize, k: usize, bytes: &[u8]) -> Result<Self> {
-        let (nb, bb) = (k / BLOCK, format.ggml_block_bytes());
-        if !k.is_multiple_of(BLOCK) || bytes.len() != n * nb * bb {
+        let (values, bb) = (format.ggml_block_values(), format.ggml_block_bytes());
+        let row = k / values * bb;
+        if !k.is_multiple_of(values) || bytes.len() != n * row {
             return Err(ModelError::Candle(candle_core::Error::Msg(format!(
-                "{format:?} [{n}, {k}] needs k divisible by {BLOCK} and {} bytes, got {}",
-                n * nb * bb,
+                "{format:?} [{n}, {k}] needs k divisible by {values} and {} bytes, got {}",
+                n * row,
                 bytes.len()
             ))));
         }
-        let row_qs = nb * format.quant_bytes();
+        let nb = k / BLOCK;
+        let (row_qs, row_sd) = (nb * format.quant_bytes(), layout::super_scales(format, nb));
         let mut qs = vec![0u8; n * row_qs];
         let mut d = vec![0u16; n * nb];
+        // One (possibly empty) slice of super-block scales per row: rows of at least one value,
+        // cut back to `row_sd` per row after.
+        let mut sd = vec![0u16; n * row_sd.max(1)];
         qs.par_chunks_mut(row_qs)
             .zip(d.par_chunks_mut(nb))
+            .zip(sd.par_chunks_mut(row_sd.max(1)))
             .enumerate()
-            .for_each(|(j, (q, d))| layout::pack_row(format, &bytes[j * nb * bb..(j + 1) * nb * bb], q, d));
-        Ok(Self { format, n, k, qs, d })
+            .for_each(|(j, ((q, d), sd))| {
+                layout::pack_row(format, &bytes[j * row..(j + 1) * row], q, d, &mut sd[..row_sd])
+            });
+        sd.truncate(n * row_sd);
+        sd.shrink_to_fit();
+        Ok(Self { format, n, k, qs, d, sd })
     }
 
     /// Quantizes `w` `[n, k]` (any float dtype) with candle's GGUF quantizer.
@@ -127,10 +162,10 @@ impl PackedMatrix {
 
     /// Back to GGUF block bytes (the inverse of [`PackedMatrix::from_ggml`]).
     pub fn to_ggml(&self) -> Vec<u8> {
-        let (nb, bb) = (self.k / BLOCK, self.format.ggml_block_bytes());
-        let mut out = vec![0u8; self.n * nb * bb];
-        for (j, row) in out.chunks_mut(nb * bb).enumerate() {
-            layout::unpack_row(self.format, self.row_qs(j), self.row_d(j), row);
+        let row = self.k / self.format.ggml_block_values() * self.format.ggml_block_bytes();
+        let mut out = vec![0u8; self.n * row];
+        for (j, row) in out.chunks_mut(row).enumerate() {
+            layout::unpack_row(self.format, self.row_qs(j), self.row_d(j), self.row_sd(j), row);
         }
         out
     }
@@ -145,7 +180,7 @@ impl PackedMatrix {
 
     /// Bytes held (and read per product).
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 2 * self.d.len()
+        self.qs.len() + 2 * (self.d.len() + self.sd.len())
     }
 
     /// `x` `[.., k]` (f32 or any float dtype, CPU) -> `[.., n]` f32.
@@ -187,13 +222,28 @@ impl PackedMatrix {
             .collect()
     }
 
-    /// Row `j` dequantized into `out` (`k` values): `d · q` per block, as GGUF's dequantizers.
+    /// Row `j` dequantized into `out` (`k` values): `d · q` per block (q4_k: `d · q - min`), as
+    /// GGUF's dequantizers.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
-        let (qs, d, nb) = (self.row_qs(j), self.row_d(j), self.k / BLOCK);
+        let (qs, nb) = (self.row_qs(j), self.k / BLOCK);
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
-            let scale = half::f16::from_bits(d[b]).to_f32();
+            let (scale, min) = self.block_scale(j, b);
             let q = layout::signed_block(self.format, qs, nb, b);
-            o.iter_mut().zip(q).for_each(|(o, q)| *o = q as f32 * scale);
+            o.iter_mut().zip(q).for_each(|(o, q)| *o = scale * q as f32 - min);
+        }
+    }
+
+    /// Block `b` of row `j`'s scale and minimum in f32 (the minimum is 0 but for q4_k), computed
+    /// as GGUF's dequantizers do.
+    pub(crate) fn block_scale(&self, j: usize, b: usize) -> (f32, f32) {
+        let f16 = |bits: u16| half::f16::from_bits(bits).to_f32();
+        let d = self.row_d(j)[b];
+        match self.format {
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 => (f16(d), 0.0),
+            BlockFormat::Q4K => {
+                let sd = &self.row_sd(j)[2 * (b * BLOCK / SUPER_BLOCK)..];
+                (f16(sd[0]) * (d & 0xFF) as f32, f16(sd[1]) * (d >> 8) as f32)
+            }
         }
     }
 
@@ -210,6 +260,12 @@ impl PackedMatrix {
     fn row_d(&self, j: usize) -> &[u16] {
         let nb = self.k / BLOCK;
         &self.d[j * nb..(j + 1) * nb]
+    }
+
+    /// q4_k's `[k / 256, 2]` super-block scales of row `j` (empty for the other formats).
+    fn row_sd(&self, j: usize) -> &[u16] {
+        let len = layout::super_scales(self.format, self.k / BLOCK);
+        &self.sd[j * len..(j + 1) * len]
     }
 }
 

@@ -8,8 +8,8 @@
 //!   and quantized again to q8_0: near-exact, the added error at most half a q8_0 step
 //!   (`max |w| / 254` per block of 32), a fraction of the source format's own step.
 //!
-//! Memory: q8_0 holds 8.5 bits per weight, more than these formats (5-6.6); q4_k keeps candle's
-//! kernels, since doubling a Q4_K_M file's memory would slow its decode below llama.cpp's.
+//! Memory: q8_0 holds 8.5 bits per weight, more than these formats (5-6.6). q4_k has kernels of
+//! its own (4.625 bits per weight): a Q4_K_M file's q4_k tensors load as they are.
 
 use candle_core::{
     quantized::{ggml_file::qtensor_from_ggml, GgmlDType},
@@ -37,6 +37,7 @@ impl Repack {
         match t {
             GgmlDType::Q8_0 => Self::Direct(BlockFormat::Q8_0),
             GgmlDType::Q4_0 => Self::Direct(BlockFormat::Q4_0),
+            GgmlDType::Q4K => Self::Direct(BlockFormat::Q4K),
             GgmlDType::Q5_0 => Self::ExactQ8_0,
             GgmlDType::Q4_1
             | GgmlDType::Q5_1
@@ -130,6 +131,6 @@ mod tests {
                 assert!(err <= amax / 127.0 * 0.57, "{t:?} block {b}: {err} vs max {amax}");
             }
         }
-        assert_eq!(Repack::of(GgmlDType::Q4K), Repack::None);
+        assert_eq!(Repack::of(GgmlDType::Q4K), Repack::Direct(BlockFormat::Q4K));
     }
 }

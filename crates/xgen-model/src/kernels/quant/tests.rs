@@ -27,8 +27,11 @@ fn max_rel(a: &[f32], b: &[f32]) -> f32 {
 
 /// (rows, k, n): full groups of 16 blocks and every kind of short last group (k/32 = 2, 3, 4, 5,
 /// 6, 7, 32, 128, 344) and row counts across the tile sizes; prompts wider than one k slice of
-/// the driver (4096 values), with and without a short last group (k/32 = 149, 256).
-const SHAPES: [(usize, usize, usize); 13] = [
+/// the driver (4096 values), with and without a short last group (k/32 = 149, 256); for q4_k
+/// (whole super-blocks of 8 blocks) one group, a group and a half, and the wider shapes.
+const SHAPES: [(usize, usize, usize); 15] = [
+    (33, 512, 23),
+    (70, 768, 18),
     (1, 4096, 37),
     (33, 544, 23),
     (3, 96, 70),
@@ -70,35 +73,81 @@ fn equals_candle_quantized_matmul() {
     }
 }
 
+/// Every format with the shapes it can hold (q4_k: widths in whole 256-value super-blocks).
+fn cases() -> impl Iterator<Item = (BlockFormat, (usize, usize, usize))> {
+    [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K].into_iter().flat_map(|format| {
+        let values = format.ggml_block_values();
+        SHAPES
+            .into_iter()
+            .filter(move |&(_, k, _)| k.is_multiple_of(values))
+            .map(move |shape| (format, shape))
+    })
+}
+
+/// q4_k against its definition: candle's (GGUF's) dequantized weights times the activations as
+/// quantized here (candle's own q4_k product quantizes activations per 256 values instead).
+#[test]
+fn q4k_equals_dequantized_weights_times_quantized_activations() {
+    let mut shapes = 0;
+    for (format, (rows, k, n)) in cases().filter(|(f, _)| *f == BlockFormat::Q4K) {
+        let q = QTensor::quantize(&random(n, k, 1), format.ggml()).unwrap();
+        let w: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let packed = PackedMatrix::from_ggml(format, n, k, &q.data().unwrap()).unwrap();
+        let mut row = vec![0f32; k];
+        for j in 0..n {
+            packed.dequantize_row(j, &mut row);
+            assert_eq!(row, w[j * k..(j + 1) * k], "row {j} dequantizes as GGUF's q4_k");
+        }
+        let xs: Vec<f32> = random(rows, k, 2).flatten_all().unwrap().to_vec1().unwrap();
+        let acts = Activations::quantize(&xs, rows, k);
+        let x: Vec<f64> = (0..rows)
+            .flat_map(|r| (0..k / 32).flat_map(move |b| (0..32).map(move |i| (r, b, i))))
+            .map(|(r, b, i)| acts.block_q(r, b)[i] as f64 * acts.row_d(r)[b] as f64)
+            .collect();
+        let want: Vec<f32> = (0..rows * n)
+            .map(|o| {
+                let (r, j) = (o / n, o % n);
+                (0..k).map(|i| w[j * k + i] as f64 * x[r * k + i]).sum::<f64>() as f32
+            })
+            .collect();
+        let err = max_rel(&want, &packed.matmul(&acts));
+        assert!(err < 1e-5, "q4_k rows {rows} k {k} n {n}: {err}");
+        shapes += 1;
+    }
+    assert!(shapes >= 3, "q4_k shapes tested: {shapes}");
+}
+
 #[test]
 fn portable_kernel_equals_simd_kernel() {
-    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
-        for (rows, k, n) in SHAPES {
-            let w = PackedMatrix::quantize(&random(n, k, 3), format).unwrap();
-            let xs: Vec<f32> = random(rows, k, 4).flatten_all().unwrap().to_vec1().unwrap();
-            let acts = Activations::quantize(&xs, rows, k);
-            let fast = w.matmul(&acts);
-            let mut portable = vec![0f32; rows * n];
-            for j in 0..n {
-                for r in 0..rows {
-                    kernel::dot_scalar(&w, j, &acts, r, 0..k / 32, &mut portable[r * n + j..r * n + j + 1]);
-                }
+    for (format, (rows, k, n)) in cases() {
+        let w = PackedMatrix::quantize(&random(n, k, 3), format).unwrap();
+        let xs: Vec<f32> = random(rows, k, 4).flatten_all().unwrap().to_vec1().unwrap();
+        let acts = Activations::quantize(&xs, rows, k);
+        let fast = w.matmul(&acts);
+        let mut portable = vec![0f32; rows * n];
+        for j in 0..n {
+            for r in 0..rows {
+                kernel::dot_scalar(&w, j, &acts, r, 0..k / 32, &mut portable[r * n + j..r * n + j + 1]);
             }
-            let err = max_rel(&portable, &fast);
-            assert!(err < 1e-5, "{format:?} rows {rows} k {k} n {n}: {err}");
         }
+        let err = max_rel(&portable, &fast);
+        assert!(err < 1e-5, "{format:?} rows {rows} k {k} n {n}: {err}");
     }
 }
 
 #[test]
 fn ggml_bytes_round_trip_through_the_packed_layout() {
-    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
-        for (k, n) in [(96, 3), (64, 2), (4096, 2), (160, 2), (192, 3), (224, 2)] {
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K] {
+        let widths: [(usize, usize); 8] =
+            [(96, 3), (64, 2), (4096, 2), (160, 2), (192, 3), (224, 2), (256, 3), (768, 2)];
+        for (k, n) in widths.into_iter().filter(|(k, _)| k.is_multiple_of(format.ggml_block_values())) {
             let q = QTensor::quantize(&random(n, k, 5), format.ggml()).unwrap();
             let bytes = q.data().unwrap().into_owned();
             let packed = PackedMatrix::from_ggml(format, n, k, &bytes).unwrap();
             assert_eq!(packed.to_ggml(), bytes, "{format:?} [{n}, {k}]");
-            assert_eq!(packed.bytes(), bytes.len());
+            // q4_k holds its 6-bit scales and minimums as bytes: 16 in place of 12 per 256 values.
+            let unpacked_scales = if format == BlockFormat::Q4K { n * k / 256 * 4 } else { 0 };
+            assert_eq!(packed.bytes(), bytes.len() + unpacked_scales, "{format:?} [{n}, {k}]");
         }
     }
 }
@@ -113,13 +162,14 @@ fn rejects_bytes_that_do_not_fit_the_shape() {
 #[test]
 fn matrices_multiplied_together_equal_each_alone() {
     // Row counts that split 4-row tiles across matrices, one and several activation rows.
-    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K] {
+        let k = 96.max(format.ggml_block_values());
         let ws: Vec<PackedMatrix> = [37, 70, 5]
             .iter()
-            .map(|&n| PackedMatrix::quantize(&random(n, 96, n as u64), format).unwrap())
+            .map(|&n| PackedMatrix::quantize(&random(n, k, n as u64), format).unwrap())
             .collect();
         for rows in [1, 70] {
-            let x = random(rows, 96, 9).unsqueeze(0).unwrap();
+            let x = random(rows, k, 9).unsqueeze(0).unwrap();
             let together = PackedMatrix::forward_many(&ws.iter().collect::<Vec<_>>(), &x).unwrap();
             for (w, got) in ws.iter().zip(together) {
                 let want: Vec<f32> = w.forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();

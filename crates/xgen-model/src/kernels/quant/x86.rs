@@ -7,6 +7,8 @@
 //! weights' unsigned offset: 128 for q8_0, 8 for q4_0), so after the group's 8 runs it holds the
 //! block's exact integer dot product: one conversion and one FMA with `d_w · d_x` per 16 blocks,
 //! no shuffles. A q4_0 run is one load, then a mask (runs `2v`) or a shift and a mask (`2v + 1`).
+//! q4_k runs as q4_0 with no offset; its scales (`D·s`) come from the 6-bit integers per group and
+//! row, and its minimums take one more FMA per 16 blocks (`- M·m · d_x·Σ x`).
 //!
 //! Performance notes (`cargo bench -p xgen-model --bench quant`): the earlier layout (block pairs
 //! per register, scales spread by a permute per pair, q8_0's offset removed per weight vector) did
@@ -16,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{kernel::Tile, layout::GROUP_BLOCKS, Activations, PackedMatrix, BLOCK};
+use super::{kernel::Tile, layout::GROUP_BLOCKS, Activations, BlockFormat, PackedMatrix, BLOCK};
 
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -28,36 +30,48 @@ pub(super) fn available() -> bool {
 /// Bytes ahead of the current pair fetched into L1.
 const L1_AHEAD: usize = 256;
 
+/// [`rows`]' const format parameter (const generics take no enums on stable Rust).
+const Q8_0: u8 = 0;
+const Q4_0: u8 = 1;
+const Q4K: u8 = 2;
+
 /// One [`Tile`] (see its docs) on the SIMD kernels.
 pub(super) fn tile(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
     let Tile { j, wr, first, r, stride, groups } = t;
     macro_rules! go {
-        ($wr:literal, $q8:literal, $j:expr, $out:expr) => {
+        ($wr:literal, $f:expr, $j:expr, $out:expr) => {
             // SAFETY: `available()` was checked by the caller (kernel::pick); every pointer below
             // stays within the rows' quants and activations (shapes checked in kernel::matmul).
             unsafe {
                 match r {
-                    1 => rows::<$wr, 1, $q8>(w, $j, acts, first, $out, stride, groups),
-                    2 => rows::<$wr, 2, $q8>(w, $j, acts, first, $out, stride, groups),
-                    3 => rows::<$wr, 3, $q8>(w, $j, acts, first, $out, stride, groups),
-                    _ => rows::<$wr, 4, $q8>(w, $j, acts, first, $out, stride, groups),
+                    1 => rows::<$wr, 1, { $f }>(w, $j, acts, first, $out, stride, groups),
+                    2 => rows::<$wr, 2, { $f }>(w, $j, acts, first, $out, stride, groups),
+                    3 => rows::<$wr, 3, { $f }>(w, $j, acts, first, $out, stride, groups),
+                    _ => rows::<$wr, 4, { $f }>(w, $j, acts, first, $out, stride, groups),
                 }
             }
         };
     }
-    let q8 = w.format == super::BlockFormat::Q8_0;
-    match (wr, q8) {
-        (4, true) => go!(4, true, j, out),
-        (4, false) => go!(4, false, j, out),
-        (_, true) => (0..wr).for_each(|i| go!(1, true, j + i, &mut out[i * stride..])),
-        (_, false) => (0..wr).for_each(|i| go!(1, false, j + i, &mut out[i * stride..])),
+    macro_rules! format {
+        ($f:expr) => {
+            if wr == 4 {
+                go!(4, $f, j, out)
+            } else {
+                (0..wr).for_each(|i| go!(1, $f, j + i, &mut out[i * stride..]))
+            }
+        };
+    }
+    match w.format {
+        BlockFormat::Q8_0 => format!(Q8_0),
+        BlockFormat::Q4_0 => format!(Q4_0),
+        BlockFormat::Q4K => format!(Q4K),
     }
 }
 
 /// `WR` weight rows from `j` (or one, `j` shifted by the caller's loop) times `R` activation
-/// rows; `Q8` picks q8_0, else q4_0.
+/// rows; `F` is the weights' format ([`Q8_0`], [`Q4_0`], [`Q4K`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn rows<const WR: usize, const R: usize, const Q8: bool>(
+unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
     w: &PackedMatrix,
     j: usize,
     acts: &Activations,
@@ -73,11 +87,12 @@ unsafe fn rows<const WR: usize, const R: usize, const Q8: bool>(
     let xq: [*const i8; R] = std::array::from_fn(|r| acts.row_grouped(first + r).as_ptr());
     let xd: [*const f32; R] = std::array::from_fn(|r| acts.row_d(first + r).as_ptr());
     let xsum: [*const i32; R] = std::array::from_fn(|r| acts.row_sums(first + r).as_ptr());
+    let wsd: [*const u16; WR] = std::array::from_fn(|i| w.row_sd(j + i).as_ptr());
     let next_scales: *const u8 = w.d.as_ptr().wrapping_add((j + WR) * nb).cast();
     // Two accumulator chains per (weight row, activation row) when there are few of them, so
     // `vpdpbusd`'s latency stays hidden.
     let split = WR * R <= 8;
-    let minus_offset = _mm512_set1_epi32(if Q8 { -128 } else { -8 });
+    let minus_offset = _mm512_set1_epi32(if F == Q8_0 { -128 } else { -8 });
     let nibble = _mm512_set1_epi8(0x0F);
     let mut acc = [[_mm512_setzero_ps(); R]; WR];
 
@@ -109,7 +124,11 @@ unsafe fn rows<const WR: usize, const R: usize, const Q8: bool>(
             };
             let x_run = |r: usize, u: usize| load(xq[r].wrapping_add(g0 * BLOCK + run * u).cast());
             let start: [__m512i; R] = std::array::from_fn(|r| unsafe {
-                _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(lanes, xsum[r].add(g0).cast()), minus_offset)
+                if F == Q4K {
+                    _mm512_setzero_si512()
+                } else {
+                    _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(lanes, xsum[r].add(g0).cast()), minus_offset)
+                }
             });
             let mut sum = [start; WR];
             let mut sum2 = [[_mm512_setzero_si512(); R]; WR];
@@ -126,7 +145,7 @@ unsafe fn rows<const WR: usize, const R: usize, const Q8: bool>(
                 let x0: [__m512i; R] = std::array::from_fn(|r| x_run(r, 2 * v));
                 let x1: [__m512i; R] = std::array::from_fn(|r| x_run(r, 2 * v + 1));
                 for i in 0..WR {
-                    let (w0, w1) = if Q8 {
+                    let (w0, w1) = if F == Q8_0 {
                         (weight_run(i, 2 * v), weight_run(i, 2 * v + 1))
                     } else {
                         let packed = weight_run(i, v);
@@ -142,12 +161,31 @@ unsafe fn rows<const WR: usize, const R: usize, const Q8: bool>(
             }
             let d_x: [__m512; R] =
                 std::array::from_fn(|r| unsafe { _mm512_maskz_loadu_ps(lanes, xd[r].add(g0)) });
+            // q4_k: d_x · Σ x per block, for the minimums.
+            let dx_sums: [__m512; R] = std::array::from_fn(|r| {
+                if F == Q4K {
+                    let sums = unsafe { _mm512_maskz_loadu_epi32(lanes, xsum[r].add(g0).cast()) };
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(sums), d_x[r])
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
             for i in 0..WR {
-                let d_w = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(lanes, wd[i].add(g0).cast()) });
+                let bits = unsafe { _mm256_maskz_loadu_epi16(lanes, wd[i].add(g0).cast()) };
+                // The weights' scale per block, and q4_k's minimum (`D·s`, `M·m`).
+                let (d_w, min_w) = if F == Q4K {
+                    // SAFETY: the group's super-blocks (one per 8 blocks) lie within the row.
+                    unsafe { q4k_scales(bits, wsd[i].add(2 * (g0 / 8)), t > 8) }
+                } else {
+                    (_mm512_cvtph_ps(bits), _mm512_setzero_ps())
+                };
                 for r in 0..R {
                     let total = if split { _mm512_add_epi32(sum[i][r], sum2[i][r]) } else { sum[i][r] };
                     acc[i][r] =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d_w, d_x[r]), acc[i][r]);
+                    if F == Q4K {
+                        acc[i][r] = _mm512_fnmadd_ps(min_w, dx_sums[r], acc[i][r]);
+                    }
                 }
             }
             // The next tile's scales (WR rows × nb f16, contiguous): this group's share.
@@ -169,6 +207,30 @@ unsafe fn rows<const WR: usize, const R: usize, const Q8: bool>(
             out[i * stride + r] += _mm512_reduce_add_ps(acc[i][r]);
         }
     }
+}
+
+/// q4_k's scales and minimums of a group of blocks, `(D·s, M·m)` per lane, from the blocks'
+/// `s | m << 8` (`bits`, 16-bit lanes) and the super-block values at `sd` (`D, M` of the group's
+/// first 8 blocks, then of the next 8 where `two`).
+///
+/// # Safety
+/// `sd` holds 2 (4 where `two`) values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn q4k_scales(bits: __m256i, sd: *const u16, two: bool) -> (__m512, __m512) {
+    // [D0, M0, D1, M1] (the second pair zero when absent), spread to lanes 0..8 and 8..16.
+    let super_scales =
+        _mm_cvtph_ps(unsafe { _mm_maskz_loadu_epi16(if two { 0b1111 } else { 0b11 }, sd.cast()) });
+    let spread = |first: i32| {
+        let (a, b) = (first, first + 2);
+        _mm512_permutexvar_ps(
+            _mm512_set_epi32(b, b, b, b, b, b, b, b, a, a, a, a, a, a, a, a),
+            _mm512_castps128_ps512(super_scales),
+        )
+    };
+    let pairs = _mm512_cvtepu16_epi32(bits);
+    let s = _mm512_cvtepi32_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(0xFF)));
+    let mins = _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(pairs));
+    (_mm512_mul_ps(s, spread(0)), _mm512_mul_ps(mins, spread(1)))
 }
 
 /// [`super::activations::quantize_row_any`] on AVX-512: one block of 32 values per two registers.
