@@ -1,4 +1,4 @@
-//! Prompt products of q8_0/q4_0/q4_k weights on Intel AMX int8 tiles (`tdpbssd`), where the CPU and
+//! Prompt products of q8_0/q4_0/q4_1/q4_k weights on Intel AMX int8 tiles (`tdpbssd`), where the CPU and
 //! the OS offer them ([`amx::has`]); elsewhere prompts run on the VNNI tiles of [`super::x86`].
 //!
 //! One `tdpbssd` multiplies a 16 × 32 tile of signed weights (16 features, one block of 32
@@ -6,7 +6,7 @@
 //! each row per tile row: AMX's pair-of-dwords operand layout) into 16 × 16 exact i32 sums. Each
 //! block has its own scales, so every block's sums are stored and added into 16 f32 registers as
 //! `sum · d_w · d_x` (llama.cpp's AMX kernels do the same; `../shared/docs/amx-prefill-facts.md`);
-//! q4_k's minimums subtract `M·m · d_x·Σ x` with one more FMA.
+//! the minimums of q4_1 and q4_k subtract `min · d_x·Σ x` with one more FMA.
 //! Two blocks per step keep two tile products in flight while the previous pair is scaled.
 //!
 //! - Weights: per strip of 16 features, the packed runs ([`super::layout`]) are unpacked once per
@@ -61,7 +61,7 @@ struct TileActs {
     q: Vec<i8>,
     /// `[groups, nb, 16]`.
     d: Vec<f32>,
-    /// `[groups, nb, 16]`: `d · Σ q` per block (for q4_k's minimums).
+    /// `[groups, nb, 16]`: `d · Σ q` per block (for the minimums of q4_1 and q4_k).
     dx_sums: Vec<f32>,
 }
 
@@ -141,7 +141,8 @@ fn matmul_many_with<T: TileMul>(ws: &[&PackedMatrix], acts: &Activations) -> Vec
             let j = f - starts[m];
             // SAFETY: `available()` (AVX-512) was checked by the caller (or the test).
             unsafe { unpack_strip(ws[m], j, &mut strip, &mut scales) };
-            let mins = (ws[m].format == BlockFormat::Q4K).then_some(&scales.min[..]);
+            let has_min = matches!(ws[m].format, BlockFormat::Q4_1 | BlockFormat::Q4K);
+            let mins = has_min.then_some(&scales.min[..]);
             for g in 0..tiles.groups {
                 let mut sums = Sums([[0f32; TILE]; TILE]);
                 // SAFETY: as above; the strip and the tiles hold `nb` blocks.
@@ -158,7 +159,7 @@ fn matmul_many_with<T: TileMul>(ws: &[&PackedMatrix], acts: &Activations) -> Vec
     ys
 }
 
-/// A strip's per-block weight scales and minimums (`[16, nb]` each; minimums 0 but for q4_k).
+/// A strip's per-block weight scales and minimums (`[16, nb]` each; `w = scale · q - min`).
 struct Scales {
     scale: Vec<f32>,
     min: Vec<f32>,
@@ -292,7 +293,7 @@ unsafe fn unpack_strip(w: &PackedMatrix, j: usize, strip: &mut [i8], scales: &mu
     for m in 0..TILE {
         let (qs, d) = (w.row_qs(j + m), w.row_d(j + m));
         let (scale, min) = (&mut scales.scale[m * nb..][..real], &mut scales.min[m * nb..][..real]);
-        if w.format == BlockFormat::Q4K {
+        if matches!(w.format, BlockFormat::Q4_1 | BlockFormat::Q4K) {
             for (b, (s, mn)) in scale.iter_mut().zip(min).enumerate() {
                 (*s, *mn) = w.block_scale(j + m, b);
             }
@@ -338,8 +339,8 @@ unsafe fn unpack_group(format: BlockFormat, qs: &[u8], nb: usize, g: usize, out:
                 *r = _mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN));
             }
         }
-        BlockFormat::Q4_0 | BlockFormat::Q4K => {
-            // q4_0's nibbles are offset by 8; q4_k's are not (its minimum is apart).
+        BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q4K => {
+            // q4_0's nibbles are offset by 8; the others' are not (their minimum is apart).
             let offset = _mm512_set1_epi8(if format == BlockFormat::Q4_0 { 8 } else { 0 });
             let nibble = _mm512_set1_epi8(0x0F);
             for v in 0..4 {

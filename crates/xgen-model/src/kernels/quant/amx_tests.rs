@@ -63,7 +63,7 @@ fn matrix(format: BlockFormat, n: usize, k: usize, seed: u64) -> PackedMatrix {
 /// (with one more: a group and a half, 24).
 const WIDTHS: [usize; 5] = [96, 544, 768, 1024, 11008];
 
-const FORMATS: [BlockFormat; 3] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K];
+const FORMATS: [BlockFormat; 4] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q4K];
 
 fn holds(format: BlockFormat, k: usize) -> bool {
     k.is_multiple_of(format.ggml_block_values())

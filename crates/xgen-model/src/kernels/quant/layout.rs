@@ -11,8 +11,9 @@
 //! - q4_0: byte `m` (0..4) of run `v` holds weight `8v + m` in its low nibble and `8v + 4 + m` in
 //!   its high nibble, as GGUF's nibbles `q + 8` (the offset removed with `8 · Σ x`): a mask, or a
 //!   shift and a mask, gives the weights of q8_0's runs `2v` and `2v + 1`.
-//! - q4_k: the nibbles as q4_0's (no offset: the block's minimum is applied with `Σ x` instead);
-//!   per block `s | m << 8` from the 12 packed scale bytes, per 256 values `D`, `M`.
+//! - q4_1, q4_k: the nibbles as q4_0's (no offset: the block's minimum is applied with `Σ x`
+//!   instead). q4_1: its f16 `d` per block, `m` apart; q4_k: per block `s | m << 8` from the 12
+//!   packed scale bytes, per 256 values `D`, `M` apart.
 //!
 //! Activations use q8_0's run order ([`super::Activations`]), unbiased.
 
@@ -28,16 +29,18 @@ pub(crate) fn position(format: BlockFormat, nb: usize, b: usize, i: usize) -> (u
     let base = g * GROUP_BLOCKS * format.quant_bytes() + 4 * lane;
     match format {
         BlockFormat::Q8_0 => (base + run * (i / 4) + i % 4, 0),
-        BlockFormat::Q4_0 | BlockFormat::Q4K => {
+        BlockFormat::Q4_0 | BlockFormat::Q4_1 | BlockFormat::Q4K => {
             let (v, m) = (i / 8, i % 8);
             (base + run * v + m % 4, 4 * (m / 4) as u32)
         }
     }
 }
 
-/// Super-block scale values per row of `nb` blocks: `D` and `M` per 256 values for q4_k, else none.
-pub(crate) fn super_scales(format: BlockFormat, nb: usize) -> usize {
+/// Minimum values per row of `nb` blocks: q4_1's `m` per block, q4_k's `D` and `M` per 256
+/// values, none for q8_0/q4_0.
+pub(crate) fn extra_len(format: BlockFormat, nb: usize) -> usize {
     match format {
+        BlockFormat::Q4_1 => nb,
         BlockFormat::Q4K => 2 * nb * BLOCK / SUPER_BLOCK,
         BlockFormat::Q8_0 | BlockFormat::Q4_0 => 0,
     }
@@ -90,9 +93,9 @@ fn ggml_nibble(qs: &[u8], i: usize) -> u8 {
     }
 }
 
-/// One row of GGUF blocks -> packed quants `q` (zeroed), per-block scale bits `d` and q4_k's
-/// super-block scales `sd`.
-pub(crate) fn pack_row(format: BlockFormat, row: &[u8], q: &mut [u8], d: &mut [u16], sd: &mut [u16]) {
+/// One row of GGUF blocks -> packed quants `q` (zeroed), per-block scale bits `d` and the
+/// minimums `extra` (see [`extra_len`]).
+pub(crate) fn pack_row(format: BlockFormat, row: &[u8], q: &mut [u8], d: &mut [u16], extra: &mut [u16]) {
     let bb = format.ggml_block_bytes();
     let nb = row.len() / bb * (format.ggml_block_values() / BLOCK);
     let le = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
@@ -111,8 +114,12 @@ pub(crate) fn pack_row(format: BlockFormat, row: &[u8], q: &mut [u8], d: &mut [u
                 d[s] = le(block);
                 put_nibbles(q, nb, s, |i| ggml_nibble(&block[2..], i));
             }
+            BlockFormat::Q4_1 => {
+                (d[s], extra[s]) = (le(block), le(&block[2..]));
+                put_nibbles(q, nb, s, |i| ggml_nibble(&block[4..], i));
+            }
             BlockFormat::Q4K => {
-                (sd[2 * s], sd[2 * s + 1]) = (le(block), le(&block[2..]));
+                (extra[2 * s], extra[2 * s + 1]) = (le(block), le(&block[2..]));
                 let (scales, qs) = (&block[4..16], &block[16..]);
                 for j in 0..SUPER_BLOCK / BLOCK {
                     let (sc, m) = q4k_scale_min(j, scales);
@@ -125,7 +132,7 @@ pub(crate) fn pack_row(format: BlockFormat, row: &[u8], q: &mut [u8], d: &mut [u
 }
 
 /// The inverse of [`pack_row`]: GGUF blocks into `row` (zeroed).
-pub(crate) fn unpack_row(format: BlockFormat, q: &[u8], d: &[u16], sd: &[u16], row: &mut [u8]) {
+pub(crate) fn unpack_row(format: BlockFormat, q: &[u8], d: &[u16], extra: &[u16], row: &mut [u8]) {
     let nb = d.len();
     for (s, block) in row.chunks_exact_mut(format.ggml_block_bytes()).enumerate() {
         match format {
@@ -141,9 +148,16 @@ pub(crate) fn unpack_row(format: BlockFormat, q: &[u8], d: &[u16], sd: &[u16], r
                     block[2 + i % 16] |= ((v + 8) as u8) << (4 * (i / 16));
                 }
             }
+            BlockFormat::Q4_1 => {
+                block[..2].copy_from_slice(&d[s].to_le_bytes());
+                block[2..4].copy_from_slice(&extra[s].to_le_bytes());
+                for (i, v) in signed_block(format, q, nb, s).into_iter().enumerate() {
+                    block[4 + i % 16] |= (v as u8) << (4 * (i / 16));
+                }
+            }
             BlockFormat::Q4K => {
-                block[..2].copy_from_slice(&sd[2 * s].to_le_bytes());
-                block[2..4].copy_from_slice(&sd[2 * s + 1].to_le_bytes());
+                block[..2].copy_from_slice(&extra[2 * s].to_le_bytes());
+                block[2..4].copy_from_slice(&extra[2 * s + 1].to_le_bytes());
                 let pairs: [(u8, u8); 8] = std::array::from_fn(|j| {
                     let v = d[8 * s + j];
                     (v as u8, (v >> 8) as u8)
@@ -159,15 +173,15 @@ pub(crate) fn unpack_row(format: BlockFormat, q: &[u8], d: &[u16], sd: &[u16], r
     }
 }
 
-/// Block `b`'s 32 quants as signed values in order (offsets removed; q4_k's are its nibbles
-/// 0..=15, its minimum apart).
+/// Block `b`'s 32 quants as signed values in order (offsets removed; q4_1's and q4_k's are their
+/// nibbles 0..=15, the minimum apart).
 pub(crate) fn signed_block(format: BlockFormat, q: &[u8], nb: usize, b: usize) -> [i8; BLOCK] {
     std::array::from_fn(|i| {
         let (at, shift) = position(format, nb, b, i);
         match format {
             BlockFormat::Q8_0 => (q[at] ^ 0x80) as i8,
             BlockFormat::Q4_0 => ((q[at] >> shift) & 0x0F) as i8 - 8,
-            BlockFormat::Q4K => ((q[at] >> shift) & 0x0F) as i8,
+            BlockFormat::Q4_1 | BlockFormat::Q4K => ((q[at] >> shift) & 0x0F) as i8,
         }
     })
 }

@@ -1,17 +1,19 @@
-//! Block-quantized weight matrices (q8_0, q4_0, q4_k) held once, in a layout made for the CPU
+//! Block-quantized weight matrices (q8_0, q4_0, q4_1, q4_k) held once, in a layout made for the CPU
 //! kernels of this module, and their product with activation rows.
 //!
 //! The numbers are GGUF's: a row of `k` weights is cut into blocks of 32, each with an f16 scale
 //! `d`; q8_0 stores `round(w / d)` as i8, q4_0 stores `round(w / d) + 8` as a nibble (0..=15).
-//! q4_k groups 8 blocks under an f16 scale `D` and minimum scale `M` (256 values); each block has
-//! 6-bit integers `s`, `m` and nibbles `q`, so `w = D·s · q - M·m`.
+//! q4_1 adds an f16 minimum `m` per block: `w = d · q + m`. q4_k groups 8 blocks under an f16
+//! scale `D` and minimum scale `M` (256 values); each block has 6-bit integers `s`, `m` and
+//! nibbles `q`, so `w = D·s · q - M·m`.
 //! Activations are quantized to q8_0 per 32 values, so a block's contribution is
-//! `d_w · d_x · Σ w_q·x_q` (q4_k: `d_x · (D·s · Σ q·x_q - M·m · Σ x_q)`), summed exactly in i32.
+//! `d_w · d_x · Σ w_q·x_q` (q4_1, q4_k: plus the minimum times `d_x · Σ x_q`), summed exactly in i32.
 //! (llama.cpp and candle quantize activations for q4_k per 256 values instead (q8_K): finer here.)
+//! q8_0, q4_0 and q4_1 keep GGUF's bytes per block; q4_k holds its 6-bit scales as bytes.
 //!
 //! Layout: per row, the quants in groups of 16 blocks interleaved so that one `vpdpbusd` sums 4
 //! products of each of 16 blocks (`layout.rs` has the details); scales `[n, k/32]` apart (f16
-//! bits; for q4_k `s | m << 8`, and `D`, `M` per 256 values in `[n, k/256, 2]`).
+//! bits; for q4_k `s | m << 8`), and where a format has them the minimums apart (`extra`).
 //! Prompts on AMX (`amx.rs`) unpack 16 rows at a time from the same layout: one copy of the weights.
 //!
 //! candle's quantized matmul (`QMatMul`) is the reference in tests. Ours exists because candle's
@@ -65,6 +67,8 @@ pub fn prompt_kernel() -> &'static str {
 pub enum BlockFormat {
     Q8_0,
     Q4_0,
+    /// GGUF's q4_1: q4_0's nibbles without the offset, with an f16 minimum per block.
+    Q4_1,
     /// GGUF's q4_K: blocks of 32 nibbles with 6-bit scales and minimums, under an f16 scale and
     /// minimum scale per 256 values (4.5 bits per weight in the file, 4.625 here).
     Q4K,
@@ -78,6 +82,7 @@ impl BlockFormat {
         match self {
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
             Self::Q4K => GgmlDType::Q4K,
         }
     }
@@ -85,16 +90,17 @@ impl BlockFormat {
     /// Values of one GGUF block.
     pub fn ggml_block_values(self) -> usize {
         match self {
-            Self::Q8_0 | Self::Q4_0 => BLOCK,
+            Self::Q8_0 | Self::Q4_0 | Self::Q4_1 => BLOCK,
             Self::Q4K => SUPER_BLOCK,
         }
     }
 
-    /// Bytes of one GGUF block: f16 scale + quants; q4_k: `D`, `M`, 12 bytes of 6-bit scales
-    /// and minimums, 128 bytes of nibbles.
+    /// Bytes of one GGUF block: f16 scale (and q4_1's f16 minimum) + quants; q4_k: `D`, `M`, 12
+    /// bytes of 6-bit scales and minimums, 128 bytes of nibbles.
     pub fn ggml_block_bytes(self) -> usize {
         match self {
             Self::Q8_0 | Self::Q4_0 => 2 + self.quant_bytes(),
+            Self::Q4_1 => 4 + self.quant_bytes(),
             Self::Q4K => 4 + 12 + SUPER_BLOCK / 2,
         }
     }
@@ -103,7 +109,7 @@ impl BlockFormat {
     fn quant_bytes(self) -> usize {
         match self {
             Self::Q8_0 => BLOCK,
-            Self::Q4_0 | Self::Q4K => BLOCK / 2,
+            Self::Q4_0 | Self::Q4_1 | Self::Q4K => BLOCK / 2,
         }
     }
 }
@@ -118,8 +124,8 @@ pub struct PackedMatrix {
     qs: Vec<u8>,
     /// Per block, `[n, k / 32]`: f16 scale bits; q4_k: its 6-bit scale `s | m << 8` (minimum).
     d: Vec<u16>,
-    /// q4_k only (else empty), `[n, k / 256, 2]`: f16 bits of `D` and `M`.
-    sd: Vec<u16>,
+    /// Minimums, f16 bits: q4_1 `[n, k / 32]`; q4_k `[n, k / 256, 2]` (`D`, `M`); else empty.
+    extra: Vec<u16>,
 }
 
 impl PackedMatrix {
@@ -135,22 +141,22 @@ impl PackedMatrix {
             ))));
         }
         let nb = k / BLOCK;
-        let (row_qs, row_sd) = (nb * format.quant_bytes(), layout::super_scales(format, nb));
+        let (row_qs, row_extra) = (nb * format.quant_bytes(), layout::extra_len(format, nb));
         let mut qs = vec![0u8; n * row_qs];
         let mut d = vec![0u16; n * nb];
-        // One (possibly empty) slice of super-block scales per row: rows of at least one value,
-        // cut back to `row_sd` per row after.
-        let mut sd = vec![0u16; n * row_sd.max(1)];
+        // One (possibly empty) slice of minimums per row: rows of at least one value, cut back to
+        // `row_extra` per row after.
+        let mut extra = vec![0u16; n * row_extra.max(1)];
         qs.par_chunks_mut(row_qs)
             .zip(d.par_chunks_mut(nb))
-            .zip(sd.par_chunks_mut(row_sd.max(1)))
+            .zip(extra.par_chunks_mut(row_extra.max(1)))
             .enumerate()
-            .for_each(|(j, ((q, d), sd))| {
-                layout::pack_row(format, &bytes[j * row..(j + 1) * row], q, d, &mut sd[..row_sd])
+            .for_each(|(j, ((q, d), extra))| {
+                layout::pack_row(format, &bytes[j * row..(j + 1) * row], q, d, &mut extra[..row_extra])
             });
-        sd.truncate(n * row_sd);
-        sd.shrink_to_fit();
-        Ok(Self { format, n, k, qs, d, sd })
+        extra.truncate(n * row_extra);
+        extra.shrink_to_fit();
+        Ok(Self { format, n, k, qs, d, extra })
     }
 
     /// Quantizes `w` `[n, k]` (any float dtype) with candle's GGUF quantizer.
@@ -165,7 +171,7 @@ impl PackedMatrix {
         let row = self.k / self.format.ggml_block_values() * self.format.ggml_block_bytes();
         let mut out = vec![0u8; self.n * row];
         for (j, row) in out.chunks_mut(row).enumerate() {
-            layout::unpack_row(self.format, self.row_qs(j), self.row_d(j), self.row_sd(j), row);
+            layout::unpack_row(self.format, self.row_qs(j), self.row_d(j), self.row_extra(j), row);
         }
         out
     }
@@ -180,7 +186,7 @@ impl PackedMatrix {
 
     /// Bytes held (and read per product).
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 2 * (self.d.len() + self.sd.len())
+        self.qs.len() + 2 * (self.d.len() + self.extra.len())
     }
 
     /// `x` `[.., k]` (f32 or any float dtype, CPU) -> `[.., n]` f32.
@@ -222,8 +228,8 @@ impl PackedMatrix {
             .collect()
     }
 
-    /// Row `j` dequantized into `out` (`k` values): `d · q` per block (q4_k: `d · q - min`), as
-    /// GGUF's dequantizers.
+    /// Row `j` dequantized into `out` (`k` values): `d · q - min` per block (the minimum is 0 for
+    /// q8_0/q4_0, minus q4_1's), as GGUF's dequantizers.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
         let (qs, nb) = (self.row_qs(j), self.k / BLOCK);
         for (b, o) in out.chunks_exact_mut(BLOCK).enumerate() {
@@ -233,15 +239,16 @@ impl PackedMatrix {
         }
     }
 
-    /// Block `b` of row `j`'s scale and minimum in f32 (the minimum is 0 but for q4_k), computed
-    /// as GGUF's dequantizers do.
+    /// Block `b` of row `j`'s scale and minimum in f32, computed as GGUF's dequantizers do: the
+    /// weights are `scale · q - min` (q4_1's `d · q + m` has `min = -m`; q8_0/q4_0: `min = 0`).
     pub(crate) fn block_scale(&self, j: usize, b: usize) -> (f32, f32) {
         let f16 = |bits: u16| half::f16::from_bits(bits).to_f32();
         let d = self.row_d(j)[b];
         match self.format {
             BlockFormat::Q8_0 | BlockFormat::Q4_0 => (f16(d), 0.0),
+            BlockFormat::Q4_1 => (f16(d), -f16(self.row_extra(j)[b])),
             BlockFormat::Q4K => {
-                let sd = &self.row_sd(j)[2 * (b * BLOCK / SUPER_BLOCK)..];
+                let sd = &self.row_extra(j)[2 * (b * BLOCK / SUPER_BLOCK)..];
                 (f16(sd[0]) * (d & 0xFF) as f32, f16(sd[1]) * (d >> 8) as f32)
             }
         }
@@ -262,10 +269,10 @@ impl PackedMatrix {
         &self.d[j * nb..(j + 1) * nb]
     }
 
-    /// q4_k's `[k / 256, 2]` super-block scales of row `j` (empty for the other formats).
-    fn row_sd(&self, j: usize) -> &[u16] {
-        let len = layout::super_scales(self.format, self.k / BLOCK);
-        &self.sd[j * len..(j + 1) * len]
+    /// Row `j`'s minimums (see the field `extra`).
+    fn row_extra(&self, j: usize) -> &[u16] {
+        let len = layout::extra_len(self.format, self.k / BLOCK);
+        &self.extra[j * len..(j + 1) * len]
     }
 }
 

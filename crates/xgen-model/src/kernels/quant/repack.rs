@@ -1,15 +1,15 @@
 //! GGUF block types with no kernel here, loaded into q8_0 (whose kernels run prompts and decode
 //! steps at compute and memory speed) instead of candle's generic path (on the real-weights Q4_1
-//! file that path read prompts at a tenth of llama.cpp's speed).
+//! file that path read prompts at a tenth of llama.cpp's speed; q4_1 has kernels of its own now).
 //!
 //! - q5_0 → q8_0 is exact: a q5_0 block is `d · (q - 16)` with `q` in 0..32, so the q8_0 block
 //!   keeps `d` and holds `q - 16` as its quants.
-//! - q4_1, q5_1 (a per-block minimum), q2_k, q3_k, q5_k, q6_k (sub-block scales) are dequantized
+//! - q5_1 (a per-block minimum), q2_k, q3_k, q5_k, q6_k (sub-block scales) are dequantized
 //!   and quantized again to q8_0: near-exact, the added error at most half a q8_0 step
 //!   (`max |w| / 254` per block of 32), a fraction of the source format's own step.
 //!
-//! Memory: q8_0 holds 8.5 bits per weight, more than these formats (5-6.6). q4_k has kernels of
-//! its own (4.625 bits per weight): a Q4_K_M file's q4_k tensors load as they are.
+//! Memory: q8_0 holds 8.5 bits per weight, more than these formats (5-6.6). q4_1 (5 bits) and q4_k
+//! (4.625 bits here) have kernels of their own: they load as they are, exactly.
 
 use candle_core::{
     quantized::{ggml_file::qtensor_from_ggml, GgmlDType},
@@ -37,14 +37,12 @@ impl Repack {
         match t {
             GgmlDType::Q8_0 => Self::Direct(BlockFormat::Q8_0),
             GgmlDType::Q4_0 => Self::Direct(BlockFormat::Q4_0),
+            GgmlDType::Q4_1 => Self::Direct(BlockFormat::Q4_1),
             GgmlDType::Q4K => Self::Direct(BlockFormat::Q4K),
             GgmlDType::Q5_0 => Self::ExactQ8_0,
-            GgmlDType::Q4_1
-            | GgmlDType::Q5_1
-            | GgmlDType::Q2K
-            | GgmlDType::Q3K
-            | GgmlDType::Q5K
-            | GgmlDType::Q6K => Self::RequantizeQ8_0,
+            GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q5K | GgmlDType::Q6K => {
+                Self::RequantizeQ8_0
+            }
             _ => Self::None,
         }
     }
@@ -116,9 +114,7 @@ mod tests {
 
     #[test]
     fn other_block_types_are_within_half_a_q8_0_step() {
-        for t in
-            [GgmlDType::Q4_1, GgmlDType::Q5_1, GgmlDType::Q2K, GgmlDType::Q3K, GgmlDType::Q5K, GgmlDType::Q6K]
-        {
+        for t in [GgmlDType::Q5_1, GgmlDType::Q2K, GgmlDType::Q3K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let (n, k) = (5, 512);
             let (bytes, want) = source(t, n, k);
             let packed = Repack::of(t).apply(t, n, k, &bytes).unwrap().unwrap();
@@ -131,6 +127,20 @@ mod tests {
                 assert!(err <= amax / 127.0 * 0.57, "{t:?} block {b}: {err} vs max {amax}");
             }
         }
-        assert_eq!(Repack::of(GgmlDType::Q4K), Repack::Direct(BlockFormat::Q4K));
+    }
+
+    /// q4_1 and q4_k have kernels: their blocks load as they are, every value as GGUF's.
+    #[test]
+    fn q4_1_and_q4_k_load_as_they_are() {
+        for (t, format) in [(GgmlDType::Q4_1, BlockFormat::Q4_1), (GgmlDType::Q4K, BlockFormat::Q4K)] {
+            let (n, k) = (5, 512);
+            let (bytes, want) = source(t, n, k);
+            assert_eq!(Repack::of(t), Repack::Direct(format));
+            let packed = Repack::of(t).apply(t, n, k, &bytes).unwrap().unwrap();
+            assert_eq!(packed.to_ggml(), bytes, "{t:?}");
+            let mut got = vec![0f32; n * k];
+            got.chunks_mut(k).enumerate().for_each(|(j, row)| packed.dequantize_row(j, row));
+            assert_eq!(got, want, "{t:?}");
+        }
     }
 }

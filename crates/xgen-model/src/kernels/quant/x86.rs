@@ -7,8 +7,8 @@
 //! weights' unsigned offset: 128 for q8_0, 8 for q4_0), so after the group's 8 runs it holds the
 //! block's exact integer dot product: one conversion and one FMA with `d_w · d_x` per 16 blocks,
 //! no shuffles. A q4_0 run is one load, then a mask (runs `2v`) or a shift and a mask (`2v + 1`).
-//! q4_k runs as q4_0 with no offset; its scales (`D·s`) come from the 6-bit integers per group and
-//! row, and its minimums take one more FMA per 16 blocks (`- M·m · d_x·Σ x`).
+//! q4_1 and q4_k run as q4_0 with no offset, their minimums one more FMA per 16 blocks
+//! (`- min · d_x·Σ x`); q4_k's scales (`D·s`, `M·m`) come from the 6-bit integers per group and row.
 //!
 //! Performance notes (`cargo bench -p xgen-model --bench quant`): the earlier layout (block pairs
 //! per register, scales spread by a permute per pair, q8_0's offset removed per weight vector) did
@@ -33,7 +33,13 @@ const L1_AHEAD: usize = 256;
 /// [`rows`]' const format parameter (const generics take no enums on stable Rust).
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
-const Q4K: u8 = 2;
+const Q4_1: u8 = 2;
+const Q4K: u8 = 3;
+
+/// Whether format `f` has minimums (and so no offset in its quants).
+const fn has_min(f: u8) -> bool {
+    f == Q4_1 || f == Q4K
+}
 
 /// One [`Tile`] (see its docs) on the SIMD kernels.
 pub(super) fn tile(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
@@ -64,12 +70,13 @@ pub(super) fn tile(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32
     match w.format {
         BlockFormat::Q8_0 => format!(Q8_0),
         BlockFormat::Q4_0 => format!(Q4_0),
+        BlockFormat::Q4_1 => format!(Q4_1),
         BlockFormat::Q4K => format!(Q4K),
     }
 }
 
 /// `WR` weight rows from `j` (or one, `j` shifted by the caller's loop) times `R` activation
-/// rows; `F` is the weights' format ([`Q8_0`], [`Q4_0`], [`Q4K`]).
+/// rows; `F` is the weights' format ([`Q8_0`], [`Q4_0`], [`Q4_1`], [`Q4K`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
     w: &PackedMatrix,
@@ -87,7 +94,7 @@ unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
     let xq: [*const i8; R] = std::array::from_fn(|r| acts.row_grouped(first + r).as_ptr());
     let xd: [*const f32; R] = std::array::from_fn(|r| acts.row_d(first + r).as_ptr());
     let xsum: [*const i32; R] = std::array::from_fn(|r| acts.row_sums(first + r).as_ptr());
-    let wsd: [*const u16; WR] = std::array::from_fn(|i| w.row_sd(j + i).as_ptr());
+    let extra: [*const u16; WR] = std::array::from_fn(|i| w.row_extra(j + i).as_ptr());
     let next_scales: *const u8 = w.d.as_ptr().wrapping_add((j + WR) * nb).cast();
     // Two accumulator chains per (weight row, activation row) when there are few of them, so
     // `vpdpbusd`'s latency stays hidden.
@@ -124,7 +131,7 @@ unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
             };
             let x_run = |r: usize, u: usize| load(xq[r].wrapping_add(g0 * BLOCK + run * u).cast());
             let start: [__m512i; R] = std::array::from_fn(|r| unsafe {
-                if F == Q4K {
+                if has_min(F) {
                     _mm512_setzero_si512()
                 } else {
                     _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(lanes, xsum[r].add(g0).cast()), minus_offset)
@@ -161,9 +168,9 @@ unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
             }
             let d_x: [__m512; R] =
                 std::array::from_fn(|r| unsafe { _mm512_maskz_loadu_ps(lanes, xd[r].add(g0)) });
-            // q4_k: d_x · Σ x per block, for the minimums.
+            // d_x · Σ x per block, for the minimums.
             let dx_sums: [__m512; R] = std::array::from_fn(|r| {
-                if F == Q4K {
+                if has_min(F) {
                     let sums = unsafe { _mm512_maskz_loadu_epi32(lanes, xsum[r].add(g0).cast()) };
                     _mm512_mul_ps(_mm512_cvtepi32_ps(sums), d_x[r])
                 } else {
@@ -172,18 +179,22 @@ unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
             });
             for i in 0..WR {
                 let bits = unsafe { _mm256_maskz_loadu_epi16(lanes, wd[i].add(g0).cast()) };
-                // The weights' scale per block, and q4_k's minimum (`D·s`, `M·m`).
-                let (d_w, min_w) = if F == Q4K {
+                // The weights' scale and minimum per block (`w = d_w · q - min_w`).
+                let (d_w, min_w) = match F {
                     // SAFETY: the group's super-blocks (one per 8 blocks) lie within the row.
-                    unsafe { q4k_scales(bits, wsd[i].add(2 * (g0 / 8)), t > 8) }
-                } else {
-                    (_mm512_cvtph_ps(bits), _mm512_setzero_ps())
+                    Q4K => unsafe { q4k_scales(bits, extra[i].add(2 * (g0 / 8)), t > 8) },
+                    Q4_1 => {
+                        // SAFETY: the group's minimums lie within the row.
+                        let m = unsafe { _mm256_maskz_loadu_epi16(lanes, extra[i].add(g0).cast()) };
+                        (_mm512_cvtph_ps(bits), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(m)))
+                    }
+                    _ => (_mm512_cvtph_ps(bits), _mm512_setzero_ps()),
                 };
                 for r in 0..R {
                     let total = if split { _mm512_add_epi32(sum[i][r], sum2[i][r]) } else { sum[i][r] };
                     acc[i][r] =
                         _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(d_w, d_x[r]), acc[i][r]);
-                    if F == Q4K {
+                    if has_min(F) {
                         acc[i][r] = _mm512_fnmadd_ps(min_w, dx_sums[r], acc[i][r]);
                     }
                 }
