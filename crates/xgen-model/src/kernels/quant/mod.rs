@@ -131,32 +131,68 @@ pub struct PackedMatrix {
 impl PackedMatrix {
     /// From GGUF block bytes of an `[n, k]` matrix (row-major blocks).
     pub fn from_ggml(format: BlockFormat, n: usize, k: usize, bytes: &[u8]) -> Result<Self> {
-        let (values, bb) = (format.ggml_block_values(), format.ggml_block_bytes());
-        let row = k / values * bb;
-        if !k.is_multiple_of(values) || bytes.len() != n * row {
+        let mut m = Self::zeroed(format, n, k)?;
+        m.pack_rows(0..n, bytes)?;
+        Ok(m)
+    }
+
+    /// An `[n, k]` matrix packed from GGUF blocks that `chunk` makes `rows` rows at a time (row
+    /// range → its block bytes): a conversion holds one chunk at a time besides the result.
+    pub(crate) fn from_ggml_chunks(
+        format: BlockFormat,
+        n: usize,
+        k: usize,
+        rows: usize,
+        mut chunk: impl FnMut(std::ops::Range<usize>) -> Result<Vec<u8>>,
+    ) -> Result<Self> {
+        let mut m = Self::zeroed(format, n, k)?;
+        for start in (0..n).step_by(rows.max(1)) {
+            let range = start..(start + rows.max(1)).min(n);
+            let bytes = chunk(range.clone())?;
+            m.pack_rows(range, &bytes)?;
+        }
+        Ok(m)
+    }
+
+    /// All-zero quants and scales of an `[n, k]` matrix (`k` in whole GGUF blocks).
+    fn zeroed(format: BlockFormat, n: usize, k: usize) -> Result<Self> {
+        let values = format.ggml_block_values();
+        if !k.is_multiple_of(values) {
             return Err(ModelError::Candle(candle_core::Error::Msg(format!(
-                "{format:?} [{n}, {k}] needs k divisible by {values} and {} bytes, got {}",
-                n * row,
+                "{format:?} [{n}, {k}] needs k divisible by {values}"
+            ))));
+        }
+        let nb = k / BLOCK;
+        let (qs, d) = (vec![0u8; n * nb * format.quant_bytes()], vec![0u16; n * nb]);
+        Ok(Self { format, n, k, qs, d, extra: vec![0u16; n * layout::extra_len(format, nb)] })
+    }
+
+    /// Rows `rows` from their GGUF block bytes.
+    fn pack_rows(&mut self, rows: std::ops::Range<usize>, bytes: &[u8]) -> Result<()> {
+        let (format, n, k) = (self.format, self.n, self.k);
+        let row = k / format.ggml_block_values() * format.ggml_block_bytes();
+        if rows.end > n || bytes.len() != rows.len() * row {
+            return Err(ModelError::Candle(candle_core::Error::Msg(format!(
+                "{format:?} [{n}, {k}] rows {rows:?} need {} bytes, got {}",
+                rows.len() * row,
                 bytes.len()
             ))));
         }
         let nb = k / BLOCK;
         let (row_qs, row_extra) = (nb * format.quant_bytes(), layout::extra_len(format, nb));
-        let mut qs = vec![0u8; n * row_qs];
-        let mut d = vec![0u16; n * nb];
-        // One (possibly empty) slice of minimums per row: rows of at least one value, cut back to
-        // `row_extra` per row after.
-        let mut extra = vec![0u16; n * row_extra.max(1)];
-        qs.par_chunks_mut(row_qs)
-            .zip(d.par_chunks_mut(nb))
-            .zip(extra.par_chunks_mut(row_extra.max(1)))
-            .enumerate()
-            .for_each(|(j, ((q, d), extra))| {
-                layout::pack_row(format, &bytes[j * row..(j + 1) * row], q, d, &mut extra[..row_extra])
-            });
-        extra.truncate(n * row_extra);
-        extra.shrink_to_fit();
-        Ok(Self { format, n, k, qs, d, extra })
+        let qs = self.qs[rows.start * row_qs..rows.end * row_qs].par_chunks_mut(row_qs);
+        let quants = qs.zip(self.d[rows.start * nb..rows.end * nb].par_chunks_mut(nb));
+        let src = |j: usize| &bytes[j * row..(j + 1) * row];
+        if row_extra == 0 {
+            quants.enumerate().for_each(|(j, (q, d))| layout::pack_row(format, src(j), q, d, &mut []));
+        } else {
+            let extra = self.extra[rows.start * row_extra..rows.end * row_extra].par_chunks_mut(row_extra);
+            quants
+                .zip(extra)
+                .enumerate()
+                .for_each(|(j, ((q, d), e))| layout::pack_row(format, src(j), q, d, e));
+        }
+        Ok(())
     }
 
     /// Quantizes `w` `[n, k]` (any float dtype) with candle's GGUF quantizer.

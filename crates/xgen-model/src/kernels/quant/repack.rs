@@ -12,12 +12,15 @@
 //! (4.625 bits here) have kernels of their own: they load as they are, exactly.
 
 use candle_core::{
-    quantized::{ggml_file::qtensor_from_ggml, GgmlDType},
+    quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor},
     Device,
 };
 
 use super::{BlockFormat, PackedMatrix, BLOCK};
 use crate::error::Result;
+
+/// Values converted at a time (4 MiB of f32).
+const CHUNK_VALUES: usize = 1 << 20;
 
 /// How a block type reaches the packed kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,10 +55,20 @@ impl Repack {
     pub fn apply(self, t: GgmlDType, n: usize, k: usize, bytes: &[u8]) -> Result<Option<PackedMatrix>> {
         Ok(Some(match self {
             Self::Direct(format) => PackedMatrix::from_ggml(format, n, k, bytes)?,
-            Self::ExactQ8_0 => PackedMatrix::from_ggml(BlockFormat::Q8_0, n, k, &q5_0_as_q8_0(bytes))?,
-            Self::RequantizeQ8_0 => {
-                let w = qtensor_from_ggml(t, bytes, vec![n, k], &Device::Cpu)?.dequantize(&Device::Cpu)?;
-                PackedMatrix::quantize(&w, BlockFormat::Q8_0)?
+            // Converted in chunks of rows: the f32 values (or q8_0 blocks) of a large matrix (a
+            // q6_k `lm_head` of 51200 × 4096: 839 MB of f32) are never all in memory at once.
+            Self::ExactQ8_0 | Self::RequantizeQ8_0 => {
+                let row = bytes.len() / n.max(1);
+                let rows = (CHUNK_VALUES / k.max(1)).max(1);
+                PackedMatrix::from_ggml_chunks(BlockFormat::Q8_0, n, k, rows, |range| {
+                    let part = &bytes[range.start * row..range.end * row];
+                    if self == Self::ExactQ8_0 {
+                        return Ok(q5_0_as_q8_0(part));
+                    }
+                    let w = qtensor_from_ggml(t, part, vec![range.len(), k], &Device::Cpu)?
+                        .dequantize(&Device::Cpu)?;
+                    Ok(QTensor::quantize(&w, GgmlDType::Q8_0)?.data()?.into_owned())
+                })?
             }
             Self::None => return Ok(None),
         }))
@@ -126,6 +139,24 @@ mod tests {
                 let err = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(err <= amax / 127.0 * 0.57, "{t:?} block {b}: {err} vs max {amax}");
             }
+        }
+    }
+
+    /// Matrices past one chunk of rows (here 256 rows of 4096 values) convert chunk by chunk to
+    /// the same blocks as a conversion of the whole matrix at once.
+    #[test]
+    fn large_matrices_convert_in_chunks_of_rows() {
+        let (n, k) = (600, 4096);
+        for t in [GgmlDType::Q5_0, GgmlDType::Q6K] {
+            let (bytes, want) = source(t, n, k);
+            let packed = Repack::of(t).apply(t, n, k, &bytes).unwrap().unwrap();
+            let at_once = if t == GgmlDType::Q5_0 {
+                PackedMatrix::from_ggml(BlockFormat::Q8_0, n, k, &q5_0_as_q8_0(&bytes)).unwrap()
+            } else {
+                let whole = Tensor::from_vec(want, (n, k), &Device::Cpu).unwrap();
+                PackedMatrix::quantize(&whole, BlockFormat::Q8_0).unwrap()
+            };
+            assert!(packed.to_ggml() == at_once.to_ggml(), "{t:?}");
         }
     }
 
