@@ -42,11 +42,15 @@ pub(super) fn matmul_many(ws: &[&PackedMatrix], acts: &Activations) -> Vec<Vec<f
     if acts.rows >= AMX_ROWS && super::amx::fits(ws) && super::amx::available() {
         return super::amx::matmul_many(ws, acts);
     }
+    tiles_many(ws, acts, pick())
+}
+
+/// [`matmul_many`] on the tiles of `tile_fn` (the VNNI kernel or [`tile_scalar`]; tests force each).
+pub(super) fn tiles_many(ws: &[&PackedMatrix], acts: &Activations, tile_fn: TileFn) -> Vec<Vec<f32>> {
     let rows = acts.rows;
     // Feature f of the concatenation is row f - starts[m] of matrix m.
     let starts: Vec<usize> = ws.iter().scan(0, |at, w| Some(std::mem::replace(at, *at + w.n))).collect();
     let n: usize = ws.iter().map(|w| w.n).sum();
-    let tile_fn = pick();
     let groups = acts.k.div_ceil(BLOCK * GROUP_BLOCKS);
     let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; rows * w.n]).collect();
     let outputs: Vec<Columns> = ys.iter_mut().zip(ws).map(|(y, w)| Columns::new(y, w.n)).collect();
@@ -143,7 +147,7 @@ pub(crate) struct Tile {
     pub groups: (usize, usize),
 }
 
-type TileFn = fn(&PackedMatrix, &Activations, Tile, &mut [f32]);
+pub(super) type TileFn = fn(&PackedMatrix, &Activations, Tile, &mut [f32]);
 
 fn pick() -> TileFn {
     #[cfg(target_arch = "x86_64")]
@@ -153,7 +157,7 @@ fn pick() -> TileFn {
     tile_scalar
 }
 
-fn tile_scalar(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
+pub(super) fn tile_scalar(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
     let nb = w.k / BLOCK;
     let blocks = t.groups.0 * GROUP_BLOCKS..nb.min(t.groups.1.saturating_mul(GROUP_BLOCKS));
     for i in 0..t.wr {

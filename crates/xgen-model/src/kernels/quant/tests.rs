@@ -138,6 +138,40 @@ fn portable_kernel_equals_simd_kernel() {
     }
 }
 
+/// The VNNI and portable tile drivers forced (where AMX runs, prompts of 16 rows and more take
+/// its tiles instead), each against the portable definition, for every format.
+#[test]
+fn every_tile_path_equals_the_portable_definition() {
+    let mut paths: Vec<(&str, kernel::TileFn)> = vec![("portable", kernel::tile_scalar)];
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::available() {
+        paths.push(("avx512-vnni", super::x86::tile));
+    }
+    for format in FORMATS {
+        for (rows, k, n) in [(16, 512, 32), (37, 768, 48), (70, 4096, 16)] {
+            let ws = [
+                PackedMatrix::quantize(&random(n, k, 3), format).unwrap(),
+                PackedMatrix::quantize(&random(16, k, 6), format).unwrap(),
+            ];
+            let xs: Vec<f32> = random(rows, k, 4).flatten_all().unwrap().to_vec1().unwrap();
+            let acts = Activations::quantize(&xs, rows, k);
+            for (name, tile_fn) in &paths {
+                let ys = kernel::tiles_many(&[&ws[0], &ws[1]], &acts, *tile_fn);
+                for (w, y) in ws.iter().zip(ys) {
+                    let mut want = vec![0f32; rows * w.n];
+                    for j in 0..w.n {
+                        for r in 0..rows {
+                            kernel::dot_scalar(w, j, &acts, r, 0..k / 32, &mut want[r * w.n + j..][..1]);
+                        }
+                    }
+                    let err = max_rel(&want, &y);
+                    assert!(err < 1e-5, "{name} {format:?} rows {rows} k {k} n {}: {err}", w.n);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn ggml_bytes_round_trip_through_the_packed_layout() {
     for format in FORMATS {
