@@ -186,7 +186,7 @@ pub(crate) fn dot_scalar(
             .map(|&(b, wq, (scale, min))| {
                 let xq = acts.block_q(first + i, b);
                 let s: i32 = wq.iter().zip(&xq).map(|(&a, &c)| a as i32 * c as i32).sum();
-                // `min` is 0 but for q4_k: `Σ (D·s · q - M·m) · x`.
+                // `min` is 0 but for q4_1 and q4_k: `Σ (scale · q - min) · x`.
                 scale * xd[b] * s as f32 - min * (xsum[b] as f32 * xd[b])
             })
             .sum::<f32>();
