@@ -17,26 +17,31 @@ _Specials = Union[Literal["all", "none"], Collection[str]]
 @final
 class Tokenizer:
     """The XGen-7B tokenizer: tiktoken's ``gpt2`` ranks, 38 whitespace-run tokens and 906
-    special tokens (51200 ids), embedded; no files are read."""
+    special tokens (51200 ids), embedded; no files are read. ``Tokenizer.from_model`` gives
+    another model's own tokenizer behind the same methods."""
 
     pad_token_id: Optional[int]
     """The id batches are padded with; ``None`` as in the reference (set it, e.g. to
     ``eos_token_id``, before ``padding=True``)."""
 
     def __init__(self) -> None: ...
+    @staticmethod
+    def from_model(model: str, *, revision: str = "main") -> Tokenizer:
+        """The tokenizer of a model (a GGUF file's ``tokenizer.ggml.*``, a directory's
+        ``tokenizer.json``, or a Hub id) without loading its weights; XGen's for XGen models."""
     @property
     def vocab_size(self) -> int:
-        """51200."""
+        """51200 for XGen."""
     @property
-    def eos_token_id(self) -> int:
-        """``<|endoftext|>`` = 50256."""
+    def eos_token_id(self) -> Optional[int]:
+        """XGen: ``<|endoftext|>`` = 50256."""
     @property
-    def bos_token_id(self) -> int:
-        """50256 (the same token; no BOS is added by ``encode``)."""
+    def bos_token_id(self) -> Optional[int]:
+        """XGen: 50256 (the same token; no BOS is added by ``encode``)."""
     @property
-    def eos_token(self) -> str: ...
+    def eos_token(self) -> Optional[str]: ...
     @property
-    def bos_token(self) -> str: ...
+    def bos_token(self) -> Optional[str]: ...
     @property
     def special_tokens(self) -> dict[str, int]:
         """All 906 special tokens, text to id."""
@@ -205,8 +210,8 @@ class Model:
     @overload
     def chat(self, messages: Sequence[Mapping[str, str]], *, stream: Literal[False] = False, **kwargs: Any) -> str:
         """Answers the last user message of ``messages`` (``{"role": "system" | "user" |
-        "assistant", "content": str}``) in the XGen-Inst format (system messages replace the
-        header). Defaults: the model card's sampling (``do_sample=True, top_k=100``) and up to
+        "assistant", "content": str}``) in the model's own chat template, or the XGen-Inst format
+        for XGen models (system messages replace the header). Defaults: the model card's sampling (``do_sample=True, top_k=100``) and up to
         2048 new tokens; ``generate``'s keywords override them."""
     @overload
     def chat(self, messages: Sequence[Mapping[str, str]], *, stream: Literal[True], **kwargs: Any) -> TextStream: ...

@@ -235,3 +235,35 @@ def test_a_gguf_file_runs_as_in_the_cli(tmp_path):
     model = xgen.Model(gguf, threads=1)
     assert model.threads == 1 and model.dtype.startswith("q8_0")  # the file's stored format runs
     assert model.generate(ids, max_new_tokens=16) == ids + json.loads(cli.stdout)["ids"]
+
+
+TOKENIZERS = os.path.join(ROOT, "tests", "fixtures", "tokenizers")
+
+
+def tokenizer_cases(fixture):
+    with open(os.path.join(TOKENIZERS, "expected.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["text"], r["ids"]) for r in rows if r["fixture"] == fixture]
+
+
+@pytest.mark.parametrize("fixture", ["gpt2-slice.gguf", "gpt2-slice-hf", "spm.gguf"])
+def test_a_models_own_tokenizer_equals_its_reference(fixture):
+    # llama.cpp's ids for the GGUF files, HF tokenizers' for tokenizer.json (make.py there).
+    tok = xgen.Tokenizer.from_model(os.path.join(TOKENIZERS, fixture))
+    for text, ids in tokenizer_cases(fixture):
+        assert tok.encode(text) == ids, text
+    assert tok.vocab_size == 3260 or fixture == "spm.gguf"
+
+
+def test_a_gguf_model_chats_in_its_template():
+    path = os.path.join(TOKENIZERS, "gpt2-slice.gguf")
+    model = xgen.Model(path)
+    tok = model.tokenizer
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == 3256
+    text, ids = tokenizer_cases("gpt2-slice.gguf")[0]
+    assert model.generate(ids, max_new_tokens=3)[: len(ids)] == ids
+    answer = model.chat([{"role": "user", "content": "Hi"}], max_new_tokens=4, seed=1)
+    assert isinstance(answer, str)
+    assert tok.decode([3257, 3256], skip_special_tokens=True) == ""
+    with pytest.raises(KeyError):
+        tok.decode([3260])

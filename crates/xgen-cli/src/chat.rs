@@ -1,6 +1,7 @@
-//! `xgen chat`: a multi-turn conversation in the XGen-Inst format, one message per input line,
-//! interactive on a terminal or from piped stdin. Answers are printed without the prompt, the
-//! leading ` Assistant:` and special tokens; each ends at `<|endoftext|>` or the next `###`.
+//! `xgen chat`: a multi-turn conversation in the model's chat template (the XGen-Inst format for
+//! XGen models), one message per input line, interactive on a terminal or from piped stdin.
+//! Answers are printed without the prompt and special tokens; each ends at an end-of-turn token
+//! (XGen-Inst: `<|endoftext|>`, the leading ` Assistant:` dropped, or the next `###`).
 
 use std::{
     io::{BufRead, IsTerminal, Write},
@@ -10,10 +11,8 @@ use std::{
 use clap::Args;
 use rand::{rngs::StdRng, SeedableRng};
 use xgen_generate::{
-    chat::{clean_answer, AnswerStream, Conversation, DEFAULT_HEADER, TURN_SEPARATOR},
-    GenerationConfig, Generator, SampleParams, Sampling, Session, SpecialText,
+    chat::Conversation, GenerationConfig, Generator, SampleParams, Sampling, Session, SpecialText,
 };
-use xgen_tokenizer::Tokenizer;
 
 use crate::{
     exit::bad_input,
@@ -26,7 +25,8 @@ use crate::{
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The system header placed before the conversation (default: the model card's).
+    /// The system header placed before the conversation (XGen-Inst; default: the model card's),
+    /// or the system message of a model's own template.
     #[arg(long)]
     pub header: Option<String>,
     /// A UTF-8 text file placed before the first message ("summarize this"): the document, a blank
@@ -42,7 +42,6 @@ pub struct ChatArgs {
 }
 
 pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
-    let tokenizer = Tokenizer::xgen();
     let mut document = match &args.document {
         Some(path) if is_stdin(path) => {
             return Err(bad_input("--document -: stdin carries the messages; name a file"));
@@ -51,19 +50,20 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         None => None,
     };
     let loaded = args.model.load()?;
-    let model = &loaded.model;
+    let (model, tokenizer, format) = (&loaded.model, &loaded.text.tokenizer, &loaded.text.chat);
     let context = model.config().max_position_embeddings;
-    let card = GenerationConfig {
+    let mut card = GenerationConfig {
         sampling: Sampling::Sample(SampleParams { top_k: Some(100), ..SampleParams::default() }),
-        stop_strings: vec![TURN_SEPARATOR.to_string()],
+        stop_strings: format.stop_strings(),
         special_text: SpecialText::Skip,
         ..GenerationConfig::defaults_for(model.config())
     };
-    let base = args.sampling.apply(card)?;
+    loaded.text.add_stops(&mut card);
+    let base = args.sampling.apply(card, tokenizer, model.config().vocab_size)?;
     let mut rng = StdRng::seed_from_u64(args.sampling.seed());
-    let generator = Generator::new(model, &tokenizer);
+    let generator = Generator::new(model, tokenizer);
     let mut session = Session::default();
-    let mut conversation = Conversation::new(args.header.as_deref().unwrap_or(DEFAULT_HEADER));
+    let mut conversation = Conversation::new(args.header.as_deref());
     let interactive = std::io::stdin().is_terminal();
     let mut stdout = std::io::stdout().lock();
     let mut lines = std::io::stdin().lock().lines();
@@ -79,11 +79,12 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         }
         let with_document = document.as_ref().map(|d| format!("{d}\n\n{message}"));
         let message = with_document.as_deref().unwrap_or(message);
-        let mut prompt = tokenizer.encode(&conversation.prompt(message));
+        let render = |c: &Conversation| c.prompt(format, message).map_err(|e| bad_input(e.to_string()));
+        let mut prompt = tokenizer.encode(&render(&conversation)?);
         // Keep room for an answer of at least a quarter of the context: forget the oldest turns.
         while prompt.len() + args.max_new_tokens.min(context / 4) > context && conversation.forget_oldest() {
             eprintln!("xgen: the conversation no longer fits the context of {context} tokens: dropped the oldest turn");
-            prompt = tokenizer.encode(&conversation.prompt(message));
+            prompt = tokenizer.encode(&render(&conversation)?);
         }
         let room = context.saturating_sub(prompt.len());
         if room == 0 {
@@ -94,7 +95,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
             )));
         }
         let config = GenerationConfig { max_new_tokens: Some(args.max_new_tokens.min(room)), ..base.clone() };
-        let mut answer = AnswerStream::default();
+        let mut answer = format.answer_stream();
         // The conversation's cache carries over: a turn computes only its new tokens.
         let out = generator.generate_in(&mut session, &prompt, &config, &mut rng, &mut |step| {
             let text = answer.push(step.text);
@@ -102,7 +103,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
             let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
         })?;
         writeln!(stdout)?;
-        conversation.push_turn(message, &clean_answer(&out.text));
+        conversation.push_turn(message, &format.clean_answer(&out.text));
         // The document is part of the first turn from now on.
         document = None;
     }

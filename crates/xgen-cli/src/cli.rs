@@ -23,7 +23,7 @@ pub enum Command {
     Detokenize(DetokenizeArgs),
     /// Continue a prompt (transformers' generate semantics), streaming the text.
     Generate(crate::generate::GenerateArgs),
-    /// Chat with an XGen-Inst model (the model card's format), one message per line of input.
+    /// Chat with a model in its own chat template (XGen-Inst for XGen models), one message per line.
     Chat(crate::chat::ChatArgs),
     /// Mean next-token negative log-likelihood and perplexity of a text or token ids.
     ///
@@ -41,8 +41,33 @@ pub enum Command {
     Serve(crate::serve::ServeArgs),
 }
 
+/// Whose tokenizer: XGen's (the default), or a model's own.
+#[derive(Args, Debug)]
+pub struct TokenizerChoice {
+    /// Use this model's tokenizer (a GGUF file, a directory with tokenizer.json, or a Hub id);
+    /// XGen's exact tokenizer when omitted or when the model is an XGen model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Hub revision for a Hub id.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+}
+
+impl TokenizerChoice {
+    /// The tokenizer (reads the model's tokenizer files or GGUF header only, not its weights).
+    pub fn tokenizer(&self) -> anyhow::Result<std::sync::Arc<xgen_tokenizer::Tokenizer>> {
+        let Some(model) = &self.model else {
+            return Ok(std::sync::Arc::new(xgen_tokenizer::Tokenizer::xgen()));
+        };
+        let source = xgen_generate::Source::resolve(model, &self.revision)?;
+        Ok(xgen_generate::ModelText::of(&source, &source.config()?)?.tokenizer)
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub tokenizer: TokenizerChoice,
     /// The text to encode, instead of reading stdin.
     #[arg(long, conflicts_with = "jsonl")]
     pub text: Option<String>,
@@ -56,6 +81,8 @@ pub struct TokenizeArgs {
 
 #[derive(Args, Debug)]
 pub struct DetokenizeArgs {
+    #[command(flatten)]
+    pub tokenizer: TokenizerChoice,
     /// Read JSON lines `{"ids": [...]}` from stdin, write `{"text": ...}` lines to stdout.
     #[arg(long)]
     pub jsonl: bool,

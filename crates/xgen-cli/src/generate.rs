@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::json;
 use xgen_generate::{GenerationConfig, Generator, Truncation};
-use xgen_tokenizer::{Specials, Tokenizer};
+use xgen_tokenizer::Specials;
 
 use crate::{exit::bad_input, model_args::ModelArgs, sampling_args::SamplingArgs, text_input::read_text};
 
@@ -55,19 +55,21 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    let tokenizer = Tokenizer::xgen();
+    let file_text = args.file.as_ref().map(|f| read_text(f)).transpose()?;
+    if args.prompt.as_deref().or(file_text.as_deref()) == Some("") {
+        return Err(bad_input("the prompt is empty"));
+    }
+    let loaded = args.model.load()?;
+    let (model, tokenizer) = (&loaded.model, &loaded.text.tokenizer);
     let specials = if args.no_special { Specials::AsText } else { Specials::Recognize };
-    let prompt = match (&args.prompt, &args.prompt_ids, &args.file) {
-        (Some(text), _, _) => tokenizer.encode_with(text, specials),
-        (None, Some(ids), _) => ids.clone(),
-        (None, None, Some(file)) => tokenizer.encode_with(&read_text(file)?, specials),
-        (None, None, None) => unreachable!("clap requires --prompt, --prompt-ids or --file"),
+    let prompt = match (args.prompt.as_ref().or(file_text.as_ref()), &args.prompt_ids) {
+        (Some(text), _) => tokenizer.encode_with(text, specials),
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => unreachable!("clap requires --prompt, --prompt-ids or --file"),
     };
     if prompt.is_empty() {
         return Err(bad_input("the prompt is empty"));
     }
-    let loaded = args.model.load()?;
-    let model = &loaded.model;
     let vocab = model.config().vocab_size;
     if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
         return Err(bad_input(format!(
@@ -78,6 +80,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         Some(dir) => GenerationConfig::for_model_dir(dir, model.config())?,
         None => GenerationConfig::defaults_for(model.config()),
     };
+    loaded.text.add_stops(&mut config);
     if let Some(n) = args.max_length {
         config.max_length = n;
     }
@@ -86,7 +89,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     config.top_logprobs = args.logprobs;
     config.truncation = if args.truncate.is_some() { Truncation::Left } else { Truncation::Error };
-    let config = args.sampling.apply(config)?;
+    let config = args.sampling.apply(config, tokenizer, vocab)?;
     // Budget errors (context overflow, no room) are the user's to fix: report them before compute.
     config
         .budget(prompt.len(), model.config().max_position_embeddings)
@@ -96,7 +99,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
-    let out = Generator::new(model, &tokenizer).generate(&prompt, &config, &mut rng, &mut |step| {
+    let out = Generator::new(model, tokenizer).generate(&prompt, &config, &mut rng, &mut |step| {
         if !args.json && write_error.is_none() {
             if let Err(e) = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush()) {
                 write_error = Some(e);

@@ -5,7 +5,7 @@ use std::{io::IsTerminal, path::PathBuf, time::Instant};
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use xgen_generate::hub;
+use xgen_generate::{hub, ModelText};
 use xgen_model::{weights, DType, KvType, Model};
 
 pub use xgen_generate::{Dtype, Source};
@@ -105,9 +105,11 @@ fn positive(s: &str) -> Result<usize, String> {
     }
 }
 
-/// A loaded model and the directory it came from (`None` for random weights).
+/// A loaded model, its tokenizer and chat format, and the directory it came from (`None` for
+/// random weights and GGUF files).
 pub struct Loaded {
     pub model: Model,
+    pub text: ModelText,
     pub dir: Option<PathBuf>,
 }
 
@@ -131,6 +133,7 @@ impl ModelArgs {
         let bar = tensor_progress_bar();
         let mut progress = |p: weights::LoadProgress| show_progress(&bar, &p);
         let source = self.source()?;
+        let text = ModelText::of(&source, &source.config()?)?;
         let mut model = source.load(self.dtype.format(), &mut progress)?;
         self.settings().apply(&mut model)?;
         let (quantized, linear) = model.quantized_linear_layers();
@@ -152,7 +155,7 @@ impl ModelArgs {
             Source::Dir(dir) => Some(dir),
             Source::Gguf(_) | Source::Random { .. } => None,
         };
-        let loaded = Loaded { model, dir };
+        let loaded = Loaded { model, text, dir };
         bar.finish_and_clear();
         status(&format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
         Ok(loaded)

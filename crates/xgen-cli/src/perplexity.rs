@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use xgen_model::perplexity::{self, Window};
-use xgen_tokenizer::Tokenizer;
 
 use crate::{
     exit::bad_input,
@@ -40,15 +39,18 @@ pub struct PerplexityArgs {
 }
 
 pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
-    let ids = match (&args.file, &args.ids_file) {
-        (Some(file), _) => Tokenizer::xgen().encode(&read_text(file)?),
-        (None, Some(file)) => read_ids(file)?,
+    let text = args.file.as_ref().map(|f| read_text(f)).transpose()?;
+    let ids_file = args.ids_file.as_ref().map(|f| read_ids(f)).transpose()?;
+    let loaded = args.model.load()?;
+    let ids = match (text, ids_file) {
+        (Some(text), _) => loaded.text.tokenizer.encode(&text),
+        (None, Some(ids)) => ids,
         (None, None) => unreachable!("clap requires --file or --ids-file"),
     };
     if ids.len() < 2 {
         return Err(bad_input(format!("perplexity needs at least 2 tokens, got {}", ids.len())));
     }
-    let model = args.model.load()?.model;
+    let model = loaded.model;
     if let Some(&id) = ids.iter().find(|&&id| id as usize >= model.config().vocab_size) {
         return Err(bad_input(format!(
             "token id {id} is outside the model's vocabulary of {}",

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use xgen_generate::hub::{self, HubCache, Network};
 use xgen_model::gguf::{write, Value};
-use xgen_tokenizer::{TokenKind, Tokenizer};
+use xgen_tokenizer::{TokenKind, Tokenizer, TokenizerKind, XgenTokenizer};
 
 use crate::{
     exit::bad_input,
@@ -68,13 +68,20 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
         return Err(bad_input(format!("--out {}: already exists", args.out.display())));
     }
     let dir = hub::resolve(&args.model, &args.revision, &HubCache::from_env(), Network::from_env())?;
+    if Tokenizer::from_hf_dir(&dir)?.kind() != TokenizerKind::Xgen {
+        return Err(bad_input(format!(
+            "--model {}: the GGUF file would carry XGen's tokenizer, but this model has its own \
+             (tokenizer.json); convert it with llama.cpp's convert_hf_to_gguf.py instead",
+            dir.display()
+        )));
+    }
     let bar = tensor_progress_bar();
     let report = write::quantize_checkpoint(
         &dir,
         &args.out,
         args.quant.ggml(),
         args.quant.file_type(),
-        tokenizer_metadata(&Tokenizer::xgen()),
+        tokenizer_metadata(&XgenTokenizer::new()),
         &mut |p| show_progress(&bar, &p),
     );
     bar.finish_and_clear();
@@ -98,7 +105,7 @@ pub fn run(args: &QuantizeArgs) -> anyhow::Result<()> {
 }
 
 /// The tokenizer as llama.cpp's `tokenizer.ggml.*` keys: gpt2-style byte-level BPE.
-pub fn tokenizer_metadata(tokenizer: &Tokenizer) -> Vec<(String, Value)> {
+pub fn tokenizer_metadata(tokenizer: &XgenTokenizer) -> Vec<(String, Value)> {
     let table = tokenizer.bpe_table();
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     // llama.cpp's token types: 1 normal, 3 control.

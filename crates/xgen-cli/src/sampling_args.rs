@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use xgen_generate::{Format, GenerationConfig, Grammars, SampleParams, Sampling};
+use xgen_generate::{Format, GenerationConfig, Grammars, ModelText, SampleParams, Sampling};
 use xgen_tokenizer::Tokenizer;
 
 use crate::exit::bad_input;
@@ -59,8 +59,14 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// Applies the flags over `base` (the model's generation defaults).
-    pub fn apply(&self, mut base: GenerationConfig) -> anyhow::Result<GenerationConfig> {
+    /// Applies the flags over `base` (the model's generation defaults), for a model with this
+    /// tokenizer and `n_vocab` ids.
+    pub fn apply(
+        &self,
+        mut base: GenerationConfig,
+        tokenizer: &Tokenizer,
+        n_vocab: usize,
+    ) -> anyhow::Result<GenerationConfig> {
         let sampling_flags = self.temperature.is_some()
             || self.top_k.is_some()
             || self.top_p.is_some()
@@ -85,16 +91,18 @@ impl SamplingArgs {
         }
         base.penalties.presence = self.presence_penalty;
         base.penalties.frequency = self.frequency_penalty;
+        let bias_ids: Vec<u32> = self.logit_bias.iter().map(|&(id, _)| id).collect();
+        ModelText::check_ids(&bias_ids, n_vocab, "--logit-bias").map_err(|e| bad_input(e.to_string()))?;
         base.penalties.logit_bias = self.logit_bias.clone();
         base.stop_strings.extend(self.stop.iter().cloned());
-        base.format = self.format()?;
+        base.format = self.format(tokenizer, n_vocab)?;
         base.validate().map_err(|e| bad_input(e.to_string()))?;
         Ok(base)
     }
 
     /// The output format the flags ask for, checked (a bad schema, regex or grammar is the
-    /// user's to fix, reported before the model loads).
-    fn format(&self) -> anyhow::Result<Option<Format>> {
+    /// user's to fix, reported before any compute).
+    fn format(&self, tokenizer: &Tokenizer, n_vocab: usize) -> anyhow::Result<Option<Format>> {
         let read = |flag: &str, path: &PathBuf| {
             std::fs::read_to_string(path).map_err(|e| bad_input(format!("--{flag} {}: {e}", path.display())))
         };
@@ -111,8 +119,7 @@ impl SamplingArgs {
         } else {
             return Ok(None);
         };
-        let tokenizer = Tokenizer::xgen();
-        let grammars = Grammars::new(&tokenizer, tokenizer.n_vocab() as usize)?;
+        let grammars = Grammars::new(tokenizer, n_vocab)?;
         grammars.constraint(&format).map_err(|e| bad_input(e.to_string()))?;
         Ok(Some(format))
     }

@@ -135,7 +135,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if context == 0 || context > config.max_position_embeddings {
         return Err(bad_input(format!("--ctx {context} must be in 1..={}", config.max_position_embeddings)));
     }
-    let defaults = source.generation_config(&config)?;
+    let text = xgen_generate::ModelText::of(&source, &config)?;
+    let mut defaults = source.generation_config(&config)?;
+    text.add_stops(&mut defaults);
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .map_err(|e| bad_input(format!("--host {} --port {}: {e}", args.host, args.port)))?;
@@ -146,6 +148,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let options = ServeOptions {
         model_name,
         config,
+        text: std::sync::Arc::new(text),
         defaults,
         context,
         api_key: args.api_key.clone(),

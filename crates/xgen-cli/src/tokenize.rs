@@ -3,7 +3,7 @@
 use std::io::{self, BufWriter, Read, Write};
 
 use serde::{Deserialize, Serialize};
-use xgen_tokenizer::{Specials, TokenId, Tokenizer, N_VOCAB};
+use xgen_tokenizer::{Specials, TokenId};
 
 use crate::{
     cli::{DetokenizeArgs, TokenizeArgs},
@@ -32,7 +32,7 @@ struct TextOut<'a> {
 }
 
 pub fn tokenize(args: &TokenizeArgs) -> anyhow::Result<()> {
-    let tokenizer = Tokenizer::xgen();
+    let tokenizer = args.tokenizer.tokenizer()?;
     let specials = if args.no_special { Specials::AsText } else { Specials::Recognize };
     let mut out = BufWriter::new(io::stdout().lock());
     if args.jsonl {
@@ -56,14 +56,15 @@ pub fn tokenize(args: &TokenizeArgs) -> anyhow::Result<()> {
 }
 
 pub fn detokenize(args: &DetokenizeArgs) -> anyhow::Result<()> {
-    let tokenizer = Tokenizer::xgen();
+    let tokenizer = args.tokenizer.tokenizer()?;
+    let n_vocab = tokenizer.n_vocab();
     let mut out = BufWriter::new(io::stdout().lock());
     if args.jsonl {
         jsonl::map_lines(&mut io::stdin().lock(), &mut out, |line, n| {
             let IdsIn { ids } = serde_json::from_str(line).map_err(|e| {
                 bad_input(format!("line {n}: expected {{\"ids\": [integer, ...]}}: {}", json_error(&e)))
             })?;
-            let ids = check_ids(&ids).map_err(|e| bad_input(format!("line {n}: {e}")))?;
+            let ids = check_ids(&ids, n_vocab).map_err(|e| bad_input(format!("line {n}: {e}")))?;
             let text = tokenizer.decode(&ids)?;
             Ok(serde_json::to_string(&TextOut { text: &text })?)
         })?;
@@ -71,19 +72,19 @@ pub fn detokenize(args: &DetokenizeArgs) -> anyhow::Result<()> {
         let input = read_stdin_text()?;
         let ids: Vec<i64> = serde_json::from_str(&input)
             .map_err(|e| bad_input(format!("stdin: expected a JSON array of token ids: {e}")))?;
-        let ids = check_ids(&ids).map_err(|e| bad_input(format!("stdin: {e}")))?;
+        let ids = check_ids(&ids, n_vocab).map_err(|e| bad_input(format!("stdin: {e}")))?;
         out.write_all(tokenizer.decode(&ids)?.as_bytes())?;
     }
     Ok(out.flush()?)
 }
 
 /// Ids as the tokenizer's type, or a message naming the first one out of range.
-fn check_ids(ids: &[i64]) -> Result<Vec<TokenId>, String> {
+fn check_ids(ids: &[i64], n_vocab: u32) -> Result<Vec<TokenId>, String> {
     ids.iter()
         .enumerate()
         .map(|(i, &id)| {
-            TokenId::try_from(id).ok().filter(|&id| id < N_VOCAB).ok_or_else(|| {
-                format!("id {id} at index {i} is out of range: the vocabulary has ids 0..{N_VOCAB}")
+            TokenId::try_from(id).ok().filter(|&id| id < n_vocab).ok_or_else(|| {
+                format!("id {id} at index {i} is out of range: the vocabulary has ids 0..{n_vocab}")
             })
         })
         .collect()

@@ -250,7 +250,7 @@ fn generate_reads_the_prompt_from_a_file_or_stdin() {
 
 #[test]
 fn chat_places_a_document_in_the_first_turn() {
-    use xgen_generate::chat::{clean_answer, Conversation};
+    use xgen_generate::chat::{clean_answer, ChatFormat, Conversation};
     let dir = fixture("tiny-xgen-8k-st");
     let tmp = tempfile::tempdir().unwrap();
     let doc = tmp.path().join("doc.txt");
@@ -263,7 +263,8 @@ fn chat_places_a_document_in_the_first_turn() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let answer = String::from_utf8(out.stdout).unwrap();
     // The same prompt through `generate`: document, blank line, message, in the XGen-Inst format.
-    let prompt = Conversation::default().prompt(&format!("{text}\n\nSummarize it."));
+    let prompt =
+        Conversation::default().prompt(&ChatFormat::XgenInst, &format!("{text}\n\nSummarize it.")).unwrap();
     let gen =
         xgen(&[&["generate", "--prompt", &prompt, "--stop", "###", "--json"][..], &common[..]].concat(), "");
     assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));

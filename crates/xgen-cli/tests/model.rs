@@ -1,6 +1,8 @@
 //! `xgen perplexity` and `xgen convert` end to end on the fixture models, against transformers'
 //! mean NLL from `expected.json`.
 
+mod common;
+
 use std::{path::PathBuf, process::Command};
 
 use serde_json::Value;
@@ -200,6 +202,19 @@ fn quantize_writes_a_gguf_that_runs_with_the_tokenizer_inside() {
     assert_eq!(meta["tokenizer.ggml.tokens"].to_vec().unwrap()[50256].to_string().unwrap(), "<|endoftext|>");
     assert!(meta["tokenizer.ggml.merges"].to_vec().unwrap().len() > 50000);
     assert_eq!(meta["tokenizer.ggml.eos_token_id"].to_u32().unwrap(), 50256);
+    // Read back, its vocabulary is XGen's, so XGen's exact tokenizer runs: the reference ids of
+    // the tokenizer fixture's cases (special strings, whitespace runs and all).
+    let cases = std::fs::read_to_string(fixture("../tokenizer/encode.jsonl")).unwrap();
+    let cases: Vec<Value> = cases.lines().take(300).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let input: String =
+        cases.iter().map(|c| serde_json::json!({"text": c["text"]}).to_string() + "\n").collect();
+    let out = common::xgen_with(&["tokenize", "--jsonl", "--model", gguf_arg], input.as_bytes());
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), cases.len());
+    for (case, got) in cases.iter().zip(&lines) {
+        assert_eq!(got["ids"], case["ids"], "{}", case["text"]);
+    }
 
     // The GGUF scores like transformers' f32 model up to q8_0's error (measured: 6.6e-4 relative
     // on this random-weight model, whose NLL is ~45).

@@ -1,45 +1,12 @@
 //! `xgen serve` end to end: the model flags reach the engine the server loads.
 
-use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+mod common;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/tiny-xgen-8k-bin")
-}
-
-/// A running `xgen serve`; killed when dropped.
-struct Serve(Child, String);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::Serve;
 
 fn serve(extra: &[&str]) -> Serve {
-    let model = fixture();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xgen"))
-        .args(["serve", "--model", model.to_str().unwrap(), "--dtype", "f32", "--port", "0"])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run xgen serve");
-    let stderr = child.stderr.take().unwrap();
-    let line =
-        BufReader::new(stderr).lines().map(Result::unwrap).find(|l| l.contains("http://")).expect("address");
-    let base = line[line.find("http://").unwrap()..].split_whitespace().next().unwrap().to_string();
-    let s = Serve(child, base);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ureq::get(&format!("{}/health", s.1)).call().is_err() {
-        assert!(Instant::now() < deadline, "never healthy");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    s
+    let model = common::fixtures("models/tiny-xgen-8k-bin");
+    common::serve(model.to_str().unwrap(), &[&["--dtype", "f32"][..], extra].concat())
 }
 
 fn metric(s: &Serve, name: &str) -> i64 {

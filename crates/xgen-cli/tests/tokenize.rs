@@ -1,28 +1,14 @@
 //! `xgen tokenize` / `xgen detokenize` end to end: the reference fixtures through `--jsonl`, the
 //! plain modes, and bad input (one message naming the line, exit code 2).
 
-use std::{
-    io::Write,
-    path::PathBuf,
-    process::{Command, Output, Stdio},
-};
+mod common;
+
+use std::{path::PathBuf, process::Output};
 
 use serde_json::Value;
 
 fn xgen(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xgen"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn xgen");
-    let mut pipe = child.stdin.take().expect("stdin");
-    let input = stdin.to_vec();
-    let writer = std::thread::spawn(move || pipe.write_all(&input));
-    let out = child.wait_with_output().expect("wait xgen");
-    writer.join().expect("writer thread").expect("write stdin");
-    out
+    common::xgen_with(args, stdin)
 }
 
 fn fixture(name: &str) -> Vec<Value> {

@@ -10,6 +10,9 @@ pub enum GenerateError {
     #[error(transparent)]
     Tokenizer(#[from] xgen_tokenizer::TokenizerError),
 
+    #[error(transparent)]
+    Template(#[from] crate::chat_template::TemplateError),
+
     #[error("the prompt is empty: generation needs at least one token")]
     EmptyPrompt,
 

@@ -3,13 +3,15 @@
 
 use std::sync::Arc;
 
-use xgen_generate::{Dtype, GenerateError, Source};
+use xgen_generate::{chat::ChatFormat, Dtype, GenerateError, ModelText, Source};
 use xgen_model::Model;
 use xgen_tokenizer::Tokenizer;
 
 pub struct Engine {
     pub model: Model,
     pub tokenizer: Arc<Tokenizer>,
+    /// The model's chat format (its template; XGen-Inst for XGen models).
+    pub chat: ChatFormat,
     /// The threads the model's kernels run on (`threads=`), not Python's or rayon's global pool.
     pub pool: rayon::ThreadPool,
     /// generation_config.json (`{}` when the model has none).
@@ -40,8 +42,9 @@ impl Engine {
             .build()
             .map_err(|e| GenerateError::Setting { field: "threads".into(), message: e.to_string() })?;
         let generation = source.generation_json()?;
+        let text = ModelText::of(&source, &source.config()?)?;
         let model = pool.install(|| source.load(dtype.format(), &mut |_| {}))?;
-        Ok(Engine { model, tokenizer: Arc::new(Tokenizer::xgen()), pool, generation, name })
+        Ok(Engine { model, tokenizer: text.tokenizer, chat: text.chat, pool, generation, name })
     }
 
     /// The model's context length in tokens.

@@ -25,6 +25,8 @@ pub fn generate_error(e: GenerateError) -> PyErr {
         | GenerateError::NoRoom { .. }
         | GenerateError::ContextOverflow { .. }
         | GenerateError::Setting { .. }
+        | GenerateError::Template(_)
+        | GenerateError::Tokenizer(xgen_tokenizer::TokenizerError::Invalid { .. })
         | GenerateError::Json { .. } => PyValueError::new_err(e.to_string()),
         GenerateError::Model(_) | GenerateError::Tokenizer(_) | GenerateError::Io { .. } => {
             PyRuntimeError::new_err(e.to_string())

@@ -158,10 +158,16 @@ impl GenArgs {
         Ok(())
     }
 
-    /// The call's config for a model with `config`, checked.
-    pub fn config(&self, config: &Config) -> PyResult<GenerationConfig> {
+    /// The call's config for a model with `config`, checked; generation also ends at the
+    /// tokenizer's `end_of_generation` ids (eos, end of turn).
+    pub fn config(&self, config: &Config, end_of_generation: &[u32]) -> PyResult<GenerationConfig> {
         let mut c =
             GenerationConfig::from_json(&Value::Object(self.json.clone()), config).map_err(generate_error)?;
+        for &id in end_of_generation {
+            if !c.eos_token_ids.contains(&id) {
+                c.eos_token_ids.push(id);
+            }
+        }
         c.stop_strings.extend(self.stop.iter().cloned());
         c.penalties.presence = self.presence;
         c.penalties.frequency = self.frequency;

@@ -11,7 +11,7 @@ use pyo3::{
 };
 use rand::{rngs::StdRng, SeedableRng};
 use xgen_generate::{
-    chat::{clean_answer, render_messages, AnswerStream, Role, TURN_SEPARATOR},
+    chat::{ChatFormat, Role},
     hub::DEFAULT_MODEL,
     Dtype, GenerateError, GenerationConfig, Generator, Output, SpecialText,
 };
@@ -137,7 +137,8 @@ impl Model {
     ) -> PyResult<Bound<'py, PyAny>> {
         let prompts = Prompts::parse(inputs, input_ids, attention_mask)?;
         let args = GenArgs::parse(&self.engine.generation, kwargs, "generate")?;
-        let config = args.config(self.engine.model.config())?;
+        let config =
+            args.config(self.engine.model.config(), &self.engine.tokenizer.special_ids().end_of_generation)?;
         let pad = args.output_pad(&config);
         let rows = self.rows(py, &prompts);
         let seed = args.seed.unwrap_or_else(rand::random);
@@ -168,7 +169,8 @@ impl Model {
     ) -> PyResult<TextStream> {
         let prompts = Prompts::parse(inputs, input_ids, None)?;
         let args = GenArgs::parse(&self.engine.generation, kwargs, "stream")?;
-        let config = args.config(self.engine.model.config())?;
+        let config =
+            args.config(self.engine.model.config(), &self.engine.tokenizer.special_ids().end_of_generation)?;
         let rows = self.rows(py, &prompts);
         if rows.len() != 1 {
             return Err(PyValueError::new_err("stream: one prompt at a time"));
@@ -177,7 +179,8 @@ impl Model {
     }
 
     /// Answers the last user message of `messages` (`[{"role": "system"|"user"|"assistant",
-    /// "content": str}, ...]`) in the XGen-Inst format, with the model card's sampling (top-k
+    /// "content": str}, ...]`) in the model's chat template (XGen-Inst for XGen models), with
+    /// the model card's sampling (top-k
     /// 100) unless keywords say otherwise; up to 2048 new tokens by default. Returns the answer,
     /// or a `TextStream` of it with `stream=True`.
     #[pyo3(signature = (messages, *, stream = false, **kwargs))]
@@ -188,7 +191,7 @@ impl Model {
         stream: bool,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let prompt = chat_prompt(messages)?;
+        let prompt = chat_prompt(&self.engine.chat, messages)?;
         let ids = py.detach(|| self.engine.tokenizer.encode(&prompt));
         let mut args = GenArgs::parse(&self.engine.generation, kwargs, "chat")?;
         args.default("do_sample", true.into());
@@ -199,11 +202,12 @@ impl Model {
                 2048.min(self.engine.context().saturating_sub(ids.len()).max(1)).into(),
             );
         }
-        let mut config = args.config(self.engine.model.config())?;
-        config.stop_strings.push(TURN_SEPARATOR.to_string());
+        let mut config =
+            args.config(self.engine.model.config(), &self.engine.tokenizer.special_ids().end_of_generation)?;
+        config.stop_strings.extend(self.engine.chat.stop_strings());
         config.special_text = SpecialText::Skip;
         if stream {
-            let mut answer = AnswerStream::default();
+            let mut answer = self.engine.chat.answer_stream();
             let s = self.start_stream(vec![ids], config, args.seed, move |text| answer.push(text))?;
             return Ok(Bound::new(py, s)?.into_any());
         }
@@ -212,7 +216,7 @@ impl Model {
             generate_rows(e, cancel, &[ids], &config, seed, &mut |_| {})
         })?
         .map_err(generate_error)?;
-        Ok(clean_answer(&outs[0].text).into_pyobject(py)?.into_any())
+        Ok(self.engine.chat.clean_answer(&outs[0].text).into_pyobject(py)?.into_any())
     }
 
     /// The f32 logits of every position of `ids` (a text is encoded first): a numpy array
@@ -302,8 +306,8 @@ impl Model {
     }
 }
 
-/// The XGen-Inst prompt for OpenAI-style `messages`.
-fn chat_prompt(messages: &Bound<'_, PyAny>) -> PyResult<String> {
+/// The prompt for OpenAI-style `messages` in the model's chat format.
+fn chat_prompt(format: &ChatFormat, messages: &Bound<'_, PyAny>) -> PyResult<String> {
     let mut turns = Vec::new();
     for (i, m) in messages.try_iter()?.enumerate() {
         let m = m?;
@@ -325,6 +329,5 @@ fn chat_prompt(messages: &Bound<'_, PyAny>) -> PyResult<String> {
         turns.push((role, field("content")?));
     }
     let refs: Vec<(Role, &str)> = turns.iter().map(|(r, c)| (*r, c.as_str())).collect();
-    render_messages(&refs)
-        .ok_or_else(|| PyValueError::new_err("messages: the last message must be the user's"))
+    format.render(&refs).map_err(|e| PyValueError::new_err(format!("messages: {e}")))
 }

@@ -1,5 +1,6 @@
-//! `xgen.Tokenizer`: the exact XGen tokenizer with tiktoken's `encode`/`decode` meaning and the
-//! call shape of a transformers tokenizer (`tokenizer(text, return_tensors="np")`).
+//! `xgen.Tokenizer`: the exact XGen tokenizer (or a model's own, `Tokenizer.from_model`) with
+//! tiktoken's `encode`/`decode` meaning and the call shape of a transformers tokenizer
+//! (`tokenizer(text, return_tensors="np")`).
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -8,7 +9,7 @@ use pyo3::{
     prelude::*,
     types::{PyBytes, PyDict, PyList, PyString},
 };
-use xgen_tokenizer::{TokenId, Tokenizer as Core, EOS_TOKEN, EOS_TOKEN_ID, N_VOCAB};
+use xgen_tokenizer::{TokenId, Tokenizer as Core, TokenizerKind, EOS_TOKEN_ID};
 
 use crate::tensors::{self, TensorKind};
 
@@ -83,6 +84,15 @@ impl Tokenizer {
         Self { core, pad_token_id: None }
     }
 
+    /// What `skip_special_tokens` drops: XGen's reference drops `<|endoftext|>`; other
+    /// tokenizers drop every special token, as transformers does.
+    fn skipped(&self, id: TokenId) -> bool {
+        match self.core.kind() {
+            TokenizerKind::Xgen => id == EOS_TOKEN_ID,
+            _ => self.core.is_special(id),
+        }
+    }
+
     /// tiktoken's `encode`: refuses disallowed special strings, then encodes recognising the
     /// allowed ones.
     fn encode_checked(
@@ -118,7 +128,7 @@ impl Tokenizer {
 
 /// Token ids from a Python int, sequence of ints or 1-D array; ids outside the vocabulary are a
 /// `KeyError` as in tiktoken.
-pub fn ids_arg(ids: &Bound<'_, PyAny>) -> PyResult<Vec<TokenId>> {
+pub fn ids_arg(ids: &Bound<'_, PyAny>, n_vocab: u32) -> PyResult<Vec<TokenId>> {
     let raw: Vec<i64> = match ids.extract::<i64>() {
         Ok(one) => vec![one],
         Err(_) => {
@@ -131,7 +141,7 @@ pub fn ids_arg(ids: &Bound<'_, PyAny>) -> PyResult<Vec<TokenId>> {
         .map(|id| {
             u32::try_from(id)
                 .ok()
-                .filter(|&id| id < N_VOCAB)
+                .filter(|&id| id < n_vocab)
                 .ok_or_else(|| PyKeyError::new_err(format!("Invalid token for decoding: {id}")))
         })
         .collect()
@@ -144,35 +154,49 @@ impl Tokenizer {
         Self::with_core(Arc::new(Core::xgen()))
     }
 
-    /// Number of ids (51200, the model's vocabulary).
+    /// The tokenizer of a model (a GGUF file, a directory with `tokenizer.json`, or a Hub id)
+    /// without loading its weights; XGen's for XGen models.
+    #[staticmethod]
+    #[pyo3(signature = (model, *, revision = "main".to_string()))]
+    fn from_model(py: Python<'_>, model: String, revision: String) -> PyResult<Self> {
+        let text = py
+            .detach(|| {
+                let source = xgen_generate::Source::resolve(&model, &revision)?;
+                xgen_generate::ModelText::of(&source, &source.config()?)
+            })
+            .map_err(crate::errors::generate_error)?;
+        Ok(Self::with_core(text.tokenizer))
+    }
+
+    /// Number of ids (51200 for XGen).
     #[getter]
     fn vocab_size(&self) -> u32 {
-        N_VOCAB
+        self.core.n_vocab()
     }
 
     fn __len__(&self) -> usize {
-        N_VOCAB as usize
+        self.core.n_vocab() as usize
     }
 
-    /// `<|endoftext|>` (50256): the end of a text, and also its beginning (no BOS is added).
+    /// XGen: `<|endoftext|>` (50256), the end of a text and also its beginning (no BOS is added).
     #[getter]
-    fn eos_token_id(&self) -> u32 {
-        EOS_TOKEN_ID
-    }
-
-    #[getter]
-    fn bos_token_id(&self) -> u32 {
-        EOS_TOKEN_ID
+    fn eos_token_id(&self) -> Option<u32> {
+        self.core.special_ids().eos
     }
 
     #[getter]
-    fn eos_token(&self) -> &'static str {
-        EOS_TOKEN
+    fn bos_token_id(&self) -> Option<u32> {
+        self.core.special_ids().bos
     }
 
     #[getter]
-    fn bos_token(&self) -> &'static str {
-        EOS_TOKEN
+    fn eos_token(&self) -> Option<String> {
+        self.core.special_ids().eos.and_then(|id| self.core.decode(&[id]).ok())
+    }
+
+    #[getter]
+    fn bos_token(&self) -> Option<String> {
+        self.core.special_ids().bos.and_then(|id| self.core.decode(&[id]).ok())
     }
 
     /// All 906 special tokens, text to id.
@@ -227,9 +251,9 @@ impl Tokenizer {
     /// reference does. Ids outside the vocabulary raise `KeyError`.
     #[pyo3(signature = (ids, skip_special_tokens = false))]
     fn decode(&self, py: Python<'_>, ids: &Bound<'_, PyAny>, skip_special_tokens: bool) -> PyResult<String> {
-        let mut ids = ids_arg(ids)?;
+        let mut ids = ids_arg(ids, self.core.n_vocab())?;
         if skip_special_tokens {
-            ids.retain(|&id| id != EOS_TOKEN_ID);
+            ids.retain(|&id| !self.skipped(id));
         }
         py.detach(|| self.core.decode(&ids)).map_err(|e| PyKeyError::new_err(e.to_string()))
     }
@@ -243,7 +267,8 @@ impl Tokenizer {
         skip_special_tokens: bool,
     ) -> PyResult<Vec<String>> {
         use rayon::prelude::*;
-        let lists = batch.try_iter()?.map(|row| ids_arg(&row?)).collect::<PyResult<Vec<_>>>()?;
+        let lists =
+            batch.try_iter()?.map(|row| ids_arg(&row?, self.core.n_vocab())).collect::<PyResult<Vec<_>>>()?;
         py.detach(|| {
             lists
                 .par_iter()
@@ -251,7 +276,7 @@ impl Tokenizer {
                     let kept: Vec<TokenId> = ids
                         .iter()
                         .copied()
-                        .filter(|&id| !(skip_special_tokens && id == EOS_TOKEN_ID))
+                        .filter(|&id| !(skip_special_tokens && self.skipped(id)))
                         .collect();
                     self.core.decode(&kept)
                 })
@@ -312,7 +337,7 @@ impl Tokenizer {
         ids: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let one = ids.extract::<i64>().is_ok();
-        let tokens = ids_arg(ids)?
+        let tokens = ids_arg(ids, self.core.n_vocab())?
             .into_iter()
             .map(|id| match self.core.special_token(id) {
                 Some(text) => Ok(PyString::new(py, text).into_any()),
@@ -356,6 +381,7 @@ impl Tokenizer {
     }
 
     fn __repr__(&self) -> String {
-        format!("xgen.Tokenizer(vocab_size={N_VOCAB}, eos_token_id={EOS_TOKEN_ID})")
+        let eos = self.core.special_ids().eos.map_or("None".to_string(), |id| id.to_string());
+        format!("xgen.Tokenizer(vocab_size={}, eos_token_id={eos})", self.core.n_vocab())
     }
 }

@@ -133,6 +133,7 @@ fn start() -> String {
         defaults: GenerationConfig::defaults_for(&config),
         context: config.max_position_embeddings,
         config: config.clone(),
+        text: std::sync::Arc::new(xgen_generate::ModelText::xgen()),
         api_key: None,
         ui: Ui::Off,
         replica_id: "bench".into(),

@@ -11,10 +11,7 @@ use axum::{
 use futures_util::{stream, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use xgen_generate::{
-    chat::{clean_answer, render_messages, AnswerStream, Role, TURN_SEPARATOR},
-    FinishReason, SpecialText, StepOutput,
-};
+use xgen_generate::{chat::Role, FinishReason, SpecialText, StepOutput};
 
 use crate::{
     api::{Common, Fields, LogprobsField, MAX_CHOICES},
@@ -69,10 +66,10 @@ fn prepare(
     let texts = match kind {
         Kind::Completion => prompt_texts(state, &fields)?,
         Kind::Chat => {
-            common.config.stop_strings.push(TURN_SEPARATOR.to_string());
+            common.config.stop_strings.extend(state.text.chat.stop_strings());
             common.config.special_text = SpecialText::Skip;
-            let prompt = chat_prompt(&fields)?;
-            vec![(state.tokenizer.encode(&prompt), prompt)]
+            let prompt = chat_prompt(state, &fields)?;
+            vec![(state.text.tokenizer.encode(&prompt), prompt)]
         }
     };
     if texts.len() * common.n > MAX_CHOICES {
@@ -154,15 +151,15 @@ fn prompt_texts(state: &SharedState, fields: &Fields) -> Result<Vec<(Vec<u32>, S
             })
     };
     let from_ids = |v: Vec<u32>| -> Result<(Vec<u32>, String), ApiError> {
-        let text = state.tokenizer.decode(&v).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+        let text = state.text.tokenizer.decode(&v).map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
         Ok((v, text))
     };
     let prompts = match fields.get("prompt").ok_or_else(bad)? {
-        Value::String(s) => vec![(state.tokenizer.encode(s), s.clone())],
+        Value::String(s) => vec![(state.text.tokenizer.encode(s), s.clone())],
         Value::Array(items) if items.iter().all(Value::is_string) => items
             .iter()
             .filter_map(Value::as_str)
-            .map(|s| (state.tokenizer.encode(s), s.to_string()))
+            .map(|s| (state.text.tokenizer.encode(s), s.to_string()))
             .collect(),
         Value::Array(items) if items.iter().all(Value::is_number) => vec![from_ids(ids(items)?)?],
         Value::Array(items) if items.iter().all(Value::is_array) => items
@@ -177,8 +174,8 @@ fn prompt_texts(state: &SharedState, fields: &Fields) -> Result<Vec<(Vec<u32>, S
     Ok(prompts)
 }
 
-/// `messages` rendered in the XGen-Inst format.
-fn chat_prompt(fields: &Fields) -> Result<String, ApiError> {
+/// `messages` rendered in the model's chat format (a template error is a 400 naming it).
+pub fn chat_prompt(state: &SharedState, fields: &Fields) -> Result<String, ApiError> {
     let bad = |m: &str| ApiError::invalid("messages", m.to_string());
     let items = fields
         .get("messages")
@@ -203,7 +200,7 @@ fn chat_prompt(fields: &Fields) -> Result<String, ApiError> {
         messages.push((role, content));
     }
     let refs: Vec<(Role, &str)> = messages.iter().map(|(r, c)| (*r, c.as_str())).collect();
-    render_messages(&refs).ok_or_else(|| bad("the last message must be the user's"))
+    state.text.chat.render(&refs).map_err(|e| bad(&e.to_string()))
 }
 
 async fn run(state: SharedState, prepared: Result<Prepared, ApiError>, endpoint: &'static str) -> Response {
@@ -302,7 +299,7 @@ fn choice_json(state: &SharedState, p: &Prepared, index: usize, steps: &[StepOut
             json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
         Kind::Chat => json!({
-            "index": index, "message": {"role": "assistant", "content": clean_answer(&text)},
+            "index": index, "message": {"role": "assistant", "content": state.text.chat.clean_answer(&text)},
             "logprobs": logprobs, "finish_reason": finish,
         }),
     }
@@ -313,8 +310,8 @@ fn logprobs_json(state: &SharedState, p: &Prepared, steps: &[StepOutput]) -> Val
     if p.common.config.top_logprobs.is_none() {
         return Value::Null;
     }
-    let token = |id: u32| state.tokenizer.decode(&[id]).unwrap_or_default();
-    let bytes = |id: u32| state.tokenizer.token_bytes(id).map(<[u8]>::to_vec).unwrap_or_default();
+    let token = |id: u32| state.text.tokenizer.decode(&[id]).unwrap_or_default();
+    let bytes = |id: u32| state.text.tokenizer.token_bytes(id).map(<[u8]>::to_vec).unwrap_or_default();
     let lps: Vec<_> = steps.iter().filter_map(|s| s.logprob.as_ref()).collect();
     match p.kind {
         Kind::Completion => {
@@ -353,7 +350,7 @@ fn sse_stream(
             .boxed()
     }));
     let n = p.prompts.len();
-    let mut answers: Vec<AnswerStream> = vec![AnswerStream::default(); n];
+    let mut answers = vec![state.text.chat.answer_stream(); n];
     let mut first = vec![true; n];
     let mut done = 0;
     let mut completion_tokens = 0;

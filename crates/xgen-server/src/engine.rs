@@ -20,9 +20,8 @@ use std::{
 };
 
 use tokio::sync::mpsc::UnboundedSender;
-use xgen_generate::{Constraint, GenerationConfig, StepOutput};
+use xgen_generate::{Constraint, GenerationConfig, ModelText, StepOutput};
 use xgen_model::Model;
-use xgen_tokenizer::Tokenizer;
 
 use crate::{
     kv_pool::{KvPool, PrefixCache},
@@ -113,6 +112,7 @@ pub struct EngineOptions {
 pub fn spawn(
     load: impl FnOnce() -> Result<Model, String> + Send + 'static,
     options: EngineOptions,
+    text: Arc<ModelText>,
     kv_budget: impl FnOnce() -> Option<usize> + Send + 'static,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
@@ -122,7 +122,6 @@ pub fn spawn(
     let handle = EngineHandle { jobs: tx, metrics: metrics.clone(), cancel: cancel.clone() };
     let thread = std::thread::spawn(move || {
         let model = load()?;
-        let tokenizer = Tokenizer::xgen();
         let budget = options.kv_budget.or_else(kv_budget);
         let pool = KvPool::new(&model, budget, options.max_batch, options.prefix_cache)?;
         metrics.kv_budget_bytes.store(pool.budget() as i64, Relaxed);
@@ -131,7 +130,7 @@ pub fn spawn(
         metrics.prefill_chunk.store(model.prefill_chunk() as i64, Relaxed);
         ready.store(true, Relaxed);
         let _ready = ReadyGuard(ready);
-        Engine::new(&model, &tokenizer, &metrics, pool, options.max_batch).run(&rx, &cancel);
+        Engine::new(&model, &text.tokenizer, &metrics, pool, options.max_batch).run(&rx, &cancel);
         Ok(())
     });
     (handle, thread)

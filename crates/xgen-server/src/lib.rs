@@ -1,6 +1,6 @@
 //! An OpenAI-compatible HTTP server for XGen (`xgen serve`): `/v1/completions`,
-//! `/v1/chat/completions` (XGen-Inst format), `/v1/models`, `/health`, `/metrics`, `/tokenize`,
-//! `/detokenize`; SSE streaming; continuous batching on one engine thread that owns the model.
+//! `/v1/chat/completions` (the model's chat template; XGen-Inst for XGen), `/v1/models`,
+//! `/health`, `/metrics`, `/tokenize`, `/detokenize`, `/apply-template`; SSE streaming; continuous batching on one engine thread that owns the model.
 
 mod api;
 mod completions;
@@ -20,9 +20,8 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use xgen_generate::GenerationConfig;
+use xgen_generate::{GenerationConfig, ModelText};
 use xgen_model::{Config, Model};
-use xgen_tokenizer::Tokenizer;
 
 pub use engine::EngineOptions;
 pub use error::ApiError;
@@ -36,6 +35,8 @@ pub struct ServeOptions {
     pub model_name: String,
     /// The model's configuration (read before the weights load).
     pub config: Config,
+    /// The model's tokenizer and chat format (read before the weights load).
+    pub text: Arc<ModelText>,
     pub defaults: GenerationConfig,
     /// Context per sequence (at most the model's).
     pub context: usize,
@@ -65,8 +66,14 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let (engine, thread) =
-        engine::spawn(load, options.engine, options.kv_budget_after_load, metrics.clone(), ready.clone());
+    let (engine, thread) = engine::spawn(
+        load,
+        options.engine,
+        options.text.clone(),
+        options.kv_budget_after_load,
+        metrics.clone(),
+        ready.clone(),
+    );
     // The engine ends only on a load failure or a crash: then the server stops too.
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
     std::thread::spawn(move || {
@@ -95,7 +102,7 @@ pub async fn serve(
     };
     let state = Arc::new(AppState {
         engine,
-        tokenizer: Tokenizer::xgen(),
+        text: options.text,
         model_name: options.model_name,
         context: options.context,
         vocab: options.config.vocab_size as u32,

@@ -1,5 +1,6 @@
 //! The router: authentication, body limits, and the small endpoints (`/health`, `/metrics`,
-//! `/v1/models`, `/tokenize`, `/detokenize`). Generation endpoints live in `completions.rs`.
+//! `/v1/models`, `/tokenize`, `/detokenize`, `/apply-template`). Generation endpoints live in
+//! `completions.rs`.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -30,6 +31,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/apply-template", post(apply_template))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let router = match state.ui {
         Ui::On => Router::new().route("/", get(ui::page)),
@@ -100,10 +102,14 @@ async fn tokenize(State(state): State<SharedState>, body: Result<Bytes, BytesRej
     let result = (|| {
         let body = json_body(&state, body)?;
         let fields = Fields::from_body(&body)?;
-        let text = fields
-            .string("prompt")?
-            .ok_or_else(|| ApiError::invalid("prompt", "`prompt` (a string) is required"))?;
-        let tokens = state.tokenizer.encode(text);
+        // `prompt` (vLLM) or `content` (llama.cpp).
+        let text = match fields.string("prompt")? {
+            Some(t) => t,
+            None => fields
+                .string("content")?
+                .ok_or_else(|| ApiError::invalid("prompt", "`prompt` (a string) is required"))?,
+        };
+        let tokens = state.text.tokenizer.encode(text);
         Ok(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": state.context}))
     })();
     respond(&state, "tokenize", result)
@@ -123,10 +129,22 @@ async fn detokenize(State(state): State<SharedState>, body: Result<Bytes, BytesR
             .ok_or_else(|| {
                 ApiError::invalid("tokens", format!("every token must be an id below {}", state.vocab))
             })?;
-        let text = state.tokenizer.decode(&ids).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+        let text =
+            state.text.tokenizer.decode(&ids).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
         Ok(json!({"prompt": text}))
     })();
     respond(&state, "detokenize", result)
+}
+
+/// llama.cpp's `/apply-template`: `{"messages": [...]}` -> `{"prompt": "..."}`, the prompt
+/// `/v1/chat/completions` would run for those messages.
+async fn apply_template(State(state): State<SharedState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let result = (|| {
+        let body = json_body(&state, body)?;
+        let prompt = completions::chat_prompt(&state, &Fields::from_body(&body)?)?;
+        Ok(json!({"prompt": prompt}))
+    })();
+    respond(&state, "apply_template", result)
 }
 
 /// A JSON result or an error, counted in the metrics.

@@ -2,14 +2,14 @@
 
 use std::sync::{atomic::AtomicBool, Arc, OnceLock};
 
-use xgen_generate::{Constraint, Format, GenerationConfig, Grammars};
-use xgen_tokenizer::Tokenizer;
+use xgen_generate::{Constraint, Format, GenerationConfig, Grammars, ModelText};
 
 use crate::{engine::EngineHandle, error::ApiError, metrics::Metrics};
 
 pub struct AppState {
     pub engine: EngineHandle,
-    pub tokenizer: Tokenizer,
+    /// The model's tokenizer and chat format.
+    pub text: Arc<ModelText>,
     /// The id reported by `/v1/models` and in responses.
     pub model_name: String,
     /// Tokens of context per sequence (prompt + completion).
@@ -38,7 +38,7 @@ impl AppState {
         let grammars = match self.grammars.get() {
             Some(g) => g,
             None => {
-                let g = Grammars::new(&self.tokenizer, self.vocab as usize)
+                let g = Grammars::new(&self.text.tokenizer, self.vocab as usize)
                     .map_err(|e| ApiError::invalid(param, e.to_string()))?;
                 self.grammars.get_or_init(|| g)
             }

@@ -1,11 +1,15 @@
 //! The chat page at `/`: `ui/index.html`, plain HTML/CSS/JS embedded at build time (no network
-//! at run time), with the XGen-Inst header filled in as its default system prompt. `--no-ui`
-//! turns it off.
+//! at run time), with the model's default system prompt filled in (XGen-Inst: the model card's
+//! header; a model's own template: none, so the template's default applies). `--no-ui` turns it
+//! off.
 
-use std::sync::OnceLock;
+use axum::{
+    extract::State,
+    response::{Html, IntoResponse, Response},
+};
+use xgen_generate::chat::{ChatFormat, DEFAULT_HEADER};
 
-use axum::response::{Html, IntoResponse, Response};
-use xgen_generate::chat::DEFAULT_HEADER;
+use crate::state::SharedState;
 
 /// Whether `GET /` serves the chat page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,12 +21,12 @@ pub enum Ui {
 const TEMPLATE: &str = include_str!("ui/index.html");
 
 /// `GET /`.
-pub async fn page() -> Response {
-    static PAGE: OnceLock<String> = OnceLock::new();
-    let page = PAGE.get_or_init(|| {
-        let header = serde_json::to_string(DEFAULT_HEADER).expect("a string serializes");
-        // `</` cannot close the script from inside a JSON string once escaped.
-        TEMPLATE.replace("__XGEN_DEFAULT_HEADER__", &header.replace("</", "<\\/"))
-    });
-    Html(page.as_str()).into_response()
+pub async fn page(State(state): State<SharedState>) -> Response {
+    let default = match state.text.chat {
+        ChatFormat::XgenInst => DEFAULT_HEADER,
+        ChatFormat::Template(_) | ChatFormat::Missing => "",
+    };
+    let header = serde_json::to_string(default).expect("a string serializes");
+    // `</` cannot close the script from inside a JSON string once escaped.
+    Html(TEMPLATE.replace("__XGEN_DEFAULT_HEADER__", &header.replace("</", "<\\/"))).into_response()
 }

