@@ -1,5 +1,7 @@
 //! `xgen bench`, like llama-bench: prompt processing (`-p`) and generation (`-n`, optionally after a
-//! `-d`-token context) in tokens per second, repeated `-r` times; median, min and max.
+//! `-d`-token context) in tokens per second, repeated `-r` times; median, min and max. With
+//! `--verify-rows K`, the cost of one K-row step (what a speculative verify pass runs: K new
+//! tokens, logits for each) over a 1-row step, both measured in the same run.
 
 use std::time::Instant;
 
@@ -31,6 +33,10 @@ pub struct BenchArgs {
     /// Skip the memory-bandwidth measurement (a parallel read of 1 GiB) that gives generation's floor.
     #[arg(long)]
     pub no_bandwidth: bool,
+    /// Also time one step of K rows (K new tokens with all their logits, after the -d context)
+    /// against a step of 1 row: `"test": "verify K"` with `"cost_ratio"` (comma-separated Ks).
+    #[arg(long, value_name = "K", value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub verify_rows: Vec<u16>,
     /// One JSON object per test.
     #[arg(long)]
     pub json: bool,
@@ -129,12 +135,64 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    verify_costs(&model, args)
 }
 
 /// Bytes per second of a parallel read of 1 GiB (best of 3): generation's floor.
 fn read_bandwidth() -> f64 {
     xgen_model::bandwidth::read_bytes_per_s(1 << 30, 1 << 18, 3)
+}
+
+/// Prints, per `--verify-rows` K, the median time of a K-row step and of a 1-row step at the same
+/// depth and their ratio. The steps alternate (1 row, K rows) so drift hits both alike.
+fn verify_costs(model: &Model, args: &BenchArgs) -> anyhow::Result<()> {
+    let depth = args.depth.max(1);
+    let weights = model.weight_format_name();
+    for &k in &args.verify_rows {
+        let k = usize::from(k);
+        anyhow::ensure!(
+            depth + k <= model.config().max_position_embeddings,
+            "verify {k} exceeds the context"
+        );
+        let mut cache = model.new_cache(1, depth + k)?;
+        model.forward_last(&model.ids_tensor(&tokens(depth, model.config().vocab_size))?, &mut cache)?;
+        let rows = model.ids_tensor(&tokens(k, model.config().vocab_size))?;
+        let one = model.ids_tensor(&tokens(1, model.config().vocab_size))?;
+        let mut step = |ids: &Tensor| -> anyhow::Result<f64> {
+            let start = Instant::now();
+            let hidden = model.forward_hidden(ids, &mut cache)?; // [1, rows, d]
+            model.logits(&hidden)?; // [1, rows, v]: every row's logits, as verification needs
+            let secs = start.elapsed().as_secs_f64();
+            cache.truncate(depth);
+            Ok(secs)
+        };
+        step(&rows)?; // warm-up
+        let (mut t1, mut tk) = (Vec::new(), Vec::new());
+        for _ in 0..args.reps {
+            t1.push(step(&one)?);
+            tk.push(step(&rows)?);
+        }
+        let (m1, mk) = (median(&mut t1), median(&mut tk));
+        if args.json {
+            let obj = json!({"test": format!("verify {k}"), "dtype": weights, "rows": k, "depth": depth,
+                "repetitions": args.reps, "step_1_ms": m1 * 1e3, "step_k_ms": mk * 1e3, "cost_ratio": mk / m1});
+            println!("{obj}");
+        } else {
+            println!(
+                "{:>12}  {weights:>5}  1 row {:8.2} ms  {k} rows {:8.2} ms  cost ratio {:.2}",
+                format!("verify {k}"),
+                m1 * 1e3,
+                mk * 1e3,
+                mk / m1
+            );
+        }
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn repeat(reps: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Vec<f64>> {

@@ -16,6 +16,38 @@ fn bench(args: &[&str]) -> Vec<Value> {
 }
 
 #[test]
+fn verify_rows_report_a_cost_ratio_measured_in_the_same_run() {
+    let tests = bench(&[
+        "--random-weights",
+        "tiny",
+        "--dtype",
+        "f32",
+        "-p",
+        "0",
+        "-n",
+        "0",
+        "-d",
+        "8",
+        "-t",
+        "1",
+        "-r",
+        "3",
+        "--verify-rows",
+        "1,4",
+        "--json",
+    ]);
+    let names: Vec<&str> = tests.iter().map(|t| t["test"].as_str().unwrap()).collect();
+    assert_eq!(names, ["verify 1", "verify 4"]);
+    for t in &tests {
+        let (one, k) = (t["step_1_ms"].as_f64().unwrap(), t["step_k_ms"].as_f64().unwrap());
+        assert!(one > 0.0 && k > 0.0, "{t}");
+        assert!((t["cost_ratio"].as_f64().unwrap() - k / one).abs() < 1e-9, "{t}");
+        assert_eq!((t["depth"].as_u64(), t["dtype"].as_str()), (Some(8), Some("f32")), "{t}");
+    }
+    assert_eq!(tests[1]["rows"], 4);
+}
+
+#[test]
 fn json_has_one_object_per_test_with_the_contract_fields() {
     let tests = bench(&[
         "--random-weights",

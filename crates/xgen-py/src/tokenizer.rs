@@ -157,7 +157,7 @@ impl Tokenizer {
     /// The tokenizer of a model (a GGUF file, a directory with `tokenizer.json`, or a Hub id)
     /// without loading its weights; XGen's for XGen models.
     #[staticmethod]
-    #[pyo3(signature = (model, *, revision = "main".to_string()))]
+    #[pyo3(signature = (model, *, revision = "main".to_string()), text_signature = "(model, *, revision='main')")]
     fn from_model(py: Python<'_>, model: String, revision: String) -> PyResult<Self> {
         let text = py
             .detach(|| {

@@ -315,6 +315,82 @@ fn a_models_chat_template_renders_and_its_errors_are_400s() {
 }
 
 #[test]
+fn no_request_body_gets_a_5xx() {
+    use rand::{seq::IndexedRandom, Rng, SeedableRng};
+    let s = start(None, 4, 64, 1 << 20);
+    let values = [
+        json!(null),
+        json!(true),
+        json!(-1),
+        json!(0),
+        json!(1),
+        json!(3.5),
+        json!(1e300),
+        json!(1u64 << 40),
+        json!(""),
+        json!("x"),
+        json!("<|endoftext|>"),
+        json!([]),
+        json!([1, 2]),
+        json!([99_999_999]),
+        json!([-5]),
+        json!([[1], [2, 3]]),
+        json!({"a": 1}),
+        json!([{"role": "user", "content": "hi"}]),
+        json!([{"role": "assistant", "content": [{"type": "text", "text": "x"}]}]),
+        json!({"type": "json_object"}),
+        json!({"50256": -100}),
+        json!({"x": 1}),
+        json!(["a", 1]),
+        json!("\u{0}\u{ffff}"),
+    ];
+    let fields = [
+        "prompt",
+        "messages",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "n",
+        "stop",
+        "seed",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "echo",
+        "response_format",
+        "guided_regex",
+        "guided_choice",
+        "guided_json",
+        "presence_penalty",
+        "repetition_penalty",
+        "tokens",
+        "content",
+        "stream_options",
+    ];
+    let paths = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/apply-template"];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+    for i in 0..300 {
+        let mut body = serde_json::Map::new();
+        for _ in 0..rng.random_range(0..5) {
+            body.insert(
+                fields.choose(&mut rng).unwrap().to_string(),
+                values.choose(&mut rng).unwrap().clone(),
+            );
+        }
+        // Short generations: the point is the validation, not the tokens.
+        let max_tokens = [json!(2), json!(0), json!("x"), json!(null), json!(1e12)];
+        body.insert("max_tokens".into(), max_tokens.choose(&mut rng).unwrap().clone());
+        let path = paths[i % paths.len()];
+        let body = Value::Object(body);
+        if let Err((code, err, _)) = post(&s, path, &body) {
+            assert!(code < 500, "{path} {body}: {code} {err}");
+            assert!(err["error"]["message"].is_string(), "{path} {body}: {err}");
+        }
+    }
+}
+
+#[test]
 fn api_key_is_required_when_set() {
     let s = start(Some("sekret"), 8, 64, 1 << 20);
     let body = json!({"prompt": "x", "max_tokens": 1});

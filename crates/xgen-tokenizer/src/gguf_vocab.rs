@@ -309,13 +309,13 @@ mod tests {
     use crate::{Specials, Tokenizer, TokenizerKind};
 
     /// GPT-2's 256 byte tokens, the merges `h e`, `he l`, `hel l`, `hell o` (ids 256..259), and
-    /// `<|end|>` (control) and `<|tool|>` (user-defined).
+    /// `<|end|>` (control), `<|tool|>` (user-defined), `<|start|>` (control).
     fn tiny() -> GgufVocab {
         let chars = byte_to_char();
         let mut tokens: Vec<String> = (0..=255u8).map(|b| chars[b as usize].to_string()).collect();
-        tokens.extend(["he", "hel", "hell", "hello", "<|end|>", "<|tool|>"].map(String::from));
+        tokens.extend(["he", "hel", "hell", "hello", "<|end|>", "<|tool|>", "<|start|>"].map(String::from));
         let mut types = vec![token_type::NORMAL; 260];
-        types.extend([token_type::CONTROL, token_type::USER_DEFINED]);
+        types.extend([token_type::CONTROL, token_type::USER_DEFINED, token_type::CONTROL]);
         GgufVocab {
             model: "gpt2".into(),
             pre: Some("gpt-2".into()),
@@ -343,6 +343,9 @@ mod tests {
         assert!(t.is_special(260) && !t.is_special(261) && !t.is_special(259));
         assert_eq!(t.find_special_where("a<|end|>", &|_| true), Some(("<|end|>", 260)));
         assert_eq!(t.encode_allowing("he<|end|>", &|_| false).len(), 8);
+        // tiktoken's allowed set: only `<|end|>` is special here; `<|start|>` is its 9 bytes.
+        let ids = t.encode_allowing("<|start|>x<|end|>", &|id| id == 260);
+        assert_eq!((ids.len(), ids[0], ids[9], ids[10]), (11, u32::from(b'<'), u32::from(b'x'), 260));
         assert_eq!(t.token_id(b"hell"), Some(258));
         // Bytes that are not UTF-8 still decode (lossily) and round-trip through the byte table.
         assert_eq!(t.decode_bytes(&t.encode("é")).unwrap(), "é".as_bytes());

@@ -221,6 +221,13 @@ impl Tokenizer {
             Engine::Xgen(x) => return x.encode_allowing(text, allowed),
             Engine::Pipeline(p) => p,
         };
+        // All or none allowed: the pipeline's own encoding (its post-processor included).
+        if p.special_list.iter().all(|&(_, id)| allowed(id)) {
+            return self.encode_with(text, Specials::Recognize);
+        }
+        if !p.special_list.iter().any(|&(_, id)| allowed(id)) {
+            return self.encode_with(text, Specials::AsText);
+        }
         let mut ids = Vec::with_capacity(text.len() / 3 + 1);
         let mut start = 0;
         for m in p.matcher.iter().flat_map(|m| m.find_iter(text)) {
