@@ -17,25 +17,8 @@ fn bench(args: &[&str]) -> Vec<Value> {
 
 #[test]
 fn verify_rows_report_a_cost_ratio_measured_in_the_same_run() {
-    let tests = bench(&[
-        "--random-weights",
-        "tiny",
-        "--dtype",
-        "f32",
-        "-p",
-        "0",
-        "-n",
-        "0",
-        "-d",
-        "8",
-        "-t",
-        "1",
-        "-r",
-        "3",
-        "--verify-rows",
-        "1,4",
-        "--json",
-    ]);
+    let args = "--random-weights tiny --dtype f32 -p 0 -n 0 -d 8 -t 1 -r 3 --verify-rows 1,4 --json";
+    let tests = bench(&args.split(' ').collect::<Vec<_>>());
     let names: Vec<&str> = tests.iter().map(|t| t["test"].as_str().unwrap()).collect();
     assert_eq!(names, ["verify 1", "verify 4"]);
     for t in &tests {
