@@ -173,7 +173,9 @@ fn missing_error(
     ))
 }
 
-/// Downloads config, generation config and weights of `repo` into the cache; returns the snapshot.
+/// Downloads config, generation config, the tokenizer files (`tokenizer.json`,
+/// `tokenizer_config.json`, `chat_template.jinja`, where the repo has them) and weights of `repo`
+/// into the cache; returns the snapshot.
 fn download(repo: &str, revision: &str, cache: &HubCache) -> std::result::Result<PathBuf, String> {
     use hf_hub::{api::sync::ApiBuilder, Cache, Repo, RepoType};
     let api = ApiBuilder::from_cache(Cache::new(cache.root.clone()))
@@ -184,8 +186,12 @@ fn download(repo: &str, revision: &str, cache: &HubCache) -> std::result::Result
     let info = api.info().map_err(|e| e.to_string())?;
     let listed: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).collect();
     let config = api.get("config.json").map_err(|e| e.to_string())?;
-    if listed.contains(&"generation_config.json") {
-        api.get("generation_config.json").map_err(|e| e.to_string())?;
+    for optional in
+        ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+    {
+        if listed.contains(&optional) {
+            api.get(optional).map_err(|e| e.to_string())?;
+        }
     }
     let weights = [
         "model.safetensors.index.json",

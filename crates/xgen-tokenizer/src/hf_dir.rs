@@ -109,3 +109,42 @@ fn uses(component: &Value, kind: &str) -> bool {
 fn byte_map() -> std::collections::HashMap<char, u8> {
     crate::export::byte_to_char().into_iter().enumerate().map(|(b, c)| (c, b as u8)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Tokenizer, TokenizerKind};
+
+    /// A fresh directory under the system's temp folder holding `files`.
+    fn dir_with(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("xgen-hf-dir-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn xgen_checkpoints_keep_xgens_tokenizer_and_others_need_tokenizer_json() {
+        // The tokenizer_config.json of the XGen repos (tokenization_xgen.py behind auto_map).
+        let xgen = r#"{"eos_token": "<|endoftext|>", "tokenizer_class": "XgenTokenizer",
+                       "model_max_length": 1000000000000000019884624838656}"#;
+        for (name, files) in [("xgen", vec![("tokenizer_config.json", xgen)]), ("bare", vec![])] {
+            let dir = dir_with(name, &files);
+            assert_eq!(Tokenizer::from_hf_dir(&dir).unwrap().kind(), TokenizerKind::Xgen, "{name}");
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+        let llama = dir_with(
+            "spm",
+            &[("tokenizer_config.json", r#"{"tokenizer_class": "LlamaTokenizer"}"#), ("tokenizer.model", "")],
+        );
+        let err = Tokenizer::from_hf_dir(&llama).err().expect("no tokenizer.json").to_string();
+        assert!(err.contains("tokenizer.json") && err.contains("LlamaTokenizer"), "{err}");
+        std::fs::remove_dir_all(llama).unwrap();
+        let broken = dir_with("broken", &[("tokenizer.json", "{\"model\": 5}")]);
+        let err = Tokenizer::from_hf_dir(&broken).err().expect("unparsable").to_string();
+        assert!(err.contains("tokenizer.json"), "{err}");
+        std::fs::remove_dir_all(broken).unwrap();
+    }
+}
