@@ -1,7 +1,11 @@
 //! `xgen generate`: continue a prompt, streaming the text, with transformers' `generate` defaults
 //! from the model's generation_config.json.
 
-use std::{io::Write, path::PathBuf};
+use std::{
+    io::Write,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use clap::{Args, ValueEnum};
 use rand::{rngs::StdRng, SeedableRng};
@@ -99,7 +103,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
+    // llama.cpp's timings: the prompt until the first token is chosen, the rest as generation.
+    let start = Instant::now();
+    let mut first_token = None;
     let out = Generator::new(model, tokenizer).generate(&prompt, &config, &mut rng, &mut |step| {
+        first_token.get_or_insert_with(Instant::now);
         if !args.json && write_error.is_none() {
             if let Err(e) = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush()) {
                 write_error = Some(e);
@@ -109,6 +117,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if let Some(e) = write_error {
         return Err(e.into());
     }
+    let end = Instant::now();
+    let first_token = first_token.unwrap_or(end);
     if args.json {
         let mut obj = json!({
             "prompt_ids": out.prompt_ids,
@@ -117,6 +127,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             "finish_reason": out.finish_reason.as_str(),
             "seed": seed,
             "usage": {"prompt_tokens": out.prompt_ids.len(), "completion_tokens": out.ids.len()},
+            "timings": timings(out.prompt_ids.len(), out.ids.len(), first_token - start, end - first_token),
         });
         if args.logprobs.is_some() {
             obj["logprobs"] = out
@@ -130,4 +141,18 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         writeln!(stdout)?;
     }
     Ok(())
+}
+
+/// llama.cpp's `timings` object: prompt and generation tokens, milliseconds and speeds.
+fn timings(prompt_n: usize, predicted_n: usize, prompt: Duration, predicted: Duration) -> serde_json::Value {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let per_second = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
+    json!({
+        "prompt_n": prompt_n,
+        "prompt_ms": ms(prompt),
+        "prompt_per_second": per_second(prompt_n, prompt),
+        "predicted_n": predicted_n,
+        "predicted_ms": ms(predicted),
+        "predicted_per_second": per_second(predicted_n, predicted),
+    })
 }

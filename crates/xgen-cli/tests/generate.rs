@@ -59,6 +59,20 @@ fn greedy_json_equals_transformers() {
             assert_eq!(got["prompt_ids"], p["ids"]);
             let eos = p["greedy"]["stopped_on_eos"].as_bool().unwrap();
             assert_eq!(got["finish_reason"], if eos { "eos" } else { "length" });
+            // llama.cpp's timings: counts equal the ids, speeds equal counts over times.
+            let t = &got["timings"];
+            assert_eq!(t["prompt_n"].as_u64(), p["ids"].as_array().map(|a| a.len() as u64), "{t}");
+            assert_eq!(t["predicted_n"].as_u64(), got["ids"].as_array().map(|a| a.len() as u64), "{t}");
+            let (n, ms, speed) = (
+                t["predicted_n"].as_f64().unwrap(),
+                t["predicted_ms"].as_f64().unwrap(),
+                t["predicted_per_second"].as_f64().unwrap(),
+            );
+            assert!(
+                t["prompt_ms"].as_f64().unwrap() > 0.0
+                    && (speed - n / ms * 1e3).abs() <= 1e-6 * speed.max(1.0),
+                "{t}"
+            );
         }
     }
 }
