@@ -75,6 +75,26 @@ fn ids_outside_the_model_vocabulary_are_usage_errors() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(says) && err.contains("3260"), "{args:?}: {err}");
     }
+    // `xgen quantize` writes XGen's tokenizer into its GGUF files: a model with its own is refused.
+    let tmp = tempfile::tempdir().unwrap();
+    let out_file = tmp.path().join("x.gguf");
+    let args = [
+        "quantize",
+        "--model",
+        &model("gpt2-slice-hf"),
+        "--out",
+        out_file.to_str().unwrap(),
+        "--type",
+        "q8_0",
+    ];
+    let out = xgen_with(&args, b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("its own"), "{err}");
+    assert!(!out_file.exists());
+    // A model without a chat template refuses chat, saying so.
+    let out = xgen_with(&["chat", "--model", &model("spm.gguf"), "--max-new-tokens", "2"], b"Hi\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(2) && err.contains("no chat template"), "{err}");
     // An unreadable model tokenizer is named at load: a directory with a broken tokenizer.json.
     let tmp = tempfile::tempdir().unwrap();
     std::fs::copy(fixtures("tokenizers/gpt2-slice-hf/config.json"), tmp.path().join("config.json")).unwrap();
