@@ -44,7 +44,9 @@ fn gguf_and_tokenizer_json_vocabularies_tokenize_like_their_references() {
 #[test]
 fn detokenize_gives_back_the_text() {
     // Byte-level BPE is lossless; SentencePiece adds BOS and one space before the text.
-    for (fixture, skip, prefix) in [("gpt2-slice.gguf", 0, ""), ("spm.gguf", 1, " ")] {
+    for (fixture, skip, prefix) in
+        [("gpt2-slice.gguf", 0, ""), ("gpt2-slice-hf", 0, ""), ("spm.gguf", 1, " ")]
+    {
         for (text, ids) in expected(fixture).into_iter().filter(|(t, _)| !t.contains('<')) {
             let ids: Vec<u64> =
                 ids.as_array().unwrap().iter().skip(skip).map(|v| v.as_u64().unwrap()).collect();

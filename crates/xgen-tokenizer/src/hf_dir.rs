@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use serde_json::Value;
+use tokenizers::DecoderWrapper;
 
 use crate::{
     gguf_vocab::{byte_token, END_OF_GENERATION_TEXTS},
@@ -41,8 +42,7 @@ pub(crate) fn read(dir: &Path) -> Result<Option<Found>, TokenizerError> {
     let field = json_path.display().to_string();
     let tokenizer =
         tokenizers::Tokenizer::from_file(&json_path).map_err(|e| TokenizerError::invalid(&field, e))?;
-    let raw = read_json(&json_path)?.unwrap_or(Value::Null);
-    let byte_level = uses(&raw["decoder"], "ByteLevel") || uses(&raw["pre_tokenizer"], "ByteLevel");
+    let byte_level = tokenizer.get_decoder().is_some_and(byte_level_decoder);
     let vocab = tokenizer.get_vocab(true);
     let n = vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0);
     let mut pieces = vec![Vec::new(); n];
@@ -97,12 +97,13 @@ pub(crate) fn read_json(path: &Path) -> Result<Option<Value>, TokenizerError> {
     serde_json::from_str(&text).map(Some).map_err(|e| TokenizerError::invalid(path.display().to_string(), e))
 }
 
-/// Whether a `tokenizer.json` component (or a sequence of them) has `kind`.
-fn uses(component: &Value, kind: &str) -> bool {
-    component["type"] == kind
-        || ["decoders", "pretokenizers"]
-            .iter()
-            .any(|k| component[k].as_array().is_some_and(|a| a.iter().any(|c| uses(c, kind))))
+/// Whether a decoder (or a sequence of them) undoes GPT-2's byte-level mapping.
+fn byte_level_decoder(d: &DecoderWrapper) -> bool {
+    match d {
+        DecoderWrapper::ByteLevel(_) => true,
+        DecoderWrapper::Sequence(s) => s.get_decoders().iter().any(byte_level_decoder),
+        _ => false,
+    }
 }
 
 /// GPT-2's byte map reversed: the char in token strings -> the byte.
