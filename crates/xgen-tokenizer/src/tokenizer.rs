@@ -110,11 +110,15 @@ impl Tokenizer {
     /// A GGUF file's tokenizer; XGen's exact one when the file's vocabulary is XGen's (files
     /// `xgen quantize` writes, llama.cpp's conversions of XGen).
     pub fn from_gguf(vocab: &GgufVocab) -> Result<Self, TokenizerError> {
-        if is_xgen_vocabulary(vocab) {
+        let model = match vocab.model.as_str() {
+            "llama" => VocabModel::Llama,
+            _ => VocabModel::Gpt2,
+        };
+        let pieces = vocab.token_bytes(model);
+        if vocab.model == "gpt2" && is_xgen_vocabulary(&pieces) {
             return Ok(Self::xgen());
         }
         let built = vocab.build()?;
-        let pieces = vocab.token_bytes(built.model);
         let special: Vec<bool> = (0..vocab.tokens.len())
             .map(|i| vocab.kind(i) == crate::gguf_vocab::token_type::CONTROL)
             .collect();
@@ -397,12 +401,12 @@ impl Pipeline {
     }
 }
 
-/// Whether a GGUF vocabulary is XGen's: the same 51200 tokens, each with the same bytes.
-fn is_xgen_vocabulary(vocab: &GgufVocab) -> bool {
+/// Whether a gpt2 vocabulary's token bytes are XGen's: the same 51200 tokens, each with the
+/// same bytes.
+fn is_xgen_vocabulary(pieces: &[Vec<u8>]) -> bool {
     let xgen = XgenTokenizer::new();
-    if vocab.model != "gpt2" || vocab.tokens.len() != xgen.n_vocab() as usize {
+    if pieces.len() != xgen.n_vocab() as usize {
         return false;
     }
-    let pieces = vocab.token_bytes(VocabModel::Gpt2);
     pieces.iter().enumerate().all(|(id, b)| xgen.token_bytes(id as TokenId).is_ok_and(|x| x == b.as_slice()))
 }
