@@ -120,6 +120,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let end = Instant::now();
     let first_token = first_token.unwrap_or(end);
     if args.json {
+        let mut timings =
+            timings(out.prompt_ids.len(), out.ids.len(), first_token - start, end - first_token);
+        if config.prompt_lookup.is_some() {
+            timings["draft_n"] = json!(out.draft.drafted);
+            timings["draft_n_accepted"] = json!(out.draft.accepted);
+        }
         let mut obj = json!({
             "prompt_ids": out.prompt_ids,
             "ids": out.ids,
@@ -127,7 +133,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
             "finish_reason": out.finish_reason.as_str(),
             "seed": seed,
             "usage": {"prompt_tokens": out.prompt_ids.len(), "completion_tokens": out.ids.len()},
-            "timings": timings(out.prompt_ids.len(), out.ids.len(), first_token - start, end - first_token),
+            "timings": timings,
         });
         if args.logprobs.is_some() {
             obj["logprobs"] = out
@@ -143,7 +149,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// llama.cpp's `timings` object: prompt and generation tokens, milliseconds and speeds.
+/// llama.cpp's `timings` object: prompt and generation tokens, milliseconds and speeds (with
+/// prompt lookup the caller adds `draft_n` and `draft_n_accepted`).
 fn timings(prompt_n: usize, predicted_n: usize, prompt: Duration, predicted: Duration) -> serde_json::Value {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let per_second = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use xgen_generate::{Format, GenerationConfig, Grammars, ModelText, SampleParams, Sampling};
+use xgen_generate::{Format, GenerationConfig, Grammars, ModelText, PromptLookup, SampleParams, Sampling};
 use xgen_tokenizer::Tokenizer;
 
 use crate::exit::bad_input;
@@ -56,6 +56,13 @@ pub struct SamplingArgs {
     /// The output is exactly one of these comma-separated choices.
     #[arg(long, value_name = "A,B,...", value_delimiter = ',', group = "format")]
     pub choice: Option<Vec<String>>,
+    /// Prompt-lookup speculation: draft up to N tokens (1-14) copied from the prompt and output
+    /// and verify them in one pass. The output is the same as without it.
+    #[arg(long, value_name = "N")]
+    pub prompt_lookup: Option<usize>,
+    /// With --prompt-lookup: the longest n-gram matched to find a draft.
+    #[arg(long, value_name = "M", requires = "prompt_lookup", default_value_t = xgen_generate::lookup::DEFAULT_NGRAM)]
+    pub ngram: usize,
 }
 
 impl SamplingArgs {
@@ -96,6 +103,10 @@ impl SamplingArgs {
         base.penalties.logit_bias = self.logit_bias.clone();
         base.stop_strings.extend(self.stop.iter().cloned());
         base.format = self.format(tokenizer, n_vocab)?;
+        if let Some(n) = self.prompt_lookup {
+            base.prompt_lookup =
+                Some(PromptLookup::new(n, self.ngram).map_err(|e| bad_input(e.to_string()))?);
+        }
         base.validate().map_err(|e| bad_input(e.to_string()))?;
         Ok(base)
     }

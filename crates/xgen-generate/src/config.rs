@@ -7,6 +7,7 @@ use serde_json::Value;
 use xgen_model::Config;
 
 use crate::constraint::Format;
+use crate::lookup::{PromptLookup, DEFAULT_NGRAM};
 use crate::{
     error::{GenerateError, Result},
     penalties::Penalties,
@@ -53,6 +54,9 @@ pub struct GenerationConfig {
     pub special_text: SpecialText,
     /// The format the output must match (constrained decoding), if any.
     pub format: Option<Format>,
+    /// Draft tokens from the prompt and output and verify them in one pass (speculative decoding
+    /// with the same output), if set.
+    pub prompt_lookup: Option<PromptLookup>,
 }
 
 impl GenerationConfig {
@@ -70,6 +74,7 @@ impl GenerationConfig {
             truncation: Truncation::Error,
             special_text: SpecialText::Keep,
             format: None,
+            prompt_lookup: None,
         }
     }
 
@@ -124,6 +129,10 @@ impl GenerationConfig {
         }
         if let Some(p) = uint("pad_token_id")? {
             c.pad_token_id = p as u32;
+        }
+        if let Some(n) = uint("prompt_lookup_num_tokens")? {
+            let ngram = uint("max_matching_ngram_size")?.map_or(DEFAULT_NGRAM, |m| m as usize);
+            c.prompt_lookup = Some(PromptLookup::new(n as usize, ngram)?);
         }
         if let Some(r) = float("repetition_penalty")? {
             c.penalties.repetition = r;

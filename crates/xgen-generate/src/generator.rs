@@ -12,6 +12,7 @@ use crate::{
     config::{GenerationConfig, SpecialText},
     constraint::{Constraint, Grammars},
     error::{GenerateError, Result},
+    lookup::{self, DraftStats, PromptLookup},
     penalties::History,
     sampler,
     stop::{FinishReason, StopStrings},
@@ -52,6 +53,8 @@ pub struct Output {
     pub finish_reason: FinishReason,
     /// One entry per generated id, when `top_logprobs` was requested.
     pub logprobs: Vec<TokenLogprob>,
+    /// Tokens drafted by prompt lookup, and how many of them were accepted.
+    pub draft: DraftStats,
 }
 
 /// One sequence being generated: its output so far, penalty history, incremental decoder and stop
@@ -96,6 +99,7 @@ impl<'t> Sequence<'t> {
                 text: String::new(),
                 finish_reason: FinishReason::Length,
                 logprobs: Vec::new(),
+                draft: DraftStats::default(),
             },
             config,
             budget,
@@ -134,6 +138,44 @@ impl<'t> Sequence<'t> {
 
     pub fn into_output(self) -> Output {
         self.out
+    }
+
+    pub fn config(&self) -> &GenerationConfig {
+        &self.config
+    }
+
+    /// Up to `limit` tokens for the next verify step, looked up in the prompt and the output
+    /// ([`lookup::draft`]); never more than the budget has room for after the model's own token.
+    pub fn draft(&self, lookup: &PromptLookup, limit: usize) -> Vec<u32> {
+        let room = self.budget.saturating_sub(self.out.ids.len() + 1);
+        let tokens: Vec<u32> = self.out.prompt_ids.iter().chain(&self.out.ids).copied().collect();
+        lookup::draft(&tokens, lookup.max_ngram, limit.min(room)).to_vec()
+    }
+
+    /// A verify step: `rows[i]` are the raw logits after the last accepted token (`i = 0`) and
+    /// after `draft[..i]`. Each row is stepped exactly as plain decoding steps it (penalties,
+    /// constraint mask, sampler, stops), accepting the next row only while the chosen token
+    /// equals the draft's; so the output (and, sampling, the random stream) is plain decoding's.
+    /// Returns the steps taken: the accepted drafts, then the model's own token.
+    pub fn verify(
+        &mut self,
+        rows: &[Vec<f32>],
+        draft: &[u32],
+        rng: &mut impl Rng,
+    ) -> Result<Vec<StepOutput>> {
+        let mut steps = Vec::with_capacity(draft.len() + 1);
+        for (i, raw) in rows.iter().take(draft.len() + 1).enumerate() {
+            let s = self.step(raw, rng)?;
+            let go_on = !self.finished && draft.get(i) == Some(&s.token);
+            steps.push(s);
+            if !go_on {
+                break;
+            }
+        }
+        let accepted = steps.iter().zip(draft).take_while(|(s, d)| s.token == **d).count();
+        self.out.draft.drafted += draft.len();
+        self.out.draft.accepted += accepted;
+        Ok(steps)
     }
 
     /// Chooses the next token from the model's raw logits for this sequence and records it.
@@ -230,7 +272,7 @@ impl<'a> Generator<'a> {
         self
     }
 
-    fn check_cancel(&self) -> Result<()> {
+    pub(crate) fn check_cancel(&self) -> Result<()> {
         match self.cancel {
             Some(flag) if flag.load(Ordering::Relaxed) => Err(GenerateError::Cancelled),
             _ => Ok(()),
@@ -317,6 +359,10 @@ impl<'a> Generator<'a> {
         cache.set_padding(padding)?;
         let input = Tensor::from_vec(input, (prompts.len(), width), model.device())?;
         let mut logits = self.prefill(&input, &mut cache)?; // [b, v]
+        if let [row] = &mut rows[..] {
+            self.decode(row, &mut cache, logits.squeeze(0)?.to_vec1()?, rng, on_step)?;
+            return Ok(rows.into_iter().map(Sequence::into_output).collect());
+        }
         loop {
             self.check_cancel()?;
             let all: Vec<Vec<f32>> = logits.to_vec2()?;

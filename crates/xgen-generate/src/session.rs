@@ -7,7 +7,7 @@ use xgen_model::{kv_cache::blocks_for, KvCache};
 
 use crate::{
     error::{GenerateError, Result},
-    generator::{forward_beside_masks, Generator, Output, Step},
+    generator::{Generator, Output, Step},
     GenerationConfig,
 };
 
@@ -65,25 +65,8 @@ impl Generator<'_> {
         let reuse = cache.len();
         session.reused = reuse;
         let mut seq = self.sequence(prompt, config, steps)?;
-        let mut logits = model.forward_last(&model.ids_tensor(&prompt[reuse..])?, &mut cache)?; // [1, v]
-        loop {
-            let s = seq.step(&logits.squeeze(0)?.to_vec1()?, rng)?;
-            on_step(&Step {
-                row: 0,
-                token: s.token,
-                text: &s.text,
-                logprob: s.logprob.as_ref(),
-                finish: s.finish,
-            });
-            if seq.is_finished() {
-                break;
-            }
-            let ids = model.ids_tensor(&[s.token])?;
-            let (next_logits, mask) =
-                forward_beside_masks(vec![&mut seq], || model.forward_last(&ids, &mut cache));
-            mask?;
-            logits = next_logits?;
-        }
+        let logits = model.forward_last(&model.ids_tensor(&prompt[reuse..])?, &mut cache)?; // [1, v]
+        self.decode(&mut seq, &mut cache, logits.squeeze(0)?.to_vec1()?, rng, on_step)?;
         let out = seq.into_output();
         session.tokens = prompt.iter().chain(&out.ids).copied().take(cache.len()).collect();
         session.cache = Some(cache);

@@ -1,12 +1,19 @@
-//! Attention of one new query per sequence over the whole KV cache, on the CPU: the decode step.
+//! Attention of a few new queries per sequence over the whole KV cache, on the CPU: the decode
+//! step (one query) and a speculative verify step (up to [`FEW_QUERIES`] new positions).
 //!
 //! The general path (`attention::causal_attention`) converts all cached keys and values to f32
 //! and runs candle matmuls over strided views; at 4096 cached positions that dominated a decode
 //! step (a q8_0 7B fell from 3.4 to 0.27 tok/s). Here each head reads its keys and values once,
 //! straight from the cache buffers `[b, kv_h, capacity, hd]` in their stored dtype, widening in
-//! registers: scores `q·k_j / √hd` in f32, a softmax, and `Σ p_j v_j`. Heads run in parallel
-//! (on the calling thread when the step reads little of the cache). Rows are found through the
-//! block tables ([`Paging`]): a table lookup per row, nothing copied.
+//! registers: scores `q·k_j / √hd` in f32, a softmax, and `Σ p_j v_j`. Key/value heads run in
+//! parallel (on the calling thread when the step reads little of the cache). Rows are found
+//! through the block tables ([`Paging`]): a table lookup per row, nothing copied.
+//!
+//! Every query that shares a key/value head (the `t` new positions, and under grouped-query
+//! attention the `h / kv_h` query heads) is served by one task that reads each cached row once
+//! for all of them. Invariant: each query's arithmetic is the same, operation for operation, as
+//! when it is the only query (the new position `past + i` sees `past + i + 1` positions), so a
+//! verify step's attention equals that of the single steps it stands for, bit for bit.
 //! `causal_attention` is the reference in the test.
 
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
@@ -19,9 +26,14 @@ use crate::{error::Result, kv_cache::KvBuffer};
 /// Lanes of independent f32 accumulators (lets the compiler vectorise the reductions).
 const LANES: usize = 16;
 
-/// `q` `[b, h, 1, hd]` against positions `padding[i]..len` of `keys`/`values`
-/// (`[blocks, kv_h, block, ..]`, sequence `i`'s positions where `paging` says) -> `[b, h, 1, hd]`
-/// f32. `None` when not applicable (not one query row, not on the CPU, or an unsupported dtype).
+/// New positions per sequence that this kernel takes (a verify step's rows); longer chunks are
+/// prompts, for [`super::prompt_attention`].
+pub const FEW_QUERIES: usize = 16;
+
+/// `q` `[b, h, t, hd]` (t ≤ [`FEW_QUERIES`]) at positions `len - t..len` against positions
+/// `padding[i]..` of `keys`/`values` (`[blocks, kv_h, block, ..]`, sequence `i`'s positions where
+/// `paging` says), causal -> `[b, h, t, hd]` f32. `None` when not applicable (too many query rows,
+/// a padded row whose queries see only padding, not on the CPU, or an unsupported dtype).
 pub fn decode_attention(
     q: &Tensor,
     keys: &KvBuffer,
@@ -31,7 +43,11 @@ pub fn decode_attention(
     padding: &[usize],
 ) -> Result<Option<Tensor>> {
     let (b, h, t, hd) = q.dims4()?;
-    if t != 1
+    let first_len = len + 1 - t.min(len);
+    if t == 0
+        || t > FEW_QUERIES
+        || t > len
+        || padding.iter().any(|&p| t > 1 && p >= first_len)
         || !matches!(q.device(), Device::Cpu)
         || !paging.reads(keys.rows(), b, len)
         || values.dims() != keys.dims()
@@ -39,14 +55,15 @@ pub fn decode_attention(
         return Ok(None);
     }
     let qs: Vec<f32> = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let shape = Shape { h, hd, len, t };
     let out = match (keys, values) {
-        (KvBuffer::Float(k), KvBuffer::Float(v)) => float_cache(&qs, k, v, paging, (h, hd), len, padding)?,
+        (KvBuffer::Float(k), KvBuffer::Float(v)) => float_cache(&qs, k, v, paging, &shape, padding)?,
         (KvBuffer::Q8_0 { q: kq, d: kd }, KvBuffer::Q8_0 { q: vq, d: vd }) => {
-            q8_cache(&qs, [kq, kd, vq, vd], paging, (h, hd), len, padding)?
+            q8_cache(&qs, [kq, kd, vq, vd], paging, &shape, padding)?
         }
         _ => None,
     };
-    out.map(|o| Ok(Tensor::from_vec(o, (b, h, 1, hd), q.device())?)).transpose()
+    out.map(|o| Ok(Tensor::from_vec(o, (b, h, t, hd), q.device())?)).transpose()
 }
 
 /// A float cache (`[blocks, kv_h, block, hd]` each): the per-head SIMD kernel for 16-bit caches
@@ -56,19 +73,17 @@ fn float_cache(
     keys: &Tensor,
     values: &Tensor,
     paging: &Paging,
-    (h, hd): (usize, usize),
-    len: usize,
+    shape: &Shape,
     padding: &[usize],
 ) -> Result<Option<Vec<f32>>> {
-    let b = qs.len() / (h * hd);
+    let hd = shape.hd;
     if !keys.is_contiguous() || !values.is_contiguous() {
         return Ok(None);
     }
     let (ks, kl) = keys.storage_and_layout();
     let (vs, vl) = values.storage_and_layout();
     let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else { return Ok(None) };
-    let shape = Shape { h, hd, len };
-    let mut out = vec![0f32; b * h * hd];
+    let mut out = vec![0f32; qs.len()];
     let (ko, vo) = (kl.start_offset(), vl.start_offset());
     // Row `r` (flat index over [blocks, kv_h, block]) of a slice, widened by `f`.
     fn rows<'a, T>(
@@ -86,7 +101,7 @@ fn float_cache(
     let bf16s = |s: &[bf16], d: &mut [f32]| s.convert_to_f32_slice(d);
     match (kc, vc) {
         (CpuStorage::F32(k), CpuStorage::F32(v)) => {
-            run(qs, rows(&k[ko..], hd, copy), rows(&v[vo..], hd, copy), paging, &shape, padding, &mut out)
+            run(qs, rows(&k[ko..], hd, copy), rows(&v[vo..], hd, copy), paging, shape, padding, &mut out)
         }
         #[cfg(target_arch = "x86_64")]
         (CpuStorage::F16(k), CpuStorage::F16(v)) if x86::applies(hd, paging) => {
@@ -95,7 +110,7 @@ fn float_cache(
                 qs,
                 (x86::HalfRows::<false>(k), x86::HalfRows::<false>(v)),
                 paging,
-                &shape,
+                shape,
                 padding,
                 &mut out,
             )
@@ -107,16 +122,16 @@ fn float_cache(
                 qs,
                 (x86::HalfRows::<true>(k), x86::HalfRows::<true>(v)),
                 paging,
-                &shape,
+                shape,
                 padding,
                 &mut out,
             )
         }
         (CpuStorage::F16(k), CpuStorage::F16(v)) => {
-            run(qs, rows(&k[ko..], hd, f16s), rows(&v[vo..], hd, f16s), paging, &shape, padding, &mut out)
+            run(qs, rows(&k[ko..], hd, f16s), rows(&v[vo..], hd, f16s), paging, shape, padding, &mut out)
         }
         (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-            run(qs, rows(&k[ko..], hd, bf16s), rows(&v[vo..], hd, bf16s), paging, &shape, padding, &mut out)
+            run(qs, rows(&k[ko..], hd, bf16s), rows(&v[vo..], hd, bf16s), paging, shape, padding, &mut out)
         }
         _ => return Ok(None),
     }
@@ -129,11 +144,10 @@ fn q8_cache(
     qs: &[f32],
     [kq, kd, vq, vd]: [&Tensor; 4],
     paging: &Paging,
-    (h, hd): (usize, usize),
-    len: usize,
+    shape: &Shape,
     padding: &[usize],
 ) -> Result<Option<Vec<f32>>> {
-    let b = qs.len() / (h * hd);
+    let hd = shape.hd;
     let storages = [kq, kd, vq, vd].map(|t| t.storage_and_layout());
     let [(kqs, kql), (kds, kdl), (vqs, vql), (vds, vdl)] = &storages;
     let (Storage::Cpu(CpuStorage::U8(kq)), Storage::Cpu(CpuStorage::F16(kd))) = (&**kqs, &**kds) else {
@@ -156,27 +170,43 @@ fn q8_cache(
             }
         }
     }
-    let shape = Shape { h, hd, len };
-    let mut out = vec![0f32; b * h * hd];
+    let mut out = vec![0f32; qs.len()];
     #[cfg(target_arch = "x86_64")]
     if x86::applies(hd, paging) {
         let (kd, vd) = (bits(kd), bits(vd));
         let rows = (x86::Q8Rows { q: kq, d: kd }, x86::Q8Rows { q: vq, d: vd });
-        x86::run(qs, rows, paging, &shape, padding, &mut out);
+        x86::run(qs, rows, paging, shape, padding, &mut out);
         return Ok(Some(out));
     }
-    run(qs, dequant(kq, kd, hd), dequant(vq, vd, hd), paging, &shape, padding, &mut out);
+    run(qs, dequant(kq, kd, hd), dequant(vq, vd, hd), paging, shape, padding, &mut out);
     Ok(Some(out))
 }
 
+/// Query heads, head width, cached positions after the step, new positions (queries per head).
 struct Shape {
     h: usize,
     hd: usize,
     len: usize,
+    t: usize,
+}
+
+impl Shape {
+    /// Query rows (`[b, h, t]` flattened) served together: those of one key/value head.
+    fn group(&self, kv_h: usize) -> usize {
+        self.h / kv_h * self.t
+    }
+
+    /// Group `g` (flat over `[b, kv_h]`): its sequence, and each query's positions seen
+    /// (`len - t + i + 1` for new position `i`), in the order of the group's query rows.
+    fn queries(&self, g: usize, kv_h: usize) -> (usize, Vec<usize>) {
+        let bi = g / kv_h;
+        let lens = (0..self.group(kv_h)).map(|q| self.len - self.t + q % self.t + 1).collect();
+        (bi, lens)
+    }
 }
 
 /// `key(r, row)` and `value(r, row)` write cached row `r` (flat index over `[blocks, kv_h,
-/// block]`) as f32 into `row`.
+/// block]`) as f32 into `row`. Each query reads the rows itself (the portable reference).
 fn run(
     qs: &[f32],
     key: impl Fn(usize, &mut [f32]) + Sync,
@@ -186,29 +216,32 @@ fn run(
     padding: &[usize],
     out: &mut [f32],
 ) {
-    let (hd, n_rep) = (s.hd, s.h / paging.kv_h);
+    let (hd, kv_h) = (s.hd, paging.kv_h);
     let scale = 1.0 / (hd as f32).sqrt();
-    out.par_chunks_mut(hd).enumerate().for_each(|(bh, o)| {
-        let (bi, head) = (bh / s.h, bh % s.h);
-        let at = |j: usize| paging.row(bi, head / n_rep, j);
-        let q = &qs[bh * hd..(bh + 1) * hd];
-        let first = padding.get(bi).copied().unwrap_or(0).min(s.len.saturating_sub(1));
-        let mut row = vec![0f32; hd];
-        let scores: Vec<f32> = (first..s.len)
-            .map(|j| {
-                key(at(j), &mut row);
-                dot(q, &row) * scale
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f32> = scores.iter().map(|&x| (x - max).exp()).collect();
-        let total: f32 = weights.iter().sum();
-        o.fill(0.0);
-        for (j, &w) in (first..s.len).zip(&weights) {
-            let p = w / total;
-            value(at(j), &mut row);
-            for (a, &x) in o.iter_mut().zip(&row) {
-                *a += p * x;
+    let group = s.group(kv_h) * hd;
+    out.par_chunks_mut(group).enumerate().for_each(|(g, o)| {
+        let (bi, lens) = s.queries(g, kv_h);
+        let at = |j: usize| paging.row(bi, g % kv_h, j);
+        for ((qi, o), len) in o.chunks_mut(hd).enumerate().zip(lens) {
+            let q = &qs[g * group + qi * hd..][..hd];
+            let first = padding.get(bi).copied().unwrap_or(0).min(len - 1);
+            let mut row = vec![0f32; hd];
+            let scores: Vec<f32> = (first..len)
+                .map(|j| {
+                    key(at(j), &mut row);
+                    dot(q, &row) * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f32> = scores.iter().map(|&x| (x - max).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            o.fill(0.0);
+            for (j, &w) in (first..len).zip(&weights) {
+                let p = w / total;
+                value(at(j), &mut row);
+                for (a, &x) in o.iter_mut().zip(&row) {
+                    *a += p * x;
+                }
             }
         }
     });
@@ -241,6 +274,7 @@ fn dot(q: &[f32], k: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::KvType;
     use crate::{
         attention::grouped_causal_attention,
         kernels::paging::{scatter, scatter_buffer},
@@ -250,24 +284,28 @@ mod tests {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
-    /// `causal_attention` of the last query over `k`, `v` `[b, kv_h, len, hd]`, each key/value
-    /// head shared by `h / kv_h` query heads.
+    /// `causal_attention` of the last `t` queries (`q` `[b, h, t, hd]`) over `k`, `v`
+    /// `[b, kv_h, len, hd]`, each key/value head shared by `h / kv_h` query heads.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, padding: &[usize]) -> Tensor {
-        grouped_causal_attention(q, k, v, k.dim(2).unwrap() - 1, padding).unwrap()
+        grouped_causal_attention(q, k, v, k.dim(2).unwrap() - q.dim(2).unwrap(), padding).unwrap()
     }
 
     #[test]
     fn equals_the_reference_attention() {
         let dev = Device::Cpu;
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for (b, h, kv_h, hd, capacity, len, padding) in [
-                (1, 4, 4, 16, 50, 37, vec![0]),
-                (2, 4, 2, 20, 64, 64, vec![3, 0]),
-                (1, 2, 1, 8, 9, 1, vec![0]),
-                (1, 4, 4, 128, 300, 290, vec![0]),
-                (2, 4, 2, 64, 40, 33, vec![5, 0]),
+            for (b, h, kv_h, hd, capacity, len, padding, t) in [
+                (1, 4, 4, 16, 50, 37, vec![0], 1),
+                (2, 4, 2, 20, 64, 64, vec![3, 0], 1),
+                (2, 4, 2, 20, 64, 64, vec![3, 0], 5),
+                (1, 2, 1, 8, 9, 1, vec![0], 1),
+                (1, 4, 4, 128, 300, 290, vec![0], 1),
+                (1, 4, 4, 128, 300, 290, vec![0], 16),
+                (2, 4, 2, 64, 40, 33, vec![5, 0], 1),
+                (2, 4, 2, 64, 40, 33, vec![5, 0], 9),
+                (1, 6, 2, 64, 40, 16, vec![0], 16),
             ] {
-                let q = Tensor::randn(0f32, 1., (b, h, 1, hd), &dev).unwrap().to_dtype(dtype).unwrap();
+                let q = Tensor::randn(0f32, 1., (b, h, t, hd), &dev).unwrap().to_dtype(dtype).unwrap();
                 let k =
                     Tensor::randn(0f32, 1., (b, kv_h, capacity, hd), &dev).unwrap().to_dtype(dtype).unwrap();
                 let v =
@@ -284,8 +322,43 @@ mod tests {
                 for (kb, vb, paging) in [(&kb, &vb, contiguous), (&ksb, &vsb, paged)] {
                     let got = decode_attention(&q, kb, vb, &paging, len, &padding).unwrap().expect("applies");
                     let err = max_diff(&got, &want);
-                    assert!(err < 1e-4, "{dtype:?} b{b} h{h}/{kv_h} len {len} block {}: {err}", paging.block);
+                    assert!(
+                        err < 1e-4,
+                        "{dtype:?} b{b} h{h}/{kv_h} t{t} len {len} block {}: {err}",
+                        paging.block
+                    );
                 }
+            }
+        }
+    }
+
+    /// The module's invariant: `t` new positions at once give, bit for bit, what `t` one-query
+    /// steps give (the query at position `len - t + i` over `len - t + i + 1` positions), on the
+    /// SIMD path (head width 64, 128) and the portable one (20), for 16-bit and q8_0 caches.
+    #[test]
+    fn few_queries_equal_single_steps_exactly() {
+        let dev = Device::Cpu;
+        let kinds = [KvType::Float(DType::F16), KvType::Float(DType::BF16), KvType::Q8_0];
+        for (kind, (h, kv_h, hd, len, t)) in kinds
+            .iter()
+            .flat_map(|&k| [(4, 4, 128, 70, 7), (6, 2, 64, 40, 16), (4, 2, 32, 33, 3)].map(|s| (k, s)))
+        {
+            let shape = (1, kv_h, len, hd);
+            let [k, v] = [0, 1].map(|_| {
+                let buf = KvBuffer::zeros(kind, shape, &dev).unwrap();
+                buf.write(&Tensor::randn(0f32, 1., shape, &dev).unwrap(), 0).unwrap();
+                buf
+            });
+            let q = Tensor::randn(0f32, 1., (1, h, t, hd), &dev).unwrap();
+            let tables = Paging::identity(1);
+            let paging = Paging::contiguous(&tables, len, kv_h);
+            let all = decode_attention(&q, &k, &v, &paging, len, &[0]).unwrap().expect("applies");
+            for i in 0..t {
+                let one = q.narrow(2, i, 1).unwrap();
+                let single = decode_attention(&one, &k, &v, &paging, len - t + i + 1, &[0]).unwrap().unwrap();
+                let got: Vec<f32> = all.narrow(2, i, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let want: Vec<f32> = single.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(got, want, "{kind:?} h{h}/{kv_h} hd{hd} row {i} of {t}");
             }
         }
     }

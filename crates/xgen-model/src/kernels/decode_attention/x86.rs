@@ -121,8 +121,9 @@ impl Rows for Q8Rows<'_> {
     }
 }
 
-/// Every head `bh` of `out` (`[b·h, hd]`): query `qs[bh]` over positions `padding[b]..len` of
-/// its key/value head, found in `(k, v)` through `paging`.
+/// Every query row of `out` (`[b, h, t, hd]` flattened), the queries of one key/value head
+/// together: query `qs[i]` over positions `padding[b]..` of its key/value head up to its own
+/// position, found in `(k, v)` through `paging`.
 pub fn run<K: Rows, V: Rows>(
     qs: &[f32],
     (k, v): (K, V),
@@ -131,26 +132,30 @@ pub fn run<K: Rows, V: Rows>(
     padding: &[usize],
     out: &mut [f32],
 ) {
-    let (hd, n_rep) = (s.hd, s.h / paging.kv_h);
-    let head = |(bh, o): (usize, &mut [f32])| {
-        let (bi, head) = (bh / s.h, bh % s.h);
-        let at = |j: usize| paging.row(bi, head / n_rep, j);
-        let q = &qs[bh * hd..(bh + 1) * hd];
-        let first = padding.get(bi).copied().unwrap_or(0).min(s.len.saturating_sub(1));
+    let (hd, kv_h) = (s.hd, paging.kv_h);
+    let group = s.group(kv_h) * hd;
+    let task = |(g, o): (usize, &mut [f32])| {
+        let (bi, lens) = s.queries(g, kv_h);
+        let at = |j: usize| paging.row(bi, g % kv_h, j);
+        let q = &qs[g * group..(g + 1) * group];
+        // The first new position sees the fewest: its padding bound is every query's (the caller
+        // declined padding that a new position would not see past).
+        let first = padding.get(bi).copied().unwrap_or(0).min(lens[0] - 1);
         // SAFETY: `applies` checked AVX-512F and F16C; the caller checked that the tables hold
         // `len` positions.
         unsafe {
             match hd {
-                64 => one_head::<4, K, V>(q, &k, &v, at, first, s.len, o),
-                _ => one_head::<8, K, V>(q, &k, &v, at, first, s.len, o),
+                64 => queries::<4, K, V>(q, &lens, &k, &v, at, first, o),
+                _ => queries::<8, K, V>(q, &lens, &k, &v, at, first, o),
             }
         }
     };
-    let bytes = out.len() / hd * s.len * (K::row_bytes(hd) + V::row_bytes(hd));
+    // Each task reads its head's rows once.
+    let bytes = out.len() / group * s.len * (K::row_bytes(hd) + V::row_bytes(hd));
     if bytes < PARALLEL_BYTES {
-        out.chunks_mut(hd).enumerate().for_each(head);
+        out.chunks_mut(group).enumerate().for_each(task);
     } else {
-        out.par_chunks_mut(hd).enumerate().for_each(head);
+        out.par_chunks_mut(group).enumerate().for_each(task);
     }
 }
 
@@ -170,62 +175,92 @@ fn group_rows(at: &impl Fn(usize) -> usize, j0: usize, len: usize) -> [usize; BL
     }
 }
 
-/// One head: positions `first..len` (row `at(j)` of `k`/`v`, `C` × 16 values per row) -> `o`.
+/// The queries of one key/value head: query `i` (`q[i·hd..]`, `C` × 16 values) over positions
+/// `first..lens[i]` (row `at(j)` of `k`/`v`) -> `o[i·hd..]`. Each cached row is widened once for
+/// all queries; each query's operations are those it would run alone (the module's invariant).
 #[target_feature(enable = "avx512f,f16c")]
-unsafe fn one_head<const C: usize, K: Rows, V: Rows>(
+unsafe fn queries<const C: usize, K: Rows, V: Rows>(
     q: &[f32],
+    lens: &[usize],
     k: &K,
     v: &V,
     at: impl Fn(usize) -> usize,
     first: usize,
-    len: usize,
     o: &mut [f32],
 ) {
     let hd = 16 * C;
+    let nq = lens.len();
+    let len = lens.iter().copied().max().unwrap_or(0);
     let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
-    // SAFETY (all loads): q and o hold hd values; rows first..len exist (the caller's promise).
-    let qv: [__m512; C] =
-        std::array::from_fn(|c| unsafe { _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(16 * c)), scale) });
-    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-    let mut acc = [_mm512_setzero_ps(); C];
+    // SAFETY (all loads): q and o hold nq · hd values; rows first..len exist (the caller's promise).
+    let mut qv = vec![[_mm512_setzero_ps(); C]; nq];
+    for (i, qi) in qv.iter_mut().enumerate() {
+        for (c, x) in qi.iter_mut().enumerate() {
+            *x = unsafe { _mm512_mul_ps(_mm512_loadu_ps(q.as_ptr().add(i * hd + 16 * c)), scale) };
+        }
+    }
+    // Per query: running max and sum of the online softmax, output accumulators, this block's
+    // scores (missing lanes -inf) and weights.
+    let (mut max, mut sum) = (vec![f32::NEG_INFINITY; nq], vec![0f32; nq]);
+    let mut acc = vec![[_mm512_setzero_ps(); C]; nq];
+    let mut scores = vec![[f32::NEG_INFINITY; BLOCK_ROWS]; nq];
+    let mut weights = vec![[0f32; BLOCK_ROWS]; nq];
     for j0 in (first..len).step_by(BLOCK_ROWS) {
         let n = BLOCK_ROWS.min(len - j0);
-        // Scores q·k_j (scaled) of the block; missing lanes stay -inf.
-        let mut scores = [f32::NEG_INFINITY; BLOCK_ROWS];
         // Rows of the block, and of the next one to prefetch.
         let (rows, ahead) = (group_rows(&at, j0, len), group_rows(&at, j0 + BLOCK_ROWS, len));
-        for (r, score) in scores[..n].iter_mut().enumerate() {
+        // The queries that see position j0 + r.
+        let sees = |i: usize, r: usize| j0 + r < lens[i];
+        scores.iter_mut().for_each(|s| *s = [f32::NEG_INFINITY; BLOCK_ROWS]);
+        for r in 0..n {
             k.prefetch(hd, ahead[r]);
-            let mut dot = [_mm512_setzero_ps(); 2];
-            for c in 0..C {
-                dot[c % 2] = _mm512_fmadd_ps(unsafe { k.chunk(hd, rows[r], c) }, qv[c], dot[c % 2]);
+            // (Loops, not closures: closures do not inherit this function's target features.)
+            let mut key = [_mm512_setzero_ps(); C];
+            for (c, x) in key.iter_mut().enumerate() {
+                *x = unsafe { k.chunk(hd, rows[r], c) };
             }
-            *score = _mm512_reduce_add_ps(_mm512_add_ps(dot[0], dot[1]));
+            for i in (0..nq).filter(|&i| sees(i, r)) {
+                let mut dot = [_mm512_setzero_ps(); 2];
+                for c in 0..C {
+                    dot[c % 2] = _mm512_fmadd_ps(key[c], qv[i][c], dot[c % 2]);
+                }
+                scores[i][r] = _mm512_reduce_add_ps(_mm512_add_ps(dot[0], dot[1]));
+            }
         }
-        let s = unsafe { _mm512_loadu_ps(scores.as_ptr()) };
-        let block_max = _mm512_reduce_max_ps(s);
-        if block_max > max {
-            // Earlier weights were relative to the old max.
-            let rescale = (max - block_max).exp();
-            acc.iter_mut().for_each(|a| *a = _mm512_mul_ps(*a, _mm512_set1_ps(rescale)));
-            sum *= rescale;
-            max = block_max;
+        for i in (0..nq).filter(|&i| sees(i, 0)) {
+            let n = BLOCK_ROWS.min(lens[i] - j0);
+            let s = unsafe { _mm512_loadu_ps(scores[i].as_ptr()) };
+            let block_max = _mm512_reduce_max_ps(s);
+            if block_max > max[i] {
+                // Earlier weights were relative to the old max.
+                let rescale = (max[i] - block_max).exp();
+                acc[i].iter_mut().for_each(|a| *a = _mm512_mul_ps(*a, _mm512_set1_ps(rescale)));
+                sum[i] *= rescale;
+                max[i] = block_max;
+            }
+            let valid: __mmask16 = ((1u32 << n) - 1) as u16;
+            let p = _mm512_maskz_mov_ps(valid, exp(_mm512_sub_ps(s, _mm512_set1_ps(max[i]))));
+            sum[i] += _mm512_reduce_add_ps(p);
+            unsafe { _mm512_storeu_ps(weights[i].as_mut_ptr(), p) };
         }
-        let valid: __mmask16 = ((1u32 << n) - 1) as u16;
-        let p = _mm512_maskz_mov_ps(valid, exp(_mm512_sub_ps(s, _mm512_set1_ps(max))));
-        sum += _mm512_reduce_add_ps(p);
-        let mut weights = [0f32; BLOCK_ROWS];
-        unsafe { _mm512_storeu_ps(weights.as_mut_ptr(), p) };
-        for (r, &w) in weights[..n].iter().enumerate() {
+        for r in 0..n {
             v.prefetch(hd, ahead[r]);
-            let w = _mm512_set1_ps(w);
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(unsafe { v.chunk(hd, rows[r], c) }, w, *a);
+            let mut value = [_mm512_setzero_ps(); C];
+            for (c, x) in value.iter_mut().enumerate() {
+                *x = unsafe { v.chunk(hd, rows[r], c) };
+            }
+            for i in (0..nq).filter(|&i| sees(i, r)) {
+                let w = _mm512_set1_ps(weights[i][r]);
+                for (c, a) in acc[i].iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(value[c], w, *a);
+                }
             }
         }
     }
-    let inv = _mm512_set1_ps(1.0 / sum);
-    for (c, a) in acc.iter().enumerate() {
-        unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), _mm512_mul_ps(*a, inv)) };
+    for (i, a) in acc.iter().enumerate() {
+        let inv = _mm512_set1_ps(1.0 / sum[i]);
+        for (c, a) in a.iter().enumerate() {
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(i * hd + 16 * c), _mm512_mul_ps(*a, inv)) };
+        }
     }
 }

@@ -63,8 +63,10 @@ pub(super) fn tiles_many(ws: &[&PackedMatrix], acts: &Activations, tile_fn: Tile
             // Feature-major `[in_chunk, tile]`: the kernels write one feature's rows together.
             let mut block = vec![0f32; in_chunk * tile];
             // Prompts take k in slices, so a tile's weight rows and activation rows both stay in
-            // L1 while it runs (a whole 11008-wide row group would not).
-            let slice = if tile > GROUP { SLICE_GROUPS } else { usize::MAX };
+            // L1 while it runs (a whole 11008-wide row group would not). Steps of fewer than
+            // AMX_ROWS rows (decode, verify) do not: each row's sums are then added in the order
+            // of a one-row step, so a verify step's products equal its single steps' exactly.
+            let slice = if rows >= AMX_ROWS { SLICE_GROUPS } else { usize::MAX };
             for g0 in (0..groups).step_by(slice) {
                 let mut jj = 0;
                 while jj < in_chunk {
