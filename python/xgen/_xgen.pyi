@@ -190,6 +190,8 @@ class Model:
         regex: Optional[str] = None,
         grammar: Optional[str] = None,
         choice: Optional[list[str]] = None,
+        prompt_lookup_num_tokens: Optional[int] = None,
+        max_matching_ngram_size: Optional[int] = None,
     ) -> Any:
         """Continues prompts with transformers' ``generate`` semantics: the model's
         generation_config.json updated by the keywords given (XGen's: greedy, ``max_length``
@@ -204,7 +206,10 @@ class Model:
         padding_side="left", return_tensors="np")`` gives) and finished rows are padded after
         their end with ``pad_token_id`` (default: the eos id). ``seed`` makes sampling
         repeatable. ``json_schema``/``regex``/``grammar`` (Lark)/``choice`` constrain the output.
-        Bad settings raise ``ValueError`` or ``TypeError``; Ctrl-C raises ``KeyboardInterrupt``."""
+        ``prompt_lookup_num_tokens=N`` (1-14) drafts up to N tokens copied from the prompt and
+        output (n-grams up to ``max_matching_ngram_size``, default 3) and verifies them in one
+        pass, as transformers' prompt lookup: same output, faster when the answer copies its
+        input (a single prompt; batches decode plainly). Bad settings raise ``ValueError`` or ``TypeError``; Ctrl-C raises ``KeyboardInterrupt``."""
     def stream(self, inputs: Any = None, *, input_ids: Any = None, **kwargs: Any) -> TextStream:
         """Like ``generate`` for one prompt, yielding the new text as it becomes final."""
     @overload

@@ -74,6 +74,17 @@ def test_logits_equal_transformers(fixture):
         assert np.allclose(got, p["next_token_logprobs"], rtol=1e-4, atol=1e-3), (name, p["name"])
 
 
+def test_prompt_lookup_keeps_the_output(fixture):
+    # transformers' prompt_lookup_num_tokens / max_matching_ngram_size: same greedy ids.
+    name, model, run = fixture
+    for p in run["prompts"]:
+        g = p["greedy"]
+        out = model.generate(p["ids"], max_length=g["max_length"], prompt_lookup_num_tokens=4, max_matching_ngram_size=2)
+        assert out == g["sequence"], (name, p["name"])
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        model.generate([1, 2, 3], prompt_lookup_num_tokens=99)
+
+
 def test_left_padded_batch_equals_transformers(model):
     b = expected("tiny-xgen-8k-bin")["float32"]["batch"]
     assert b["padding_side"] == "left"

@@ -1,16 +1,12 @@
 //! `xgen generate`: continue a prompt, streaming the text, with transformers' `generate` defaults
 //! from the model's generation_config.json.
 
-use std::{
-    io::Write,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{io::Write, path::PathBuf, time::Instant};
 
 use clap::{Args, ValueEnum};
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::json;
-use xgen_generate::{GenerationConfig, Generator, Truncation};
+use xgen_generate::{timings::timings, GenerationConfig, Generator, Truncation};
 use xgen_tokenizer::Specials;
 
 use crate::{exit::bad_input, model_args::ModelArgs, sampling_args::SamplingArgs, text_input::read_text};
@@ -120,12 +116,9 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let end = Instant::now();
     let first_token = first_token.unwrap_or(end);
     if args.json {
-        let mut timings =
-            timings(out.prompt_ids.len(), out.ids.len(), first_token - start, end - first_token);
-        if config.prompt_lookup.is_some() {
-            timings["draft_n"] = json!(out.draft.drafted);
-            timings["draft_n_accepted"] = json!(out.draft.accepted);
-        }
+        let drafts = config.prompt_lookup.map(|_| out.draft);
+        let timings =
+            timings(out.prompt_ids.len(), out.ids.len(), first_token - start, end - first_token, drafts);
         let mut obj = json!({
             "prompt_ids": out.prompt_ids,
             "ids": out.ids,
@@ -147,19 +140,4 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         writeln!(stdout)?;
     }
     Ok(())
-}
-
-/// llama.cpp's `timings` object: prompt and generation tokens, milliseconds and speeds (with
-/// prompt lookup the caller adds `draft_n` and `draft_n_accepted`).
-fn timings(prompt_n: usize, predicted_n: usize, prompt: Duration, predicted: Duration) -> serde_json::Value {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let per_second = |n: usize, d: Duration| if d.is_zero() { 0.0 } else { n as f64 / d.as_secs_f64() };
-    json!({
-        "prompt_n": prompt_n,
-        "prompt_ms": ms(prompt),
-        "prompt_per_second": per_second(prompt_n, prompt),
-        "predicted_n": predicted_n,
-        "predicted_ms": ms(predicted),
-        "predicted_per_second": per_second(predicted_n, predicted),
-    })
 }

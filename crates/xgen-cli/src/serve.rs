@@ -56,6 +56,15 @@ pub struct ServeArgs {
     /// Do not serve the chat page at `/` (the API only).
     #[arg(long)]
     pub no_ui: bool,
+    /// Prompt-lookup speculation by default: draft up to N tokens (1-14) per step from each
+    /// request's prompt and output (a request's `prompt_lookup_num_tokens` overrides it; 0 turns
+    /// it off). The output is the same as without it.
+    #[arg(long, value_name = "N")]
+    pub prompt_lookup: Option<usize>,
+    /// With --prompt-lookup: the longest n-gram matched (a request's `max_matching_ngram_size`
+    /// overrides it).
+    #[arg(long, value_name = "M", requires = "prompt_lookup", default_value_t = xgen_generate::lookup::DEFAULT_NGRAM)]
+    pub ngram: usize,
     /// This replica's name, sent in every response's `X-Xgen-Replica` header (default: the
     /// host name, a pod's name in Kubernetes).
     #[arg(long, env = "XGEN_REPLICA_ID")]
@@ -138,6 +147,12 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let text = xgen_generate::ModelText::of(&source, &config)?;
     let mut defaults = source.generation_config(&config)?;
     text.add_stops(&mut defaults);
+    if let Some(n) = args.prompt_lookup {
+        defaults.prompt_lookup = Some(
+            xgen_generate::PromptLookup::new(n, args.ngram)
+                .map_err(|e| bad_input(format!("--prompt-lookup: {e}")))?,
+        );
+    }
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .map_err(|e| bad_input(format!("--host {} --port {}: {e}", args.host, args.port)))?;

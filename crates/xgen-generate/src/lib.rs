@@ -21,6 +21,7 @@ pub mod session;
 pub mod source;
 mod speculate;
 pub mod stop;
+pub mod timings;
 
 pub use config::{GenerationConfig, SpecialText, Truncation};
 pub use constraint::{Constraint, Format, Grammars};

@@ -68,6 +68,17 @@ impl Attention {
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&per_row, 0)?
             }
+            Caches::Segments(caches, lens) => {
+                // One row of positions, sequence i's `lens[i]` after the previous ones'.
+                let mut at = 0;
+                let mut parts = Vec::with_capacity(lens.len());
+                for (cache, &t) in caches.iter_mut().zip(lens.iter()) {
+                    let part = |x: &Tensor| x.narrow(2, at, t)?.contiguous();
+                    parts.push(self.attend(&part(&q)?, &part(&k)?, &part(&v)?, layer, cache)?);
+                    at += t;
+                }
+                Tensor::cat(&parts, 2)?
+            }
         };
         let attn = attn.to_dtype(x.dtype())?.transpose(1, 2)?.reshape((b, t, h * hd))?; // [b, t, h * hd]
         self.o_proj.forward(&attn) // [b, t, d]
@@ -103,6 +114,9 @@ pub enum Caches<'c> {
     Batch(&'c mut KvCache),
     /// One single-row cache per row (sequences that joined at different times).
     Rows(&'c mut [KvCache]),
+    /// One batch row whose positions are segments, each sequence's new tokens with its own
+    /// single-row cache (`caches[i]` takes `lens[i]` positions).
+    Segments(&'c mut [KvCache], &'c [usize]),
 }
 
 /// `[b, kv_h, s, hd]` -> `[b, kv_h * n_rep, s, hd]`, each key/value head shared by `n_rep` heads.

@@ -431,6 +431,35 @@ impl Model {
         Ok(hidden)
     }
 
+    /// Like [`Model::forward_rows`] for sequences that each feed their own number of tokens: `ids`
+    /// holds `lens[i]` tokens for `caches[i]` (single-row caches), one after the other. Every
+    /// token goes through the linear layers together (each weight read once for all: a
+    /// continuous-batching step in which some sequences verify drafts); attention runs per
+    /// sequence. -> hidden `[1, Σ lens, d]`.
+    pub fn forward_segments(&self, ids: &[u32], lens: &[usize], caches: &mut [KvCache]) -> Result<Tensor> {
+        let total: usize = lens.iter().sum();
+        if lens.len() != caches.len() || total != ids.len() || caches.iter().any(|c| c.batch() != 1) {
+            return Err(candle_core::Error::Msg(format!(
+                "{} segments of {total} tokens need as many single-row caches and {} ids",
+                lens.len(),
+                ids.len()
+            ))
+            .into());
+        }
+        let (mut cos, mut sin) = (Vec::with_capacity(lens.len()), Vec::with_capacity(lens.len()));
+        for (c, &t) in caches.iter_mut().zip(lens) {
+            c.prepare(t)?; // blocks for the segment's positions
+            let (c, s) = self.rope.cos_sin(c.len(), t, self.dtype, &self.device)?; // [t, hd/2]
+            cos.push(c);
+            sin.push(s);
+        }
+        let (cos, sin) = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?); // [Σ lens, hd/2]
+        let ids = self.ids_tensor(ids)?; // [1, Σ lens]
+        let hidden = self.layers_forward(&ids, &cos, &sin, &mut Caches::Segments(caches, lens))?;
+        caches.iter_mut().zip(lens).for_each(|(c, &t)| c.advance(t));
+        Ok(hidden)
+    }
+
     /// embed → layers → norm: `ids` `[b, t]` -> `[b, t, d]`.
     fn layers_forward(
         &self,

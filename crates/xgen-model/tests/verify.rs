@@ -84,3 +84,38 @@ fn truncating_after_a_verify_step_equals_never_drafting() {
     assert_eq!(cache.len(), plain.len());
     assert!(after == want, "the step after truncation equals the never-drafted run's");
 }
+
+#[test]
+fn segments_of_several_sequences_equal_each_run_alone() {
+    // A continuous-batching step where one sequence decodes a token and another verifies a draft.
+    let m = model(DType::F32, Some(Quant::Q4_0), Some(KvType::Q8_0));
+    let pool = m.new_pool(8).unwrap();
+    let prompts: [&[u32]; 2] = [&PROMPT[..20], &PROMPT[5..]];
+    let fed: [&[u32]; 2] = [&[11], &DRAFT[..4]];
+    let mut caches: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut c = xgen_model::KvCache::in_pool(&pool, 64);
+            m.forward_last(&ids(&m, p), &mut c).unwrap();
+            c
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for (c, f) in caches.iter_mut().zip(fed) {
+        let len = c.len();
+        alone.extend(step(&m, f, c));
+        c.truncate(len);
+    }
+    let flat: Vec<u32> = fed.concat();
+    let hidden = m.forward_segments(&flat, &[1, 4], &mut caches).unwrap();
+    let together: Vec<Vec<f32>> = m.logits(&hidden.squeeze(0).unwrap()).unwrap().to_vec2().unwrap();
+    assert!(together == alone, "each segment's logits are its sequence's alone");
+    assert_eq!((caches[0].len(), caches[1].len()), (21, PROMPT.len() - 5 + 4));
+    // Rejected drafts leave the cache and the blocks they alone took go back to the pool.
+    let mut long = xgen_model::KvCache::in_pool(&pool, 128);
+    m.forward_last(&ids(&m, &[PROMPT, PROMPT].concat()), &mut long).unwrap(); // 74 positions: 2 blocks
+    let held = pool.used_blocks();
+    long.truncate(40);
+    long.release_unused();
+    assert_eq!((long.held_blocks(), pool.used_blocks()), (1, held - 1));
+}

@@ -14,7 +14,7 @@ use xgen_model::Config;
 use crate::errors::generate_error;
 
 /// Keys of generation_config.json a keyword replaces, with the JSON kind each must have.
-const CONFIG_KEYS: [(&str, Kind); 10] = [
+const CONFIG_KEYS: [(&str, Kind); 12] = [
     ("max_length", Kind::Count),
     ("max_new_tokens", Kind::Count),
     ("do_sample", Kind::Bool),
@@ -25,6 +25,8 @@ const CONFIG_KEYS: [(&str, Kind); 10] = [
     ("repetition_penalty", Kind::Number),
     ("eos_token_id", Kind::Ids),
     ("pad_token_id", Kind::Count),
+    ("prompt_lookup_num_tokens", Kind::Count),
+    ("max_matching_ngram_size", Kind::Count),
 ];
 
 /// Keywords that are not generation_config.json keys.

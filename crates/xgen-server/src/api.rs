@@ -2,7 +2,10 @@
 //! so a bad value is a 400 that names the parameter.
 
 use serde_json::{Map, Value};
-use xgen_generate::{GenerationConfig, SampleParams, Sampling};
+use xgen_generate::{
+    lookup::{DEFAULT_NGRAM, MAX_DRAFT},
+    GenerationConfig, PromptLookup, SampleParams, Sampling,
+};
 
 use crate::error::ApiError;
 
@@ -169,6 +172,21 @@ impl<'a> Fields<'a> {
             Some(_) => return Err(ApiError::invalid("stream_options", "`stream_options` must be an object")),
         };
         self.string("user")?;
+        // Prompt lookup (transformers' names): per request, over the server's default.
+        if let Some(n) = self.integer("prompt_lookup_num_tokens", 0, MAX_DRAFT as i64)? {
+            let ngram = self.integer("max_matching_ngram_size", 1, 16)?.map_or(DEFAULT_NGRAM, |m| m as usize);
+            base.prompt_lookup = match n {
+                0 => None,
+                n => Some(
+                    PromptLookup::new(n as usize, ngram)
+                        .map_err(|e| ApiError::invalid("prompt_lookup_num_tokens", e.to_string()))?,
+                ),
+            };
+        } else if let (Some(m), Some(lookup)) =
+            (self.integer("max_matching_ngram_size", 1, 16)?, &mut base.prompt_lookup)
+        {
+            lookup.max_ngram = m as usize;
+        }
         let format = self.format()?;
         base.format = format.as_ref().map(|(f, _)| f.clone());
         Ok(Common {

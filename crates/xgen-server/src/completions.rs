@@ -11,7 +11,7 @@ use axum::{
 use futures_util::{stream, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use xgen_generate::{chat::Role, FinishReason, SpecialText, StepOutput};
+use xgen_generate::{chat::Role, timings::timings, DraftStats, FinishReason, SpecialText, StepOutput};
 
 use crate::{
     api::{Common, Fields, LogprobsField, MAX_CHOICES},
@@ -209,6 +209,7 @@ async fn run(state: SharedState, prepared: Result<Prepared, ApiError>, endpoint:
         Err(e) => return respond(&state, endpoint, Err(e)),
     };
     let base_seed = p.common.seed.unwrap_or_else(rand::random);
+    let started = Instant::now();
     let mut receivers = Vec::with_capacity(p.prompts.len());
     let constraints = std::mem::take(&mut p.constraints);
     for (i, ((prompt, _), constraint)) in p.prompts.iter().zip(constraints).enumerate() {
@@ -238,8 +239,9 @@ async fn run(state: SharedState, prepared: Result<Prepared, ApiError>, endpoint:
     }
     let mut choices = Vec::with_capacity(receivers.len());
     let mut completion_tokens = 0;
+    let mut times = Timing::default();
     for (index, rx) in receivers.into_iter().enumerate() {
-        match collect(rx).await {
+        match collect(rx, &mut times).await {
             Ok(steps) => {
                 completion_tokens += steps.len();
                 choices.push(choice_json(&state, &p, index, &steps));
@@ -255,20 +257,53 @@ async fn run(state: SharedState, prepared: Result<Prepared, ApiError>, endpoint:
         Ok(json!({
             "id": p.id, "object": object, "created": p.created, "model": state.model_name, "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens),
+            "timings": times.json(started, prompt_tokens, completion_tokens),
         })),
     )
+}
+
+/// When a request's tokens came, and what its choices drafted (for llama.cpp's `timings`).
+#[derive(Default)]
+struct Timing {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    drafts: Option<DraftStats>,
+}
+
+impl Timing {
+    fn token(&mut self) {
+        let now = Instant::now();
+        self.first = Some(self.first.map_or(now, |f| f.min(now)));
+        self.last = Some(now);
+    }
+
+    fn drafts(&mut self, d: DraftStats) {
+        let sum = self.drafts.get_or_insert_with(DraftStats::default);
+        sum.drafted += d.drafted;
+        sum.accepted += d.accepted;
+    }
+
+    /// `timings` of a request submitted at `started`: the prompt until its first token, the rest
+    /// as generation.
+    fn json(&self, started: Instant, prompt_n: usize, predicted_n: usize) -> Value {
+        let first = self.first.unwrap_or(started);
+        let predicted = self.last.map_or(Default::default(), |l| l - first);
+        timings(prompt_n, predicted_n, first - started, predicted, self.drafts)
+    }
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// All steps of one choice, up to its finish.
-async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Vec<StepOutput>, String> {
+/// All steps of one choice, up to its finish; their times and drafts into `times`.
+async fn collect(mut rx: UnboundedReceiver<Event>, times: &mut Timing) -> Result<Vec<StepOutput>, String> {
     let mut steps = Vec::new();
     while let Some(event) = rx.recv().await {
         match event {
+            Event::Drafts(d) => times.drafts(d),
             Event::Token(step) => {
+                times.token();
                 let done = step.finish.is_some();
                 steps.push(step);
                 if done {
@@ -359,6 +394,7 @@ fn sse_stream(
     let chunks = merged.map(move |(index, event)| -> Vec<Value> {
         match event {
             Event::Error(e) => vec![json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})],
+            Event::Drafts(_) => Vec::new(),
             Event::Token(step) => {
                 completion_tokens += 1;
                 if step.finish.is_some() {

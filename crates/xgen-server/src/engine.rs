@@ -20,7 +20,7 @@ use std::{
 };
 
 use tokio::sync::mpsc::UnboundedSender;
-use xgen_generate::{Constraint, GenerationConfig, ModelText, StepOutput};
+use xgen_generate::{Constraint, DraftStats, GenerationConfig, ModelText, StepOutput};
 use xgen_model::Model;
 
 use crate::{
@@ -46,6 +46,9 @@ pub struct Job {
 pub enum Event {
     /// A generated token; its `finish` is set on the last one.
     Token(StepOutput),
+    /// Tokens drafted by prompt lookup and accepted, sent before the last token of a sequence
+    /// that speculated.
+    Drafts(DraftStats),
     Error(String),
 }
 

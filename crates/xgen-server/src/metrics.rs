@@ -26,6 +26,9 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Tokens drafted by prompt lookup, and those of them accepted.
+    pub draft_tokens: AtomicU64,
+    pub draft_accepted_tokens: AtomicU64,
     ttft: Mutex<Histogram>,
     itl: Mutex<Histogram>,
     pub queue_depth: AtomicI64,
@@ -85,6 +88,16 @@ impl Metrics {
                 "xgen_prefix_cache_hit_tokens_total",
                 "Prompt tokens served from the prefix cache instead of computed.",
                 self.prefix_cache_hit_tokens.load(Relaxed) as i64,
+            ),
+            (
+                "xgen_draft_tokens_total",
+                "Tokens drafted by prompt lookup and verified.",
+                self.draft_tokens.load(Relaxed) as i64,
+            ),
+            (
+                "xgen_draft_accepted_tokens_total",
+                "Drafted tokens that verification accepted.",
+                self.draft_accepted_tokens.load(Relaxed) as i64,
             ),
             (
                 "xgen_preemptions_total",

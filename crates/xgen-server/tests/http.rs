@@ -787,3 +787,47 @@ fn the_chat_page_is_served_at_the_root_unless_turned_off() {
     let err = ureq::get(&format!("{}/", off.base)).call().unwrap_err();
     assert_eq!(err.into_response().unwrap().status(), 404);
 }
+
+#[test]
+fn prompt_lookup_speculates_inside_the_batch_with_the_same_output() {
+    let s = start(None, 8, 64, 1 << 20);
+    let (prompt, new) = expected_greedy();
+    let want = Tokenizer::xgen().decode(&new).unwrap();
+    let body = |lookup: bool, stream: bool| {
+        let mut b = json!({"prompt": prompt, "max_tokens": 32, "temperature": 0, "stream": stream});
+        if lookup {
+            b["prompt_lookup_num_tokens"] = 6.into();
+        }
+        b
+    };
+    // 8 concurrent requests, half of them speculating (their verify rows in the same steps as the
+    // others' decode rows), half streamed: each is transformers' greedy text.
+    let texts: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let b = body(i % 2 == 0, i % 4 < 2);
+                let s = &s;
+                scope.spawn(move || match b["stream"].as_bool() {
+                    Some(true) => streamed_text(&stream(s, "/v1/completions", &b), "text"),
+                    _ => {
+                        post(s, "/v1/completions", &b).unwrap()["choices"][0]["text"].as_str().unwrap().into()
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(texts.iter().all(|t| *t == want), "{texts:?}");
+    let r = post(&s, "/v1/completions", &body(true, false)).unwrap();
+    assert_eq!(r["choices"][0]["text"], want.as_str());
+    let t = &r["timings"];
+    assert_eq!((t["prompt_n"].as_u64(), t["predicted_n"].as_u64()), (Some(40), Some(32)), "{t}");
+    assert!(t["draft_n_accepted"].as_u64().unwrap() <= t["draft_n"].as_u64().unwrap(), "{t}");
+    assert!(metric(&s, "xgen_draft_accepted_tokens_total") > 0, "the greedy text repeats: drafts accepted");
+    assert!(metric(&s, "xgen_draft_tokens_total") >= metric(&s, "xgen_draft_accepted_tokens_total"));
+    let plain = post(&s, "/v1/completions", &body(false, false)).unwrap();
+    assert!(plain["timings"]["draft_n"].is_null(), "no drafts reported without lookup");
+    let err =
+        post(&s, "/v1/completions", &json!({"prompt": "Hi", "prompt_lookup_num_tokens": 99})).unwrap_err();
+    assert_eq!((err.0, &err.1["error"]["param"]), (400, &json!("prompt_lookup_num_tokens")), "{err:?}");
+}

@@ -150,6 +150,18 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// Gives the pool back the blocks past those holding its positions (after a
+    /// [`KvCache::truncate`] that dropped a verify step's rejected drafts).
+    pub fn release_unused(&mut self) {
+        let keep = blocks_for(self.len);
+        for table in &mut self.tables {
+            if table.len() > keep {
+                self.pool.release(&table[keep..]);
+                table.truncate(keep);
+            }
+        }
+    }
+
     /// Blocks the pool must still give for every sequence to hold `positions`.
     pub fn blocks_needed(&self, positions: usize) -> usize {
         let want = blocks_for(positions.min(self.limit));

@@ -21,8 +21,8 @@ use std::{
 
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::sync::mpsc::UnboundedSender;
-use xgen_generate::{forward_beside_masks, Sequence};
-use xgen_model::{kv_cache::blocks_for, KvCache, Model, Tensor, KV_BLOCK};
+use xgen_generate::{forward_beside_masks, lookup::DraftLength, Sequence};
+use xgen_model::{kv_cache::blocks_for, KvCache, Model, KV_BLOCK};
 use xgen_tokenizer::Tokenizer;
 
 use super::{Event, Job};
@@ -48,7 +48,12 @@ struct Active<'t> {
     admitted: u64,
     rng: StdRng,
     events: UnboundedSender<Event>,
-    logits: Vec<f32>,
+    /// The raw logits after its last token (`rows[0]`) and after each drafted one.
+    rows: Vec<Vec<f32>>,
+    /// Tokens drafted by prompt lookup for the next step (fed after the last token).
+    draft: Vec<u32>,
+    /// The draft length schedule, when the request speculates.
+    draft_length: Option<DraftLength>,
     submitted: Instant,
     last_token: Option<Instant>,
 }
@@ -259,9 +264,10 @@ impl<'m> Engine<'m> {
                 Ok(Some(logits)) => {
                     let p = batch.prefilling.pop_front().expect("the front sequence");
                     let active = match p.what {
-                        Waiting::Resumed(a) => Active { logits, ..*a },
+                        Waiting::Resumed(a) => Active { rows: vec![logits], draft: Vec::new(), ..*a },
                         Waiting::New(job) => {
                             let Job { prompt, config, constraint, budget, seed, events, submitted } = *job;
+                            let draft_length = config.prompt_lookup.map(|l| DraftLength::new(l.num_tokens));
                             let seq = Sequence::new(self.tokenizer, prompt.clone(), config, budget);
                             Active {
                                 seq: match constraint {
@@ -273,7 +279,9 @@ impl<'m> Engine<'m> {
                                 admitted: p.admitted,
                                 rng: StdRng::seed_from_u64(seed),
                                 events,
-                                logits,
+                                rows: vec![logits],
+                                draft: Vec::new(),
+                                draft_length,
                                 submitted,
                                 last_token: None,
                             }
@@ -290,17 +298,40 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Samples one token for every running sequence; finished and abandoned ones leave, their
+    /// Steps every running sequence through its logits: one token, or with a draft the accepted
+    /// drafted tokens and one more (their rejected positions leave the cache and its blocks go
+    /// back to the pool); then drafts its next step. Finished and abandoned ones leave, their
     /// caches to the pool.
     fn sample(&mut self, batch: &mut Batch<'m>) {
         let (active, caches) = (std::mem::take(&mut batch.active), std::mem::take(&mut batch.caches));
-        for (mut a, cache) in active.into_iter().zip(caches) {
-            let stay = match a.seq.step(&a.logits, &mut a.rng) {
-                Ok(out) => {
-                    record_latency(self.metrics, &mut a);
-                    self.metrics.generated_tokens.fetch_add(1, Relaxed);
-                    let finished = out.finish.is_some();
-                    a.events.send(Event::Token(out)).is_ok() && !finished
+        for (mut a, mut cache) in active.into_iter().zip(caches) {
+            let before = a.seq.output().draft.accepted;
+            let stay = match a.seq.verify(&a.rows, &a.draft, &mut a.rng) {
+                Ok(steps) => {
+                    let m = self.metrics;
+                    let accepted = a.seq.output().draft.accepted - before;
+                    m.generated_tokens.fetch_add(steps.len() as u64, Relaxed);
+                    m.draft_tokens.fetch_add(a.draft.len() as u64, Relaxed);
+                    m.draft_accepted_tokens.fetch_add(accepted as u64, Relaxed);
+                    if !a.draft.is_empty() {
+                        // The step fed the last token and the draft.
+                        cache.truncate(cache.len() + steps.len() - a.draft.len() - 1);
+                        cache.release_unused();
+                    }
+                    if let Some(length) = &mut a.draft_length {
+                        length.update(a.draft.len(), accepted);
+                    }
+                    let mut open = true;
+                    let mut finished = false;
+                    for out in steps {
+                        record_latency(m, &mut a);
+                        if out.finish.is_some() && a.seq.config().prompt_lookup.is_some() {
+                            let _ = a.events.send(Event::Drafts(a.seq.output().draft));
+                        }
+                        finished |= out.finish.is_some();
+                        open &= a.events.send(Event::Token(out)).is_ok();
+                    }
+                    open && !finished
                 }
                 Err(e) => {
                     let _ = a.events.send(Event::Error(e.to_string()));
@@ -308,6 +339,10 @@ impl<'m> Engine<'m> {
                 }
             };
             if stay {
+                a.draft = match (a.seq.config().prompt_lookup, a.draft_length) {
+                    (Some(lookup), Some(length)) => a.seq.draft(&lookup, length.get()),
+                    _ => Vec::new(),
+                };
                 batch.active.push(a);
                 batch.caches.push(cache);
             } else {
@@ -317,14 +352,15 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Gives every running cache a block for its next token where it needs one, preempting the
-    /// newest sequences while the pool cannot.
+    /// Gives every running cache the blocks for its next token and draft where it needs them
+    /// (dropping the draft first, then preempting the newest sequences, while the pool cannot).
     fn make_room(&mut self, batch: &mut Batch<'m>) {
         let mut i = 0;
         while i < batch.active.len() {
-            let next = batch.caches[i].len() + 1;
+            let next = batch.caches[i].len() + 1 + batch.active[i].draft.len();
             match self.pool.ready(&mut batch.caches[i], next) {
                 Ok(()) => i += 1,
+                Err(Refused::Busy) if !batch.active[i].draft.is_empty() => batch.active[i].draft.clear(),
                 Err(Refused::Busy) => {
                     // The newest running sequence gives its cache back (possibly this one).
                     let newest =
@@ -352,25 +388,36 @@ impl<'m> Engine<'m> {
         batch.preempted.insert(at, (a.admitted, a));
     }
 
-    /// Feeds every running sequence its last token and stores the next logits.
+    /// Feeds every running sequence its last token and its draft in one forward pass (each
+    /// weight read once for all rows) and stores each fed token's logits.
     fn decode(&mut self, batch: &mut Batch<'m>) {
         if batch.active.is_empty() {
             return;
         }
         let model = self.model;
         let mut run = || -> xgen_model::Result<Vec<Vec<f32>>> {
-            let last: Vec<u32> =
-                batch.active.iter().map(|a| *a.seq.output().ids.last().unwrap_or(&0)).collect();
-            let ids = Tensor::from_vec(last, (batch.active.len(), 1), model.device())?;
+            let mut ids = Vec::new();
+            let mut lens = Vec::with_capacity(batch.active.len());
+            for a in &batch.active {
+                ids.push(*a.seq.output().ids.last().unwrap_or(&0));
+                ids.extend_from_slice(&a.draft);
+                lens.push(1 + a.draft.len());
+            }
             // Output formats' masks for the next step are computed while the model runs. A failing
             // one is computed again at its sequence's step, which reports the error to it alone.
             let sequences = batch.active.iter_mut().map(|a| &mut a.seq).collect();
-            let (hidden, _) = forward_beside_masks(sequences, || model.forward_rows(&ids, &mut batch.caches));
-            let hidden = hidden?; // [n, 1, d]
-            Ok(model.logits(&hidden.squeeze(1)?)?.to_vec2()?)
+            let (hidden, _) =
+                forward_beside_masks(sequences, || model.forward_segments(&ids, &lens, &mut batch.caches));
+            let hidden = hidden?; // [1, Σ lens, d]
+            Ok(model.logits(&hidden.squeeze(0)?)?.to_vec2()?) // [Σ lens, v]
         };
         match run() {
-            Ok(rows) => batch.active.iter_mut().zip(rows).for_each(|(a, row)| a.logits = row),
+            Ok(rows) => {
+                let mut rows = rows.into_iter();
+                for a in &mut batch.active {
+                    a.rows = rows.by_ref().take(1 + a.draft.len()).collect();
+                }
+            }
             Err(e) => {
                 batch.caches.clear();
                 for a in batch.active.drain(..) {

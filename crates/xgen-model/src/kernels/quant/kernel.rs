@@ -15,6 +15,9 @@ use crate::kernels::work_split;
 const AMX_ROWS: usize = 16;
 /// Activation rows per pass over a weight row (accumulators kept in registers).
 pub(crate) const GROUP: usize = 4;
+/// Activation rows per pass over a weight row in a step of fewer than [`AMX_ROWS`] rows (a
+/// verify or batched decode step), on [`Kernels::few`].
+const FEW_GROUP: usize = 8;
 /// Activation rows per tile.
 const TILE: usize = 64;
 /// Weight rows per chunk of work handed to a thread ([`work_split`]): 64 rows of a 4096-wide q4_0
@@ -45,9 +48,11 @@ pub(super) fn matmul_many(ws: &[&PackedMatrix], acts: &Activations) -> Vec<Vec<f
     tiles_many(ws, acts, pick())
 }
 
-/// [`matmul_many`] on the tiles of `tile_fn` (the VNNI kernel or [`tile_scalar`]; tests force each).
-pub(super) fn tiles_many(ws: &[&PackedMatrix], acts: &Activations, tile_fn: TileFn) -> Vec<Vec<f32>> {
+/// [`matmul_many`] on `kernels`' tiles (the VNNI kernels or [`tile_scalar`]; tests force each).
+pub(super) fn tiles_many(ws: &[&PackedMatrix], acts: &Activations, kernels: Kernels) -> Vec<Vec<f32>> {
     let rows = acts.rows;
+    // Steps of a few rows take them up to 8 at a time on the few-row kernel.
+    let group = if rows < AMX_ROWS { FEW_GROUP } else { GROUP };
     // Feature f of the concatenation is row f - starts[m] of matrix m.
     let starts: Vec<usize> = ws.iter().scan(0, |at, w| Some(std::mem::replace(at, *at + w.n))).collect();
     let n: usize = ws.iter().map(|w| w.n).sum();
@@ -75,8 +80,9 @@ pub(super) fn tiles_many(ws: &[&PackedMatrix], acts: &Activations, tile_fn: Tile
                     let (w, j) = (ws[m], f - starts[m]);
                     // A tile stays within one matrix.
                     let wr = WEIGHT_ROWS.min(in_chunk - jj).min(w.n - j);
-                    for g in (0..tile).step_by(GROUP) {
-                        let r = GROUP.min(tile - g);
+                    for g in (0..tile).step_by(group) {
+                        let r = group.min(tile - g);
+                        let tile_fn = if r > 1 && group == FEW_GROUP { kernels.few } else { kernels.tile };
                         let out = &mut block[jj * tile + g..];
                         let groups = (g0, groups.min(g0.saturating_add(slice)));
                         tile_fn(w, acts, Tile { j, wr, first: start + g, r, stride: tile, groups }, out);
@@ -151,12 +157,26 @@ pub(crate) struct Tile {
 
 pub(super) type TileFn = fn(&PackedMatrix, &Activations, Tile, &mut [f32]);
 
-fn pick() -> TileFn {
+/// The tile functions a product runs on.
+#[derive(Clone, Copy)]
+pub(super) struct Kernels {
+    /// Up to [`GROUP`] rows: prompt tiles and one-row steps.
+    pub tile: TileFn,
+    /// 2 to [`FEW_GROUP`] rows of a step of fewer than [`AMX_ROWS`] rows.
+    pub few: TileFn,
+}
+
+impl Kernels {
+    /// The portable definition for both.
+    pub(super) const PORTABLE: Self = Self { tile: tile_scalar, few: tile_scalar };
+}
+
+fn pick() -> Kernels {
     #[cfg(target_arch = "x86_64")]
     if super::x86::available() {
-        return super::x86::tile;
+        return Kernels { tile: super::x86::tile, few: super::x86_few::tile };
     }
-    tile_scalar
+    Kernels::PORTABLE
 }
 
 pub(super) fn tile_scalar(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {

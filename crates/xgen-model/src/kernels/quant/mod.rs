@@ -28,6 +28,8 @@ mod layout;
 pub mod repack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_few;
 
 use candle_core::{quantized::GgmlDType, DType, Tensor};
 use rayon::prelude::*;

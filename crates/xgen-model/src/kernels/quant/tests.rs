@@ -142,13 +142,14 @@ fn portable_kernel_equals_simd_kernel() {
 /// its tiles instead), each against the portable definition, for every format.
 #[test]
 fn every_tile_path_equals_the_portable_definition() {
-    let mut paths: Vec<(&str, kernel::TileFn)> = vec![("portable", kernel::tile_scalar)];
+    let mut paths: Vec<(&str, kernel::Kernels)> = vec![("portable", kernel::Kernels::PORTABLE)];
     #[cfg(target_arch = "x86_64")]
     if super::x86::available() {
-        paths.push(("avx512-vnni", super::x86::tile));
+        paths.push(("avx512-vnni", kernel::Kernels { tile: super::x86::tile, few: super::x86_few::tile }));
     }
     for format in FORMATS {
-        for (rows, k, n) in [(16, 512, 32), (37, 768, 48), (70, 4096, 16)] {
+        let few = [(2, 512, 37), (3, 768, 10), (5, 4608, 9), (8, 512, 21), (11, 768, 7), (15, 512, 6)];
+        for (rows, k, n) in [(16, 512, 32), (37, 768, 48), (70, 4096, 16)].into_iter().chain(few) {
             let ws = [
                 PackedMatrix::quantize(&random(n, k, 3), format).unwrap(),
                 PackedMatrix::quantize(&random(16, k, 6), format).unwrap(),
@@ -157,6 +158,20 @@ fn every_tile_path_equals_the_portable_definition() {
             let acts = Activations::quantize(&xs, rows, k);
             for (name, tile_fn) in &paths {
                 let ys = kernel::tiles_many(&[&ws[0], &ws[1]], &acts, *tile_fn);
+                // Steps of a few rows: each row's product is the one-row step's, bit for bit.
+                if rows < 16 {
+                    for (r, x) in xs.chunks(k).enumerate() {
+                        let one =
+                            kernel::tiles_many(&[&ws[0], &ws[1]], &Activations::quantize(x, 1, k), *tile_fn);
+                        for (y, one) in ys.iter().zip(&one) {
+                            let n = one.len();
+                            assert!(
+                                y[r * n..][..n] == one[..],
+                                "{name} {format:?} row {r} of {rows}: not exact"
+                            );
+                        }
+                    }
+                }
                 for (w, y) in ws.iter().zip(ys) {
                     let mut want = vec![0f32; rows * w.n];
                     for j in 0..w.n {

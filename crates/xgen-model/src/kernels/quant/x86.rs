@@ -31,13 +31,13 @@ pub(super) fn available() -> bool {
 const L1_AHEAD: usize = 256;
 
 /// [`rows`]' const format parameter (const generics take no enums on stable Rust).
-const Q8_0: u8 = 0;
-const Q4_0: u8 = 1;
-const Q4_1: u8 = 2;
-const Q4K: u8 = 3;
+pub(super) const Q8_0: u8 = 0;
+pub(super) const Q4_0: u8 = 1;
+pub(super) const Q4_1: u8 = 2;
+pub(super) const Q4K: u8 = 3;
 
 /// Whether format `f` has minimums (and so no offset in its quants).
-const fn has_min(f: u8) -> bool {
+pub(super) const fn has_min(f: u8) -> bool {
     f == Q4_1 || f == Q4K
 }
 
@@ -227,7 +227,7 @@ unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
 /// # Safety
 /// `sd` holds 2 (4 where `two`) values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn q4k_scales(bits: __m256i, sd: *const u16, two: bool) -> (__m512, __m512) {
+pub(super) unsafe fn q4k_scales(bits: __m256i, sd: *const u16, two: bool) -> (__m512, __m512) {
     // [D0, M0, D1, M1] (the second pair zero when absent), spread to lanes 0..8 and 8..16.
     let super_scales =
         _mm_cvtph_ps(unsafe { _mm_maskz_loadu_epi16(if two { 0b1111 } else { 0b11 }, sd.cast()) });
