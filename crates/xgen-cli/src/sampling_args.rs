@@ -56,9 +56,9 @@ pub struct SamplingArgs {
     /// The output is exactly one of these comma-separated choices.
     #[arg(long, value_name = "A,B,...", value_delimiter = ',', group = "format")]
     pub choice: Option<Vec<String>>,
-    /// Prompt-lookup speculation: draft up to N tokens (1-14) copied from the prompt and output
-    /// and verify them in one pass. The output is the same as without it.
-    #[arg(long, value_name = "N")]
+    /// Prompt-lookup speculation: draft up to N tokens (1-14; 6 when N is left out) copied from the
+    /// prompt and output and verify them in one pass. The output is the same as without it.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "6")]
     pub prompt_lookup: Option<usize>,
     /// With --prompt-lookup: the longest n-gram matched to find a draft.
     #[arg(long, value_name = "M", requires = "prompt_lookup", default_value_t = xgen_generate::lookup::DEFAULT_NGRAM)]

@@ -56,10 +56,10 @@ pub struct ServeArgs {
     /// Do not serve the chat page at `/` (the API only).
     #[arg(long)]
     pub no_ui: bool,
-    /// Prompt-lookup speculation by default: draft up to N tokens (1-14) per step from each
+    /// Prompt-lookup speculation by default: draft up to N tokens (1-14; 6 when N is left out) per step from each
     /// request's prompt and output (a request's `prompt_lookup_num_tokens` overrides it; 0 turns
     /// it off). The output is the same as without it.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "6")]
     pub prompt_lookup: Option<usize>,
     /// With --prompt-lookup: the longest n-gram matched (a request's `max_matching_ngram_size`
     /// overrides it).

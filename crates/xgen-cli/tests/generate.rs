@@ -78,6 +78,31 @@ fn greedy_json_equals_transformers() {
 }
 
 #[test]
+fn prompt_lookup_gives_the_same_ids_and_reports_its_drafts() {
+    // `--prompt-lookup` alone drafts up to 6 tokens; the greedy ids stay transformers'.
+    let dir = fixture("tiny-xgen-8k-bin");
+    let mut drafted = 0;
+    for p in expected("tiny-xgen-8k-bin")["float32"]["prompts"].as_array().unwrap().iter().take(4) {
+        let ids = csv(&p["ids"]);
+        let args =
+            ["generate", "--model", dir.to_str().unwrap(), "--prompt-ids", &ids, "--max-new-tokens", "32"];
+        let out =
+            xgen(&[&args[..], &["--greedy", "--dtype", "f32", "--json", "--prompt-lookup"]].concat(), "");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got["ids"], p["greedy"]["new_ids"], "{}", p["name"]);
+        let t = &got["timings"];
+        assert!(t["draft_n_accepted"].as_u64().unwrap() <= t["draft_n"].as_u64().unwrap(), "{t}");
+        drafted += t["draft_n"].as_u64().unwrap();
+    }
+    assert!(drafted > 0);
+    let out =
+        xgen(&["generate", "--model", dir.to_str().unwrap(), "--prompt", "Hi", "--prompt-lookup", "15"], "");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("prompt_lookup_num_tokens"));
+}
+
+#[test]
 fn streamed_text_equals_json_text() {
     let dir = fixture("tiny-xgen-8k-bin");
     let base = [

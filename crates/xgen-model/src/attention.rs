@@ -56,18 +56,6 @@ impl Attention {
         let v = heads(v, kv_h)?; // [b, kv_h, t, hd]
         let attn = match caches {
             Caches::Batch(cache) => self.attend(&q, &k, &v, layer, cache)?,
-            Caches::Rows(rows) => {
-                // One sequence per row, each with its own cache and length.
-                let per_row = rows
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(i, cache)| {
-                        let row = |x: &Tensor| x.narrow(0, i, 1);
-                        self.attend(&row(&q)?, &row(&k)?, &row(&v)?, layer, cache)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&per_row, 0)?
-            }
             Caches::Segments(caches, lens) => {
                 // One row of positions, sequence i's `lens[i]` after the previous ones'.
                 let mut at = 0;
@@ -112,8 +100,6 @@ impl Attention {
 pub enum Caches<'c> {
     /// One cache holding all `b` rows (a prompt, or a left-padded batch that started together).
     Batch(&'c mut KvCache),
-    /// One single-row cache per row (sequences that joined at different times).
-    Rows(&'c mut [KvCache]),
     /// One batch row whose positions are segments, each sequence's new tokens with its own
     /// single-row cache (`caches[i]` takes `lens[i]` positions).
     Segments(&'c mut [KvCache], &'c [usize]),

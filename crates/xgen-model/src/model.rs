@@ -409,29 +409,8 @@ impl Model {
         Ok(hidden)
     }
 
-    /// Like [`Model::forward_hidden`] for `n` independent sequences, one per row of `ids` `[n, t]`,
-    /// each with its own single-row cache (`caches[i]`) and position: sequences that joined a
-    /// running batch at different times step together, sharing each weight read.
-    pub fn forward_rows(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
-        let (n, t) = ids.dims2()?;
-        if n != caches.len() || caches.iter().any(|c| c.batch() != 1) {
-            return Err(candle_core::Error::Msg(format!("{n} rows need {n} single-row caches")).into());
-        }
-        let mut cos = Vec::with_capacity(n);
-        let mut sin = Vec::with_capacity(n);
-        for c in caches.iter_mut() {
-            c.prepare(t)?; // blocks for the step's positions
-            let (c, s) = self.rope.cos_sin_padded(c.len(), t, c.padding(), self.dtype, &self.device)?;
-            cos.push(c);
-            sin.push(s);
-        }
-        let (cos, sin) = (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?); // [n, t, hd/2]
-        let hidden = self.layers_forward(ids, &cos, &sin, &mut Caches::Rows(caches))?;
-        caches.iter_mut().for_each(|c| c.advance(t));
-        Ok(hidden)
-    }
-
-    /// Like [`Model::forward_rows`] for sequences that each feed their own number of tokens: `ids`
+    /// Like [`Model::forward_hidden`] for independent sequences (joined a running batch at
+    /// different times, each at its own position) that each feed their own number of tokens: `ids`
     /// holds `lens[i]` tokens for `caches[i]` (single-row caches), one after the other. Every
     /// token goes through the linear layers together (each weight read once for all: a
     /// continuous-batching step in which some sequences verify drafts); attention runs per

@@ -164,9 +164,9 @@ fn independent_rows_step_together() {
     for (p, cache) in [a, b].iter().zip(caches.iter_mut()) {
         model.forward_hidden(&model.ids_tensor(&p[..p.len() - 1]).unwrap(), cache).unwrap();
     }
-    let last = xgen_model::Tensor::new(&[[a[a.len() - 1]], [b[b.len() - 1]]], &Device::Cpu).unwrap();
-    let hidden = model.forward_rows(&last, &mut caches).unwrap(); // [2, 1, d]
-    let logits = model.logits(&hidden.squeeze(1).unwrap()).unwrap();
+    let last = [a[a.len() - 1], b[b.len() - 1]];
+    let hidden = model.forward_segments(&last, &[1, 1], &mut caches).unwrap(); // [1, 2, d]
+    let logits = model.logits(&hidden.squeeze(0).unwrap()).unwrap();
     for (i, p) in [a, b].iter().enumerate() {
         let row: Vec<f32> = logits.get(i).unwrap().to_vec1().unwrap();
         let err = rel_err(&row, &last_logits(&model, p));

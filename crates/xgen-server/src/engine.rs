@@ -5,8 +5,8 @@
 //! ([`schedule`]).
 //! Each engine step then reads at most [`Model::prefill_chunk`] prompt tokens of the admitted
 //! prompts (oldest first; several may share a step) and advances every running sequence by one
-//! token ([`Model::forward_rows`]: each weight read once), so running streams keep flowing while a
-//! long prompt is read. A client that goes away is noticed at the next token it would receive,
+//! token, or verifies its prompt-lookup draft, in one pass ([`Model::forward_segments`]: each
+//! weight read once), so running streams keep flowing while a long prompt is read. A client that goes away is noticed at the next token it would receive,
 //! and its slot and KV cache are freed at once.
 
 use std::{
