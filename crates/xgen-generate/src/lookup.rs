@@ -8,12 +8,14 @@
 //! takes the earliest match; the most recent one is taken here (llama.cpp's choice), which on
 //! documents tends to continue the passage being copied.
 
+use xgen_model::kernels::EXACT_ROWS;
+
 use crate::error::{GenerateError, Result};
 
-/// Drafted tokens per verify step at most: a step of up to 15 rows stays on the kernels' few-row
-/// paths, where every row's arithmetic is that of a one-row decode step (so greedy output is
-/// identical to plain decoding, id for id).
-pub const MAX_DRAFT: usize = 14;
+/// Drafted tokens per verify step at most: with the last token, a step of up to
+/// [`EXACT_ROWS`] rows, on the kernels' few-row paths where every row's arithmetic is that of a
+/// one-row decode step (so greedy output is identical to plain decoding, id for id).
+pub const MAX_DRAFT: usize = EXACT_ROWS - 1;
 
 /// The default longest n-gram matched (`--ngram`): measured in docs/performance.md.
 pub const DEFAULT_NGRAM: usize = 3;

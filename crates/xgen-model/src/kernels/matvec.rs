@@ -9,12 +9,17 @@
 //! continuous-batching decode step), and rows are split across rayon threads. Results are rounded to the
 //! weight dtype once, as transformers' bf16 linear layers do.
 //!
+//! Steps of up to [`EXACT_ROWS`] rows multiply each row exactly as a one-row step does (f32
+//! activations, groups of 4 rows per pass over a weight row, the same accumulation order); longer
+//! ones (prompts) take the tiled kernels (AMX or bf16 pair products), ordered differently.
+//!
 //! candle's `matmul` stays the reference: a test compares both on odd shapes.
 
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::EXACT_ROWS;
 use crate::error::Result;
 
 /// Activation rows per pass over the weights: a prompt is multiplied in tiles of this many rows
@@ -25,11 +30,6 @@ pub const TILE_ROWS: usize = 32;
 /// Activation rows multiplied per pass over a weight row (accumulators kept in registers); a
 /// weight row is reused from L1 for the next group.
 const GROUP: usize = 4;
-/// Steps of fewer rows (a decode step, a speculative verify step, a continuous-batching step)
-/// multiply each row exactly as a one-row step does: f32 activations, groups of [`GROUP`] rows
-/// per pass over a weight row, the same accumulation order. From here on prompts take the tiled
-/// kernels (AMX or bf16 pair products), whose sums are ordered differently.
-const FEW_ROWS: usize = 16;
 /// Output features per rayon task.
 const BLOCK: usize = 32;
 /// Prompt tiles run over `k` in blocks of this many values, so that a group's activations
@@ -60,7 +60,7 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             let y = match amx_product(w, x, rows, k, n)? {
                 Some(y) => y,
                 None => {
-                    let pairs = if rows >= FEW_ROWS && x.dtype() == DType::BF16 && bf16_dot() {
+                    let pairs = if rows > EXACT_ROWS && x.dtype() == DType::BF16 && bf16_dot() {
                         Some(x.flatten_all()?.to_vec1::<bf16>()?)
                     } else {
                         None
@@ -113,7 +113,7 @@ pub fn prompt_kernel(dtype: DType) -> &'static str {
 fn amx_product(w: &[u16], x: &Tensor, rows: usize, k: usize, n: usize) -> Result<Option<Vec<f32>>> {
     use crate::kernels::amx;
     let whole = n.is_multiple_of(amx::BLOCK) && k.is_multiple_of(amx::BLOCK);
-    if rows < FEW_ROWS || !whole || x.dtype() != DType::BF16 || !amx::available() {
+    if rows <= EXACT_ROWS || !whole || x.dtype() != DType::BF16 || !amx::available() {
         return Ok(None);
     }
     let xb: Vec<bf16> = x.flatten_all()?.to_vec1()?;
@@ -204,7 +204,7 @@ fn run(w: &[u16], acts: Acts, rows: usize, k: usize, n: usize, kind: Kind) -> Ve
         let features = chunk.len() / rows;
         // Prompts: 4 weight rows × 4 activation rows per pass (features in tiles of 4, rows in
         // groups of 4), then what is left over one weight row at a time.
-        let tiles = if rows >= FEW_ROWS && simd() { features / 4 } else { 0 };
+        let tiles = if rows > EXACT_ROWS && simd() { features / 4 } else { 0 };
         prompt_tiles(
             &w[first * k..(first + 4 * tiles) * k],
             acts,

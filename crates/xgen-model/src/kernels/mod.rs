@@ -12,6 +12,12 @@
 //! - [`work_split`]: splitting products over the thread pool.
 //! - [`bandwidth`], [`peak`]: the memory-read and f32-FMA probes behind `xgen bench`'s ratios.
 
+/// Rows a step may have for each of them to be computed exactly as a one-row step computes it
+/// (bit for bit: the products' and attention's few-row paths): decode steps, speculative verify
+/// steps, continuous-batching steps up to this many rows in all. Longer steps are prompts, on
+/// kernels ordered for throughput (AMX tiles, k slices, bf16 pair products).
+pub const EXACT_ROWS: usize = 15;
+
 #[cfg(target_arch = "x86_64")]
 mod amx;
 pub mod bandwidth;

@@ -22,7 +22,7 @@ use std::{
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::sync::mpsc::UnboundedSender;
 use xgen_generate::{forward_beside_masks, lookup::DraftLength, Sequence};
-use xgen_model::{kv_cache::blocks_for, KvCache, Model, KV_BLOCK};
+use xgen_model::{kernels::EXACT_ROWS, kv_cache::blocks_for, KvCache, Model, KV_BLOCK};
 use xgen_tokenizer::Tokenizer;
 
 use super::{Event, Job};
@@ -148,6 +148,7 @@ impl<'m> Engine<'m> {
             self.admit(jobs, &mut next, &mut batch, cancel);
             self.prefill_step(&mut batch);
             self.sample(&mut batch);
+            fit_drafts(&mut batch.active);
             self.make_room(&mut batch);
             self.decode(&mut batch);
             self.publish(&batch);
@@ -451,6 +452,21 @@ impl<'m> Engine<'m> {
         m.kv_blocks.store(blocks as i64, Relaxed);
         m.kv_blocks_used.store(used as i64, Relaxed);
         m.prefix_cache_entries.store(self.pool.entries() as i64, Relaxed);
+    }
+}
+
+/// Shortens the drafts (the newest sequences' first) so that the step has at most
+/// [`EXACT_ROWS`] rows in all: each row then runs as it would alone, so a speculating stream's
+/// output is plain decoding's even in a full batch; with many streams the step's weight reads
+/// are shared by their tokens anyway.
+fn fit_drafts(active: &mut [Active<'_>]) {
+    let mut spare = EXACT_ROWS.saturating_sub(active.len());
+    let mut order: Vec<usize> = (0..active.len()).collect();
+    order.sort_by_key(|&i| active[i].admitted);
+    for i in order {
+        let draft = &mut active[i].draft;
+        draft.truncate(spare);
+        spare -= draft.len();
     }
 }
 

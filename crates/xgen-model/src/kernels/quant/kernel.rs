@@ -9,10 +9,11 @@ use super::{
     layout::{signed_block, GROUP_BLOCKS},
     Activations, PackedMatrix, BLOCK,
 };
-use crate::kernels::work_split;
+use crate::kernels::{work_split, EXACT_ROWS};
 
 /// Activation rows from which prompts take AMX tiles where the CPU has them (one full tile).
-const AMX_ROWS: usize = 16;
+/// Steps of up to [`EXACT_ROWS`] rows (decode, verify) stay on the VNNI tiles, exact per row.
+const AMX_ROWS: usize = EXACT_ROWS + 1;
 /// Activation rows per pass over a weight row (accumulators kept in registers).
 pub(crate) const GROUP: usize = 4;
 /// Activation rows per pass over a weight row in a step of fewer than [`AMX_ROWS`] rows (a
