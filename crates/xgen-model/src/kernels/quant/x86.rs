@@ -41,6 +41,30 @@ pub(super) const fn has_min(f: u8) -> bool {
     f == Q4_1 || f == Q4K
 }
 
+/// Where a kernel reads: `WR` weight rows from `j` (quants, scales, minimums) and `R` activation
+/// rows from `first` (grouped quants, scales, sums per block).
+pub(super) struct Operands<const WR: usize, const R: usize> {
+    pub qs: [*const u8; WR],
+    pub wd: [*const u16; WR],
+    pub extra: [*const u16; WR],
+    pub xq: [*const i8; R],
+    pub xd: [*const f32; R],
+    pub xsum: [*const i32; R],
+}
+
+impl<const WR: usize, const R: usize> Operands<WR, R> {
+    pub(super) fn new(w: &PackedMatrix, j: usize, acts: &Activations, first: usize) -> Self {
+        Self {
+            qs: std::array::from_fn(|i| w.row_qs(j + i).as_ptr()),
+            wd: std::array::from_fn(|i| w.row_d(j + i).as_ptr()),
+            extra: std::array::from_fn(|i| w.row_extra(j + i).as_ptr()),
+            xq: std::array::from_fn(|r| acts.row_grouped(first + r).as_ptr()),
+            xd: std::array::from_fn(|r| acts.row_d(first + r).as_ptr()),
+            xsum: std::array::from_fn(|r| acts.row_sums(first + r).as_ptr()),
+        }
+    }
+}
+
 /// One [`Tile`] (see its docs) on the SIMD kernels.
 pub(super) fn tile(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
     let Tile { j, wr, first, r, stride, groups } = t;
@@ -89,12 +113,7 @@ unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
 ) {
     let nb = w.k / BLOCK;
     let (row_bytes, block_bytes) = (w.row_bytes(), w.format.quant_bytes());
-    let qs: [*const u8; WR] = std::array::from_fn(|i| w.row_qs(j + i).as_ptr());
-    let wd: [*const u16; WR] = std::array::from_fn(|i| w.row_d(j + i).as_ptr());
-    let xq: [*const i8; R] = std::array::from_fn(|r| acts.row_grouped(first + r).as_ptr());
-    let xd: [*const f32; R] = std::array::from_fn(|r| acts.row_d(first + r).as_ptr());
-    let xsum: [*const i32; R] = std::array::from_fn(|r| acts.row_sums(first + r).as_ptr());
-    let extra: [*const u16; WR] = std::array::from_fn(|i| w.row_extra(j + i).as_ptr());
+    let Operands { qs, wd, extra, xq, xd, xsum } = Operands::<WR, R>::new(w, j, acts, first);
     let next_scales: *const u8 = w.d.as_ptr().wrapping_add((j + WR) * nb).cast();
     // Two accumulator chains per (weight row, activation row) when there are few of them, so
     // `vpdpbusd`'s latency stays hidden.

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use super::{
     kernel::Tile,
     layout::GROUP_BLOCKS,
-    x86::{has_min, q4k_scales, Q4K, Q4_0, Q4_1, Q8_0},
+    x86::{has_min, q4k_scales, Operands, Q4K, Q4_0, Q4_1, Q8_0},
     Activations, BlockFormat, PackedMatrix, BLOCK,
 };
 
@@ -85,12 +85,7 @@ unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
 ) {
     let nb = w.k / BLOCK;
     let (row_bytes, block_bytes) = (w.row_bytes(), w.format.quant_bytes());
-    let qs: [*const u8; WR] = std::array::from_fn(|i| w.row_qs(j + i).as_ptr());
-    let wd: [*const u16; WR] = std::array::from_fn(|i| w.row_d(j + i).as_ptr());
-    let extra: [*const u16; WR] = std::array::from_fn(|i| w.row_extra(j + i).as_ptr());
-    let xq: [*const i8; R] = std::array::from_fn(|r| acts.row_grouped(first + r).as_ptr());
-    let xd: [*const f32; R] = std::array::from_fn(|r| acts.row_d(first + r).as_ptr());
-    let xsum: [*const i32; R] = std::array::from_fn(|r| acts.row_sums(first + r).as_ptr());
+    let Operands { qs, wd, extra, xq, xd, xsum } = Operands::<WR, R>::new(w, j, acts, first);
     // Two chains per sum when there are few of them, so `vpdpbusd`'s latency stays hidden.
     let split = WR * R <= 8;
     let minus_offset = _mm512_set1_epi32(if F == Q8_0 { -128 } else { -8 });
