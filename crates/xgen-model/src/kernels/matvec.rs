@@ -4,14 +4,15 @@
 //! That is memory-bound: the floor is reading the weights once. candle's `matmul` on bf16 widens
 //! the whole weight to f32 on every call (0.77 GB/s effective on the project's CPU; f16 reaches
 //! 8.4 GB/s on one core, see docs/cpu-performance.md). Here each weight row is streamed once,
-//! widened in registers (bf16: a 16-bit shift; f16: `vcvtph2ps`), multiplied into f32 accumulators
-//! for up to 4 activation rows at a time (then reused from L1 for the next 4, up to 16 rows: a
-//! continuous-batching decode step), and rows are split across rayon threads. Results are rounded to the
-//! weight dtype once, as transformers' bf16 linear layers do.
+//! widened in registers (bf16: a 16-bit shift; f16: `vcvtph2ps`), multiplied into f32 accumulators,
+//! and rows are split across rayon threads. Results are rounded to the weight dtype once, as
+//! transformers' bf16 linear layers do.
 //!
-//! Steps of up to [`EXACT_ROWS`] rows multiply each row exactly as a one-row step does (f32
-//! activations, groups of 4 rows per pass over a weight row, the same accumulation order); longer
-//! ones (prompts) take the tiled kernels (AMX or bf16 pair products), ordered differently.
+//! Steps of up to [`EXACT_ROWS`] rows (a verify or continuous-batching step) multiply each row
+//! exactly as a one-row step does: f32 activations, up to 8 rows per pass over a weight row, the
+//! width in blocks that keep the rows' activations in L1 with every sum carried between blocks
+//! (the same accumulation order as one pass). Longer ones (prompts) take the tiled kernels (AMX
+//! or bf16 pair products), ordered differently.
 //!
 //! candle's `matmul` stays the reference: a test compares both on odd shapes.
 
@@ -30,6 +31,10 @@ pub const TILE_ROWS: usize = 32;
 /// Activation rows multiplied per pass over a weight row (accumulators kept in registers); a
 /// weight row is reused from L1 for the next group.
 const GROUP: usize = 4;
+/// Activation rows per pass over a weight row in a few-row step ([`avx512::few_rows`]).
+const FEW_GROUP: usize = 8;
+/// Values of the width per block in a few-row step: 15 rows of f32 activations (30 KB) stay in L1.
+const FEW_K_BLOCK: usize = 512;
 /// Output features per rayon task.
 const BLOCK: usize = 32;
 /// Prompt tiles run over `k` in blocks of this many values, so that a group's activations
@@ -213,6 +218,12 @@ fn run(w: &[u16], acts: Acts, rows: usize, k: usize, n: usize, kind: Kind) -> Ve
             kind,
             &mut chunk[..4 * tiles * rows],
         );
+        #[cfg(target_arch = "x86_64")]
+        if rows > 1 && tiles == 0 && simd() {
+            // SAFETY: the CPU supports AVX-512F (checked); shapes as for `dot_row`.
+            unsafe { avx512::few_rows(&w[first * k..(first + features) * k], xs, rows, k, kind, chunk) };
+            return;
+        }
         let done = if tiles > 0 { rows / GROUP * GROUP } else { 0 };
         for (jj, out) in chunk.chunks_mut(rows).enumerate() {
             let (j, from) = (first + jj, if jj < 4 * tiles { done } else { 0 });
@@ -360,7 +371,7 @@ fn widen(b: u16, kind: Kind) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{widen, Kind, Partial, GROUP};
+    use super::{widen, Kind, Partial, FEW_GROUP, FEW_K_BLOCK, GROUP};
 
     pub unsafe fn dot_row(w: &[u16], xs: &[f32], stride: usize, kind: Kind, out: &mut [f32]) {
         // SAFETY: as the caller's.
@@ -476,11 +487,30 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn rows<const R: usize>(w: &[u16], xs: &[f32], stride: usize, kind: Kind, out: &mut [f32]) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        let k = w.len();
-        let full = k / 32 * 32;
+        // SAFETY: as the caller's.
+        unsafe {
+            accumulate::<R>(w, xs, stride, kind, 0..w.len() / 32 * 32, &mut acc);
+            finish::<R>(w, xs, stride, kind, &acc, out);
+        }
+    }
+
+    /// Adds to `acc[r]` (lanes of the even and odd halves of each run) the products of weight row
+    /// `w` and activation row `r` (from `xs[r · stride]`) over `range`, whole runs of 32 values:
+    /// the per-lane sums run along the width in order, so splitting the width into ranges (the
+    /// few-row driver) leaves every sum as one pass makes it.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn accumulate<const R: usize>(
+        w: &[u16],
+        xs: &[f32],
+        stride: usize,
+        kind: Kind,
+        range: std::ops::Range<usize>,
+        acc: &mut [[__m512; 2]; R],
+    ) {
         let high_halves = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        let mut i = 0;
-        while i < full {
+        let mut i = range.start;
+        while i < range.end {
             // The hardware prefetcher stops at page boundaries: fetch ahead into the next rows
             // (a 4096-wide bf16 row is 2 pages).
             _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().wrapping_add(i + 2 * stride).cast());
@@ -510,10 +540,85 @@ mod avx512 {
             }
             i += 32;
         }
+    }
+
+    /// `out[r] +=` the lanes of `acc[r]` and the products past the whole runs of 32.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish<const R: usize>(
+        w: &[u16],
+        xs: &[f32],
+        stride: usize,
+        kind: Kind,
+        acc: &[[__m512; 2]; R],
+        out: &mut [f32],
+    ) {
+        let (k, full) = (w.len(), w.len() / 32 * 32);
         for (r, [a, b]) in acc.iter().enumerate() {
             let tail: f32 = (full..k).map(|t| widen(w[t], kind) * xs[r * stride + t]).sum();
             out[r] += _mm512_reduce_add_ps(_mm512_add_ps(*a, *b)) + tail;
         }
+    }
+
+    /// A few-row step's products (2 to [`super::EXACT_ROWS`] rows): `out` `[features, rows]`
+    /// (feature-major) gains weight rows `w` `[features, k]` times activation rows `xs`
+    /// `[rows, k]`. The width is taken in blocks of [`FEW_K_BLOCK`] so that every row's block of
+    /// activations stays in L1 while the weight rows pass (a whole 15-row width does not fit:
+    /// an 8-row bf16 step read its activations from L2), with each (weight row, activation row)
+    /// sum carried between blocks: the arithmetic of [`rows`], row for row.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn few_rows(w: &[u16], xs: &[f32], rows: usize, k: usize, kind: Kind, out: &mut [f32]) {
+        let (features, full) = (w.len() / k, k / 32 * 32);
+        let groups = rows.div_ceil(FEW_GROUP);
+        let mut acc = vec![[[_mm512_setzero_ps(); 2]; FEW_GROUP]; features * groups];
+        macro_rules! each_group {
+            ($j:expr, $g:expr, $f:ident, $($args:expr),*) => {{
+                let (wj, a) = (&w[$j * k..($j + 1) * k], &mut acc[$j * groups + $g]);
+                let x = &xs[$g * FEW_GROUP * k..];
+                // SAFETY: as the caller's; `a` holds FEW_GROUP ≥ r sums.
+                unsafe {
+                    match rows - $g * FEW_GROUP {
+                        1 => $f::<1>(wj, x, k, kind, $($args,)* (&mut a[..1]).try_into().expect("1 sum")),
+                        2 => $f::<2>(wj, x, k, kind, $($args,)* (&mut a[..2]).try_into().expect("2 sums")),
+                        3 => $f::<3>(wj, x, k, kind, $($args,)* (&mut a[..3]).try_into().expect("3 sums")),
+                        4 => $f::<4>(wj, x, k, kind, $($args,)* (&mut a[..4]).try_into().expect("4 sums")),
+                        5 => $f::<5>(wj, x, k, kind, $($args,)* (&mut a[..5]).try_into().expect("5 sums")),
+                        6 => $f::<6>(wj, x, k, kind, $($args,)* (&mut a[..6]).try_into().expect("6 sums")),
+                        7 => $f::<7>(wj, x, k, kind, $($args,)* (&mut a[..7]).try_into().expect("7 sums")),
+                        _ => $f::<8>(wj, x, k, kind, $($args,)* (&mut a[..8]).try_into().expect("8 sums")),
+                    }
+                }
+            }};
+        }
+        for start in (0..full).step_by(FEW_K_BLOCK) {
+            let range = start..(start + FEW_K_BLOCK).min(full);
+            for j in 0..features {
+                for g in 0..groups {
+                    each_group!(j, g, accumulate, range.clone());
+                }
+            }
+        }
+        for j in 0..features {
+            for g in 0..groups {
+                let out = &mut out[j * rows + g * FEW_GROUP..];
+                each_group!(j, g, finish_into, out);
+            }
+        }
+    }
+
+    /// [`finish`] with the arguments in [`few_rows`]' order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish_into<const R: usize>(
+        w: &[u16],
+        xs: &[f32],
+        stride: usize,
+        kind: Kind,
+        out: &mut [f32],
+        acc: &mut [[__m512; 2]; R],
+    ) {
+        // SAFETY: as the caller's.
+        unsafe { finish::<R>(w, xs, stride, kind, acc, out) }
     }
 }
 
@@ -590,6 +695,27 @@ mod tests {
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
                 assert!(err < 1e-5, "bf16 pairs {} rows {rows} k {k} n {n}: {err}", pairs.is_some());
+            }
+        }
+    }
+
+    /// Steps of up to `EXACT_ROWS` rows: each row's product is the one-row step's, bit for bit
+    /// (widths with and without a tail past whole runs, wider than one few-row block).
+    #[test]
+    fn few_row_steps_equal_one_row_steps_exactly() {
+        let dev = Device::Cpu;
+        for dtype in [DType::BF16, DType::F16] {
+            for (rows, k, n) in [(2, 96, 37), (5, 1100, 33), (8, 4096, 9), (9, 1030, 40), (15, 2048, 7)] {
+                let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap().to_dtype(dtype).unwrap();
+                let x = Tensor::randn(0f32, 1., (rows, k), &dev).unwrap().to_dtype(dtype).unwrap();
+                let all: Vec<Vec<f32>> =
+                    matmul_wt(&x, &w).unwrap().unwrap().to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+                for (r, got) in all.iter().enumerate() {
+                    let one = matmul_wt(&x.narrow(0, r, 1).unwrap(), &w).unwrap().unwrap();
+                    let want: Vec<f32> =
+                        one.to_dtype(DType::F32).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+                    assert!(*got == want, "{dtype:?} rows {rows} k {k}: row {r} is not the one-row step's");
+                }
             }
         }
     }
