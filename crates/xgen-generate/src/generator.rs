@@ -12,7 +12,7 @@ use crate::{
     config::{GenerationConfig, SpecialText},
     constraint::{Constraint, Grammars},
     error::{GenerateError, Result},
-    lookup::{self, DraftStats, PromptLookup},
+    lookup::{self, DraftLength, DraftStats},
     penalties::History,
     sampler,
     stop::{FinishReason, StopStrings},
@@ -70,6 +70,8 @@ pub struct Sequence<'t> {
     stops: StopStrings,
     /// The format the output must match, if any.
     constraint: Option<Constraint>,
+    /// The next draft's length, when the config asks for prompt lookup.
+    draft_length: Option<DraftLength>,
     finished: bool,
 }
 
@@ -90,6 +92,7 @@ impl<'t> Sequence<'t> {
     pub fn new(tokenizer: &'t Tokenizer, prompt: Vec<u32>, config: GenerationConfig, budget: usize) -> Self {
         Self {
             tokenizer,
+            draft_length: config.prompt_lookup.map(|l| DraftLength::new(l.num_tokens)),
             history: History::new(&prompt),
             decoder: tokenizer.stream_decoder(),
             stops: StopStrings::new(config.stop_strings.clone()),
@@ -144,12 +147,16 @@ impl<'t> Sequence<'t> {
         &self.config
     }
 
-    /// Up to `limit` tokens for the next verify step, looked up in the prompt and the output
-    /// ([`lookup::draft`]); never more than the budget has room for after the model's own token.
-    pub fn draft(&self, lookup: &PromptLookup, limit: usize) -> Vec<u32> {
+    /// The tokens to verify after the last one, looked up in the prompt and the output
+    /// ([`lookup::draft`], as long as the draft length schedule says); never more than the budget
+    /// has room for after the model's own token. Empty without prompt lookup.
+    pub fn draft(&self) -> Vec<u32> {
+        let (Some(lookup), Some(length)) = (self.config.prompt_lookup, self.draft_length) else {
+            return Vec::new();
+        };
         let room = self.budget.saturating_sub(self.out.ids.len() + 1);
         let tokens: Vec<u32> = self.out.prompt_ids.iter().chain(&self.out.ids).copied().collect();
-        lookup::draft(&tokens, lookup.max_ngram, limit.min(room)).to_vec()
+        lookup::draft(&tokens, lookup.max_ngram, length.get().min(room)).to_vec()
     }
 
     /// A verify step: `rows[i]` are the raw logits after the last accepted token (`i = 0`) and
@@ -175,6 +182,9 @@ impl<'t> Sequence<'t> {
         let accepted = steps.iter().zip(draft).take_while(|(s, d)| s.token == **d).count();
         self.out.draft.drafted += draft.len();
         self.out.draft.accepted += accepted;
+        if let Some(length) = &mut self.draft_length {
+            length.update(draft.len(), accepted);
+        }
         Ok(steps)
     }
 

@@ -9,7 +9,6 @@ use xgen_model::KvCache;
 use crate::{
     error::Result,
     generator::{forward_beside_masks, Generator, Sequence, Step},
-    lookup::DraftLength,
 };
 
 impl Generator<'_> {
@@ -24,8 +23,6 @@ impl Generator<'_> {
         on_step: &mut dyn FnMut(&Step),
     ) -> Result<()> {
         let model = self.model;
-        let lookup = seq.config().prompt_lookup;
-        let mut length = lookup.map(|l| DraftLength::new(l.num_tokens));
         // rows[i]: the logits after the last accepted token and the first i drafted ones.
         let (mut rows, mut draft) = (vec![logits], Vec::new());
         loop {
@@ -41,14 +38,8 @@ impl Generator<'_> {
             if seq.is_finished() {
                 return Ok(());
             }
-            if let Some(length) = &mut length {
-                length.update(draft.len(), steps.len() - 1);
-            }
             let last = steps.last().expect("a verify step takes at least one step").token;
-            draft = match (lookup, length) {
-                (Some(lookup), Some(length)) => seq.draft(&lookup, length.get()),
-                _ => Vec::new(),
-            };
+            draft = seq.draft();
             let fed: Vec<u32> = std::iter::once(last).chain(draft.iter().copied()).collect();
             let ids = model.ids_tensor(&fed)?; // [1, 1 + draft]
             let (next, masks) = forward_beside_masks(vec![&mut *seq], || -> Result<Vec<Vec<f32>>> {

@@ -237,6 +237,7 @@ fn eos_a_stop_string_and_the_budget_end_a_draft() {
     let mut seq = sequence(&tokenizer, config.clone(), 2);
     let steps = seq.verify(&[peak(11), peak(12), peak(13), peak(14)], &[11, 12, 13], rng).unwrap();
     assert_eq!((steps.len(), seq.output().finish_reason), (2, FinishReason::Length));
-    let seq = Sequence::new(&tokenizer, vec![1, 2, 3, 1, 2, 3, 1, 2], config, 3);
-    assert_eq!(seq.draft(&PromptLookup::new(8, 3).unwrap(), 8), [3, 1]);
+    let lookup = GenerationConfig { prompt_lookup: Some(PromptLookup::new(8, 3).unwrap()), ..config };
+    let seq = Sequence::new(&tokenizer, vec![1, 2, 3, 1, 2, 3, 1, 2], lookup, 3);
+    assert_eq!(seq.draft(), [3, 1]);
 }

@@ -21,7 +21,7 @@ use std::{
 
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::sync::mpsc::UnboundedSender;
-use xgen_generate::{forward_beside_masks, lookup::DraftLength, Sequence};
+use xgen_generate::{forward_beside_masks, Sequence};
 use xgen_model::{kernels::EXACT_ROWS, kv_cache::blocks_for, KvCache, Model, KV_BLOCK};
 use xgen_tokenizer::Tokenizer;
 
@@ -52,8 +52,6 @@ struct Active<'t> {
     rows: Vec<Vec<f32>>,
     /// Tokens drafted by prompt lookup for the next step (fed after the last token).
     draft: Vec<u32>,
-    /// The draft length schedule, when the request speculates.
-    draft_length: Option<DraftLength>,
     submitted: Instant,
     last_token: Option<Instant>,
 }
@@ -268,7 +266,6 @@ impl<'m> Engine<'m> {
                         Waiting::Resumed(a) => Active { rows: vec![logits], draft: Vec::new(), ..*a },
                         Waiting::New(job) => {
                             let Job { prompt, config, constraint, budget, seed, events, submitted } = *job;
-                            let draft_length = config.prompt_lookup.map(|l| DraftLength::new(l.num_tokens));
                             let seq = Sequence::new(self.tokenizer, prompt.clone(), config, budget);
                             Active {
                                 seq: match constraint {
@@ -282,7 +279,6 @@ impl<'m> Engine<'m> {
                                 events,
                                 rows: vec![logits],
                                 draft: Vec::new(),
-                                draft_length,
                                 submitted,
                                 last_token: None,
                             }
@@ -319,9 +315,6 @@ impl<'m> Engine<'m> {
                         cache.truncate(cache.len() + steps.len() - a.draft.len() - 1);
                         cache.release_unused();
                     }
-                    if let Some(length) = &mut a.draft_length {
-                        length.update(a.draft.len(), accepted);
-                    }
                     let mut open = true;
                     let mut finished = false;
                     for out in steps {
@@ -340,10 +333,7 @@ impl<'m> Engine<'m> {
                 }
             };
             if stay {
-                a.draft = match (a.seq.config().prompt_lookup, a.draft_length) {
-                    (Some(lookup), Some(length)) => a.seq.draft(&lookup, length.get()),
-                    _ => Vec::new(),
-                };
+                a.draft = a.seq.draft();
                 batch.active.push(a);
                 batch.caches.push(cache);
             } else {
