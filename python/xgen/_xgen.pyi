@@ -1,5 +1,6 @@
 """Type stubs of the native module `xgen._xgen` (re-exported by `xgen`)."""
 
+import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, Literal, Optional, Union, final, overload
 
@@ -141,13 +142,18 @@ class Model:
         threads: Optional[int] = None,
         revision: str = "main",
         random_weights: Optional[str] = None,
+        cache_dir: Union[str, os.PathLike[str], None] = None,
+        cache_disk_budget: Optional[int] = None,
     ) -> Model:
         """Loads ``model``: a directory (config.json + weights), a ``.gguf`` file, or a Hugging
         Face Hub id resolved through the HF cache (``HF_HOME``/``HF_HUB_CACHE``; downloaded when
         missing unless ``HF_HUB_OFFLINE=1``). ``dtype`` is how float checkpoints are held
         (q8_0/q4_0/q4_k quantize on load; a GGUF file keeps its stored types). ``threads``:
         compute threads (default all cores). ``random_weights``: a preset shape (``"xgen-7b"``,
-        ``"small"``, ``"tiny"``) instead of ``model``, for benchmarks. Missing files raise
+        ``"small"``, ``"tiny"``) instead of ``model``, for benchmarks. ``cache_dir``: the disk
+        prompt cache: each prompt's KV blocks are saved there and restored by any later call or
+        process whose prompt starts with the same tokens (a document asked about again), its
+        files kept within ``cache_disk_budget`` bytes when given. Missing files raise
         ``FileNotFoundError``. Ctrl-C while loading raises ``KeyboardInterrupt`` at once (the
         load already under way finishes in the background and is freed)."""
     @property
@@ -165,6 +171,11 @@ class Model:
         ``"q4_k+q6_k"`` when mixed)."""
     @property
     def threads(self) -> int: ...
+    @property
+    def cache_stats(self) -> Optional[dict[str, int]]:
+        """The disk prompt cache's counts since loading (``None`` without ``cache_dir``):
+        ``restored_tokens``, ``read_bytes``, ``written_bytes``, ``bad_files``, ``stored_bytes``.
+        Waits for the saves in progress first."""
     def generate(
         self,
         inputs: Any = None,

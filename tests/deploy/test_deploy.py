@@ -89,6 +89,15 @@ def test_manifests_validate_and_follow_the_rules():
         assert key["valueFrom"]["secretKeyRef"]["name"]
         claim = next(v for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v)["persistentVolumeClaim"]["claimName"]
         assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim for d in docs)
+        # The disk prompt cache: a writable mount from a claim larger than its budget.
+        cache_dir = args[args.index("--cache-dir") + 1]
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == cache_dir)
+        assert not mount.get("readOnly")
+        volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+        cache_claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim"
+                           and d["metadata"]["name"] == volume["persistentVolumeClaim"]["claimName"])
+        size = int(cache_claim["spec"]["resources"]["requests"]["storage"].removesuffix("Gi"))
+        assert int(args[args.index("--cache-disk-budget") + 1].removesuffix("G")) < size, name
         labels = pod["metadata"]["labels"]
         for d in docs:
             sel = d.get("spec", {}).get("selector")

@@ -85,6 +85,25 @@ def test_prompt_lookup_keeps_the_output(fixture):
         model.generate([1, 2, 3], prompt_lookup_num_tokens=99)
 
 
+def test_a_disk_prompt_cache_restores_a_prompt_with_the_same_output(fixture, tmp_path):
+    name, _, run = fixture
+    p = run["prompts"][-1]
+    ids = (p["ids"] * 200)[:300]  # a few KV blocks of 64 positions
+    plain = xgen.Model(os.path.join(MODELS, name), dtype="f32").generate(ids, max_new_tokens=5)
+    first = xgen.Model(os.path.join(MODELS, name), dtype="f32", cache_dir=tmp_path)
+    assert first.generate(ids, max_new_tokens=5) == plain
+    stats = first.cache_stats
+    assert stats["restored_tokens"] == 0 and stats["written_bytes"] > 0
+    # Another process-like load restores the stored blocks: same ids, 256 positions not computed.
+    second = xgen.Model(os.path.join(MODELS, name), dtype="f32", cache_dir=str(tmp_path))
+    assert second.generate(ids, max_new_tokens=5) == plain
+    assert second.cache_stats["restored_tokens"] == 256
+    assert second.cache_stats["read_bytes"] == stats["written_bytes"]
+    assert xgen.Model(os.path.join(MODELS, name), dtype="f32").cache_stats is None
+    with pytest.raises(ValueError, match="cache_disk_budget"):
+        xgen.Model(os.path.join(MODELS, name), dtype="f32", cache_disk_budget=1 << 20)
+
+
 def test_left_padded_batch_equals_transformers(model):
     b = expected("tiny-xgen-8k-bin")["float32"]["batch"]
     assert b["padding_side"] == "left"

@@ -15,6 +15,7 @@ use xgen_generate::{
 };
 
 use crate::{
+    cache_args::CacheArgs,
     exit::bad_input,
     model_args::ModelArgs,
     sampling_args::SamplingArgs,
@@ -39,6 +40,8 @@ pub struct ChatArgs {
     /// Sampling defaults follow the model card (top-k 100, temperature 1); --greedy for determinism.
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
@@ -61,7 +64,12 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
     loaded.text.add_stops(&mut card);
     let base = args.sampling.apply(card, tokenizer, model.config().vocab_size)?;
     let mut rng = StdRng::seed_from_u64(args.sampling.seed());
-    let generator = Generator::new(model, tokenizer);
+    let disk = args.cache.open(&loaded.source, model)?;
+    let mut generator = Generator::new(model, tokenizer);
+    if let Some(disk) = &disk {
+        // A document read once: the next `xgen chat --document` of it restores its blocks.
+        generator = generator.with_prompt_cache(disk);
+    }
     let mut session = Session::default();
     let mut conversation = Conversation::new(args.header.as_deref());
     let interactive = std::io::stdin().is_terminal();

@@ -6,10 +6,16 @@ use std::{io::Write, path::PathBuf, time::Instant};
 use clap::{Args, ValueEnum};
 use rand::{rngs::StdRng, SeedableRng};
 use serde_json::json;
-use xgen_generate::{timings::timings, GenerationConfig, Generator, Truncation};
+use xgen_generate::{
+    timings::{add_disk_cache, timings},
+    GenerationConfig, Generator, Truncation,
+};
 use xgen_tokenizer::Specials;
 
-use crate::{exit::bad_input, model_args::ModelArgs, sampling_args::SamplingArgs, text_input::read_text};
+use crate::{
+    cache_args::CacheArgs, exit::bad_input, model_args::ModelArgs, sampling_args::SamplingArgs,
+    text_input::read_text,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TruncateSide {
@@ -42,6 +48,8 @@ pub struct GenerateArgs {
     pub max_new_tokens: Option<usize>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Report the log-probability of each generated token and of the N most likely alternatives (--json).
     #[arg(long, value_name = "N")]
     pub logprobs: Option<usize>,
@@ -95,6 +103,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         .budget(prompt.len(), model.config().max_position_embeddings)
         .map_err(|e| bad_input(e.to_string()))?;
 
+    let disk = args.cache.open(&loaded.source, model)?;
     let seed = args.sampling.seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut stdout = std::io::stdout().lock();
@@ -102,7 +111,11 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     // llama.cpp's timings: the prompt until the first token is chosen, the rest as generation.
     let start = Instant::now();
     let mut first_token = None;
-    let out = Generator::new(model, tokenizer).generate(&prompt, &config, &mut rng, &mut |step| {
+    let mut generator = Generator::new(model, tokenizer);
+    if let Some(disk) = &disk {
+        generator = generator.with_prompt_cache(disk);
+    }
+    let out = generator.generate(&prompt, &config, &mut rng, &mut |step| {
         first_token.get_or_insert_with(Instant::now);
         if !args.json && write_error.is_none() {
             if let Err(e) = stdout.write_all(step.text.as_bytes()).and_then(|()| stdout.flush()) {
@@ -117,8 +130,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let first_token = first_token.unwrap_or(end);
     if args.json {
         let drafts = config.prompt_lookup.map(|_| out.draft);
-        let timings =
+        let mut timings =
             timings(out.prompt_ids.len(), out.ids.len(), first_token - start, end - first_token, drafts);
+        if let Some(disk) = &disk {
+            disk.flush(); // the prompt's blocks are on disk: count their bytes
+            add_disk_cache(&mut timings, out.restored, disk.stats());
+        }
         let mut obj = json!({
             "prompt_ids": out.prompt_ids,
             "ids": out.ids,

@@ -2,6 +2,7 @@
 //! codes (2 for bad usage or bad input, 1 for other failures). The work lives in the libraries.
 
 mod bench;
+mod cache_args;
 mod chat;
 mod cli;
 mod convert;

@@ -105,11 +105,12 @@ fn positive(s: &str) -> Result<usize, String> {
     }
 }
 
-/// A loaded model, its tokenizer and chat format, and the directory it came from (`None` for
-/// random weights and GGUF files).
+/// A loaded model, its tokenizer and chat format, where it came from, and the directory it came
+/// from (`None` for random weights and GGUF files).
 pub struct Loaded {
     pub model: Model,
     pub text: ModelText,
+    pub source: Source,
     pub dir: Option<PathBuf>,
 }
 
@@ -151,11 +152,11 @@ impl ModelArgs {
                 self.dtype.name()
             );
         }
-        let dir = match source {
-            Source::Dir(dir) => Some(dir),
+        let dir = match &source {
+            Source::Dir(dir) => Some(dir.clone()),
             Source::Gguf(_) | Source::Random { .. } => None,
         };
-        let loaded = Loaded { model, text, dir };
+        let loaded = Loaded { model, text, source, dir };
         bar.finish_and_clear();
         status(&format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
         Ok(loaded)

@@ -6,6 +6,7 @@ use clap::Args;
 use xgen_server::{EngineOptions, PrefixCache, ServeOptions, Ui};
 
 use crate::{
+    cache_args::{parse_bytes, warn_on_stderr, CacheArgs},
     exit::bad_input,
     model_args::{ModelArgs, ModelSettings, Source},
 };
@@ -44,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
     /// KV cache memory at most, running sequences and prefix cache together: bytes (suffixes K,
-    /// M, G: powers of 1024), or `auto`: the memory available once the model is loaded, less 1 GiB
+    /// M, G, T: powers of 1024), or `auto`: the memory available once the model is loaded, less 1 GiB
     /// for activations and the runtime. A request waits in the queue until its cache (prompt +
     /// max_tokens) fits; one that never could is a 400.
     #[arg(long, default_value = "auto", value_parser = parse_kv_budget)]
@@ -69,6 +70,11 @@ pub struct ServeArgs {
     /// host name, a pod's name in Kubernetes).
     #[arg(long, env = "XGEN_REPLICA_ID")]
     pub replica_id: Option<String>,
+    /// The disk prompt cache: ended requests' KV blocks are saved under --cache-dir, and prompts
+    /// restore them after the in-memory prefix cache (also after a restart, and across replicas
+    /// sharing the directory).
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 /// The host's name (`$HOSTNAME`, else `/etc/hostname`, else `xgen`).
@@ -98,24 +104,10 @@ fn parse_kv_budget(s: &str) -> Result<KvBudget, String> {
     if s.eq_ignore_ascii_case("auto") {
         return Ok(KvBudget::Auto);
     }
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                _ => return Err(format!("{s:?}: a byte count (suffix K, M or G) or auto")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: usize = digits.parse().map_err(|_| format!("{s:?}: a byte count (suffix K, M or G) or auto"))?;
-    match n.checked_mul(1 << shift) {
-        Some(0) | None => Err(format!("{s:?}: must be positive and fit in memory sizes")),
-        Some(bytes) => Ok(KvBudget::Bytes(bytes)),
-    }
+    let bytes = parse_bytes(s).map_err(|e| format!("{e}, or auto"))?;
+    usize::try_from(bytes)
+        .map(KvBudget::Bytes)
+        .map_err(|_| format!("{s:?}: larger than this machine's memory sizes"))
 }
 
 /// `auto`: the memory available now (after the weights), less 1 GiB; unbounded where the system
@@ -185,6 +177,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             KvBudget::Auto => auto_kv_budget,
             KvBudget::Bytes(_) => || None,
         },
+        disk_cache: disk_cache(&args.cache, &source),
         body_limit: args.max_body_bytes,
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
     };
@@ -215,6 +208,16 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         eprintln!("xgen: shut down");
         Ok(())
     })
+}
+
+/// Opens `--cache-dir` for the model once it is loaded, when given.
+fn disk_cache(args: &CacheArgs, source: &Source) -> Option<xgen_server::OpenDiskCache> {
+    let dir = args.cache_dir.clone()?;
+    let (budget, source) = (args.cache_disk_budget, source.clone());
+    Some(Box::new(move |model: &xgen_model::Model| {
+        xgen_generate::prompt_cache::open(&dir, budget, &source, model, warn_on_stderr())
+            .map_err(|e| e.to_string())
+    }))
 }
 
 /// Ctrl-C or SIGTERM.
@@ -249,7 +252,7 @@ mod tests {
         assert_eq!(parse_kv_budget("1000"), Ok(KvBudget::Bytes(1000)));
         assert_eq!(parse_kv_budget("8G"), Ok(KvBudget::Bytes(8 << 30)));
         assert_eq!(parse_kv_budget("512m"), Ok(KvBudget::Bytes(512 << 20)));
-        for bad in ["", "0", "8T", "G", "-1", "1.5G", "99999999999999999999G"] {
+        for bad in ["", "0", "8P", "G", "-1", "1.5G", "99999999999999999999G"] {
             assert!(parse_kv_budget(bad).is_err(), "{bad:?}");
         }
     }

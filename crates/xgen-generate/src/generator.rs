@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::Rng;
+use xgen_kvstore::DiskCache;
 use xgen_model::{KvCache, Model, Tensor};
 use xgen_tokenizer::{StreamDecoder, Tokenizer};
 
@@ -55,6 +56,8 @@ pub struct Output {
     pub logprobs: Vec<TokenLogprob>,
     /// Tokens drafted by prompt lookup, and how many of them were accepted.
     pub draft: DraftStats,
+    /// Prompt positions restored from the disk prompt cache instead of computed.
+    pub restored: usize,
 }
 
 /// One sequence being generated: its output so far, penalty history, incremental decoder and stop
@@ -103,6 +106,7 @@ impl<'t> Sequence<'t> {
                 finish_reason: FinishReason::Length,
                 logprobs: Vec::new(),
                 draft: DraftStats::default(),
+                restored: 0,
             },
             config,
             budget,
@@ -137,6 +141,11 @@ impl<'t> Sequence<'t> {
 
     pub fn output(&self) -> &Output {
         &self.out
+    }
+
+    /// Records that the first `n` prompt positions came from the disk prompt cache.
+    pub fn set_restored(&mut self, n: usize) {
+        self.out.restored = n;
     }
 
     pub fn into_output(self) -> Output {
@@ -268,17 +277,25 @@ pub struct Generator<'a> {
     grammars: std::sync::OnceLock<Grammars>,
     /// Set by the caller (from another thread) to stop; checked between prompt chunks and tokens.
     cancel: Option<&'a AtomicBool>,
+    /// Where prompts' KV blocks are restored from and saved to.
+    pub(crate) disk: Option<&'a DiskCache>,
 }
 
 impl<'a> Generator<'a> {
     pub fn new(model: &'a Model, tokenizer: &'a Tokenizer) -> Self {
-        Self { model, tokenizer, grammars: std::sync::OnceLock::new(), cancel: None }
+        Self { model, tokenizer, grammars: std::sync::OnceLock::new(), cancel: None, disk: None }
     }
 
     /// Stops with [`GenerateError::Cancelled`] once `flag` is set (between prompt chunks and
     /// between tokens): how a caller on another thread interrupts a long call.
     pub fn cancellable(mut self, flag: &'a AtomicBool) -> Self {
         self.cancel = Some(flag);
+        self
+    }
+
+    /// Restores one-prompt calls' prompts from `disk` where stored, and saves what they compute.
+    pub fn with_prompt_cache(mut self, disk: &'a DiskCache) -> Self {
+        self.disk = Some(disk);
         self
     }
 
@@ -367,9 +384,17 @@ impl<'a> Generator<'a> {
         let model = self.model;
         let mut cache = model.new_cache(prompts.len(), width + steps)?;
         cache.set_padding(padding)?;
-        let input = Tensor::from_vec(input, (prompts.len(), width), model.device())?;
+        // One prompt: its stored prefix from the disk cache, if any (a batch reads its prompts).
+        let restored = match &prompts[..] {
+            [p] => self.restore_prompt(&mut cache, p),
+            _ => 0,
+        };
+        let input =
+            Tensor::from_vec(input[restored..].to_vec(), (prompts.len(), width - restored), model.device())?;
         let mut logits = self.prefill(&input, &mut cache)?; // [b, v]
-        if let [row] = &mut rows[..] {
+        if let ([row], [p]) = (&mut rows[..], &prompts[..]) {
+            self.save_prompt(&cache, p);
+            row.set_restored(restored);
             self.decode(row, &mut cache, logits.squeeze(0)?.to_vec1()?, rng, on_step)?;
             return Ok(rows.into_iter().map(Sequence::into_output).collect());
         }

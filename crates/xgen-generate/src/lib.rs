@@ -16,6 +16,7 @@ pub mod hub;
 pub mod lookup;
 pub mod model_text;
 pub mod penalties;
+pub mod prompt_cache;
 pub mod sampler;
 pub mod session;
 pub mod source;

@@ -20,7 +20,8 @@ pub struct Session {
 }
 
 impl Session {
-    /// Prompt tokens the last turn took from the cache instead of computing.
+    /// Prompt tokens the last turn took from the cache (in memory, or restored from the disk
+    /// prompt cache) instead of computing.
     pub fn reused(&self) -> usize {
         self.reused
     }
@@ -62,10 +63,13 @@ impl Generator<'_> {
                 KvCache::in_pool(&model.new_pool(blocks_for(context))?, context)
             }
         };
+        let restored = self.restore_prompt(&mut cache, prompt); // past what memory held
         let reuse = cache.len();
         session.reused = reuse;
         let mut seq = self.sequence(prompt, config, steps)?;
+        seq.set_restored(restored);
         let logits = model.forward_last(&model.ids_tensor(&prompt[reuse..])?, &mut cache)?; // [1, v]
+        self.save_prompt(&cache, prompt);
         self.decode(&mut seq, &mut cache, logits.squeeze(0)?.to_vec1()?, rng, on_step)?;
         let out = seq.into_output();
         session.tokens = prompt.iter().chain(&out.ids).copied().take(cache.len()).collect();

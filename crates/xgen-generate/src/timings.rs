@@ -33,3 +33,13 @@ pub fn timings(
     }
     t
 }
+
+/// Adds the disk prompt cache's part to `timings`: `cache_n`, the prompt tokens restored instead
+/// of computed (llama.cpp's name for prompt tokens taken from a cache), the bytes the cache read
+/// and wrote, and the milliseconds restoring took (part of `prompt_ms`).
+pub fn add_disk_cache(timings: &mut Value, restored: usize, disk: xgen_kvstore::Stats) {
+    timings["cache_n"] = json!(restored);
+    timings["disk_read_bytes"] = json!(disk.read_bytes);
+    timings["disk_written_bytes"] = json!(disk.written_bytes);
+    timings["disk_read_ms"] = json!(disk.read_ms);
+}

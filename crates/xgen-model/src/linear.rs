@@ -106,6 +106,11 @@ impl Linear {
         !matches!(self.kind, Kind::Float(_))
     }
 
+    /// Whether the weight is held in the VNNI block layout of [`crate::kernels::quant`].
+    pub fn is_packed(&self) -> bool {
+        matches!(self.kind, Kind::Packed(_))
+    }
+
     /// How the weight is stored: a dtype (`bf16`) or block format (`q4_0`, `q6k`).
     pub fn format_name(&self) -> String {
         match &self.kind {

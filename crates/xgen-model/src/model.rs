@@ -262,6 +262,16 @@ impl Model {
         Self::by_count(self.linear_layers().map(|l| l.prompt_kernel().to_string()))
     }
 
+    /// Whether every position's keys, values and logits come out bit for bit the same however
+    /// its prompt is cut into steps (a cold run's last chunk of 160 rows, or 32 rows after a
+    /// restored prefix): every linear layer packed and multiplied on the VNNI or portable block
+    /// kernels, whose per-row arithmetic ignores the row count (`tests/prompt_cache.rs`).
+    /// candle's float matmul blocks rows by count and the AMX tiles add in another order, so
+    /// there a restored prefix's logits can differ from a cold run's in the last bits.
+    pub fn step_invariant(&self) -> bool {
+        self.linear_layers().all(|l| l.is_packed() && l.prompt_kernel() != "amx-int8")
+    }
+
     /// The prompt attention's micro-kernels on this CPU: `avx512` or `portable`.
     pub fn attention_kernel_name(&self) -> &'static str {
         match prompt_attention::Path::detect(self.config.head_dim) {

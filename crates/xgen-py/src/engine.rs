@@ -1,9 +1,10 @@
 //! What a loaded `xgen.Model` holds: the weights, the tokenizer, its own thread pool and the
 //! model's generation defaults (generation_config.json as JSON, which call keywords override).
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
-use xgen_generate::{chat::ChatFormat, Dtype, GenerateError, ModelText, Source};
+use xgen_generate::{chat::ChatFormat, prompt_cache, Dtype, GenerateError, ModelText, Source};
+use xgen_kvstore::DiskCache;
 use xgen_model::Model;
 use xgen_tokenizer::Tokenizer;
 
@@ -18,6 +19,14 @@ pub struct Engine {
     pub generation: serde_json::Value,
     /// Where the weights came from, for `repr`.
     pub name: String,
+    /// The disk prompt cache (`cache_dir=`).
+    pub disk: Option<DiskCache>,
+}
+
+/// `cache_dir=` and `cache_disk_budget=`.
+pub struct CacheDir {
+    pub dir: PathBuf,
+    pub budget: Option<u64>,
 }
 
 /// How a model is named by the caller.
@@ -30,7 +39,12 @@ pub enum Named<'a> {
 
 impl Engine {
     /// Resolves and loads a model in `dtype` with a pool of `threads` (all cores when `None`).
-    pub fn load(named: Named<'_>, dtype: Dtype, threads: Option<usize>) -> Result<Self, GenerateError> {
+    pub fn load(
+        named: Named<'_>,
+        dtype: Dtype,
+        threads: Option<usize>,
+        cache: Option<CacheDir>,
+    ) -> Result<Self, GenerateError> {
         let (source, name) = match named {
             Named::Model { model, revision } => (Source::resolve(model, revision)?, model.to_string()),
             Named::Random(preset) => (Source::random(preset)?, format!("random-{preset}")),
@@ -44,7 +58,14 @@ impl Engine {
         let generation = source.generation_json()?;
         let text = ModelText::of(&source, &source.config()?)?;
         let model = pool.install(|| source.load(dtype.format(), &mut |_| {}))?;
-        Ok(Engine { model, tokenizer: text.tokenizer, chat: text.chat, pool, generation, name })
+        let warn: xgen_kvstore::Warn = Arc::new(|w: &str| {
+            let _ = std::io::Write::write_fmt(&mut std::io::stderr(), format_args!("xgen: warning: {w}\n"));
+        });
+        let disk = match cache {
+            Some(c) => Some(pool.install(|| prompt_cache::open(&c.dir, c.budget, &source, &model, warn))?),
+            None => None,
+        };
+        Ok(Engine { model, tokenizer: text.tokenizer, chat: text.chat, pool, generation, name, disk })
     }
 
     /// The model's context length in tokens.

@@ -17,7 +17,7 @@ use xgen_generate::{
 };
 
 use crate::{
-    engine::{Engine, Named},
+    engine::{CacheDir, Engine, Named},
     errors::{generate_error, model_error},
     gen_args::GenArgs,
     prompts::Prompts,
@@ -42,7 +42,10 @@ fn generate_rows(
     seed: u64,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Vec<Output>, GenerateError> {
-    let generator = Generator::new(&engine.model, &engine.tokenizer).cancellable(cancel);
+    let mut generator = Generator::new(&engine.model, &engine.tokenizer).cancellable(cancel);
+    if let Some(disk) = &engine.disk {
+        generator = generator.with_prompt_cache(disk);
+    }
     generator
         .generate_batch(prompts, config, &mut StdRng::seed_from_u64(seed), &mut |step| on_text(step.text))
 }
@@ -52,8 +55,12 @@ impl Model {
     /// Loads `model`: a directory (config.json + weights), a `.gguf` file, or a Hugging Face Hub
     /// id resolved through the HF cache (downloaded when missing unless `HF_HUB_OFFLINE=1`).
     #[new]
-    #[pyo3(signature = (model = DEFAULT_MODEL.to_string(), *, dtype = "bf16".to_string(), threads = None, revision = "main".to_string(), random_weights = None),
-           text_signature = "(model='Salesforce/xgen-7b-8k-base', *, dtype='bf16', threads=None, revision='main', random_weights=None)")]
+    /// `cache_dir`: a directory for the disk prompt cache (prompts' KV blocks saved there and
+    /// restored by any later call or process whose prompt starts the same way), within
+    /// `cache_disk_budget` bytes when given.
+    #[pyo3(signature = (model = DEFAULT_MODEL.to_string(), *, dtype = "bf16".to_string(), threads = None, revision = "main".to_string(), random_weights = None, cache_dir = None, cache_disk_budget = None),
+           text_signature = "(model='Salesforce/xgen-7b-8k-base', *, dtype='bf16', threads=None, revision='main', random_weights=None, cache_dir=None, cache_disk_budget=None)")]
+    #[allow(clippy::too_many_arguments)] // Python keywords
     fn new(
         py: Python<'_>,
         model: String,
@@ -61,17 +68,23 @@ impl Model {
         threads: Option<usize>,
         revision: String,
         random_weights: Option<String>,
+        cache_dir: Option<std::path::PathBuf>,
+        cache_disk_budget: Option<u64>,
     ) -> PyResult<Self> {
         let dtype: Dtype = dtype.parse().map_err(generate_error)?;
         if threads == Some(0) {
             return Err(PyValueError::new_err("threads: must be at least 1"));
         }
+        if cache_disk_budget == Some(0) || (cache_disk_budget.is_some() && cache_dir.is_none()) {
+            return Err(PyValueError::new_err("cache_disk_budget: a positive byte count, with cache_dir"));
+        }
+        let cache = cache_dir.map(|dir| CacheDir { dir, budget: cache_disk_budget });
         let engine = worker::run_uncancellable(py, move || {
             let named = match &random_weights {
                 Some(preset) => Named::Random(preset),
                 None => Named::Model { model: &model, revision: &revision },
             };
-            Engine::load(named, dtype, threads)
+            Engine::load(named, dtype, threads, cache)
         })?
         .map_err(generate_error)?;
         Ok(Model { engine: Arc::new(engine) })
@@ -122,6 +135,22 @@ impl Model {
     #[getter]
     fn threads(&self) -> usize {
         self.engine.pool.current_num_threads()
+    }
+
+    /// What the disk prompt cache did since the model was loaded (`None` without `cache_dir`):
+    /// `restored_tokens`, `read_bytes`, `written_bytes`, `bad_files`, `stored_bytes`. Waits for
+    /// the saves in progress first.
+    #[getter]
+    fn cache_stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(disk) = &self.engine.disk else { return Ok(None) };
+        py.detach(|| disk.flush());
+        let (s, d) = (disk.stats(), PyDict::new(py));
+        d.set_item("restored_tokens", s.restored_tokens)?;
+        d.set_item("read_bytes", s.read_bytes)?;
+        d.set_item("written_bytes", s.written_bytes)?;
+        d.set_item("bad_files", s.bad_files)?;
+        d.set_item("stored_bytes", disk.stored_bytes())?;
+        Ok(Some(d))
     }
 
     /// Continues prompts with transformers' `generate` semantics (see the stubs for keywords).

@@ -144,6 +144,7 @@ fn start() -> String {
             prefix_cache: PrefixCache::On,
         },
         kv_budget_after_load: || None,
+        disk_cache: None,
         body_limit: 1 << 20,
         drain_timeout: Duration::from_secs(1),
     };

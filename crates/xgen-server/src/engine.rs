@@ -1,7 +1,7 @@
 //! The engine thread: owns the model and runs continuous batching. Requests wait in a bounded
 //! queue; a request is admitted when a batch slot is free (up to `max_batch` sequences) and its
 //! first KV cache step fits the budget ([`KvPool`]), starting from the longest cached prefix of
-//! its prompt; caches grow as tokens are written, and preemption keeps them within the budget
+//! its prompt (in memory, then in the disk prompt cache); caches grow as tokens are written, and preemption keeps them within the budget
 //! ([`schedule`]).
 //! Each engine step then reads at most [`Model::prefill_chunk`] prompt tokens of the admitted
 //! prompts (oldest first; several may share a step) and advances every running sequence by one
@@ -21,6 +21,7 @@ use std::{
 
 use tokio::sync::mpsc::UnboundedSender;
 use xgen_generate::{Constraint, DraftStats, GenerationConfig, ModelText, StepOutput};
+use xgen_kvstore::DiskCache;
 use xgen_model::Model;
 
 use crate::{
@@ -109,6 +110,9 @@ pub struct EngineOptions {
     pub prefix_cache: PrefixCache,
 }
 
+/// Opens the disk prompt cache for the loaded model (on the engine thread, after loading).
+pub type OpenDiskCache = Box<dyn FnOnce(&Model) -> Result<DiskCache, String> + Send>;
+
 /// Starts the engine thread; `load` runs on it and `ready` is set once the model is loaded.
 /// `kv_budget` is resolved on the thread once the model is loaded (so `auto` can see the memory
 /// left after the weights).
@@ -117,6 +121,7 @@ pub fn spawn(
     options: EngineOptions,
     text: Arc<ModelText>,
     kv_budget: impl FnOnce() -> Option<usize> + Send + 'static,
+    disk_cache: Option<OpenDiskCache>,
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
 ) -> (EngineHandle, JoinHandle<Result<(), String>>) {
@@ -126,7 +131,11 @@ pub fn spawn(
     let thread = std::thread::spawn(move || {
         let model = load()?;
         let budget = options.kv_budget.or_else(kv_budget);
-        let pool = KvPool::new(&model, budget, options.max_batch, options.prefix_cache)?;
+        let disk = disk_cache.map(|open| open(&model)).transpose()?.map(Arc::new);
+        if let Some(d) = &disk {
+            let _ = metrics.disk.set(d.clone());
+        }
+        let pool = KvPool::new(&model, budget, options.max_batch, options.prefix_cache, disk)?;
         metrics.kv_budget_bytes.store(pool.budget() as i64, Relaxed);
         metrics.kv_blocks.store(pool.blocks().0 as i64, Relaxed);
         metrics.kv_bytes_per_token.store(pool.bytes_per_token() as i64, Relaxed);

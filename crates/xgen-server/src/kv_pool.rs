@@ -9,11 +9,16 @@
 //! document) forks it, sharing its blocks (a shared block is copied only when written), and
 //! computes only the rest. Entries are evicted least recently used when blocks run out.
 //!
+//! With a disk prompt cache (`--cache-dir`), every ended sequence's full blocks are also saved
+//! there (in the background), so entries evicted here, and everything after a restart, can be
+//! restored: a prompt takes the longest prefix in memory, then the stored blocks that continue it.
+//!
 //! Invariant: the blocks in use (running sequences' and entries', each counted once however
 //! many hold it) never exceed the pool, so KV memory never exceeds the budget.
 
 use std::sync::Arc;
 
+use xgen_kvstore::DiskCache;
 use xgen_model::{
     kv_cache::{blocks_for, BlockPool},
     KvCache, Model, ModelError, KV_BLOCK,
@@ -38,12 +43,15 @@ pub struct KvPool {
     /// Least recently used first.
     entries: Vec<Entry>,
     prefix: PrefixCache,
+    disk: Option<Arc<DiskCache>>,
 }
 
-/// A cache for a new sequence: `reused` of its prompt's positions are already computed.
+/// A cache for a new sequence: `reused` of its prompt's positions are already computed, the last
+/// `restored` of them read from the disk prompt cache.
 pub struct Reserved {
     pub cache: KvCache,
     pub reused: usize,
+    pub restored: usize,
 }
 
 /// Why a sequence got no blocks.
@@ -67,6 +75,7 @@ impl KvPool {
         budget: Option<usize>,
         max_batch: usize,
         prefix: PrefixCache,
+        disk: Option<Arc<DiskCache>>,
     ) -> Result<Self, String> {
         let block_bytes = model.kv_block_bytes().map_err(|e| e.to_string())?;
         let blocks = match budget {
@@ -80,7 +89,7 @@ impl KvPool {
             ));
         }
         let blocks = model.new_pool(blocks).map_err(|e| e.to_string())?;
-        Ok(Self { blocks, entries: Vec::new(), prefix })
+        Ok(Self { blocks, entries: Vec::new(), prefix, disk })
     }
 
     /// Cache bytes per position of one sequence.
@@ -128,9 +137,22 @@ impl KvPool {
             }
             None => KvCache::in_pool(&self.blocks, limit),
         };
+        let in_memory = cache.len();
+        self.restore(&mut cache, prompt);
         self.ready(&mut cache, prompt.len())?;
         let reused = cache.len();
-        Ok(Reserved { cache, reused })
+        Ok(Reserved { cache, reused, restored: reused - in_memory })
+    }
+
+    /// Restores the stored blocks that continue `cache`'s positions of `prompt` from the disk
+    /// prompt cache, when there is one and the pool can give their blocks.
+    fn restore(&mut self, cache: &mut KvCache, prompt: &[u32]) {
+        let Some(disk) = self.disk.clone() else { return };
+        if let Some(plan) = disk.plan(prompt, cache.len()) {
+            if self.ready(cache, plan.end()).is_ok() {
+                disk.restore(cache, &plan);
+            }
+        }
     }
 
     /// Readies `cache`'s blocks up to `positions` (taken where missing, copied where shared),
@@ -156,9 +178,13 @@ impl KvPool {
     }
 
     /// A sequence ended: its cache, holding `tokens` at its first positions, becomes a prefix
-    /// entry (or its blocks are freed when prefix caching is off).
+    /// entry (or its blocks are freed when prefix caching is off), and its full blocks go to the
+    /// disk prompt cache.
     pub fn release(&mut self, cache: KvCache, tokens: &[u32]) {
         let len = cache.len().min(tokens.len());
+        if let Some(disk) = &self.disk {
+            disk.save(&cache, tokens);
+        }
         if self.prefix == PrefixCache::Off || len == 0 {
             return;
         }

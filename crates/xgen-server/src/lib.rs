@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use xgen_generate::{GenerationConfig, ModelText};
 use xgen_model::{Config, Model};
 
-pub use engine::EngineOptions;
+pub use engine::{EngineOptions, OpenDiskCache};
 pub use error::ApiError;
 pub use kv_pool::PrefixCache;
 pub use routes::app;
@@ -50,6 +50,9 @@ pub struct ServeOptions {
     /// from the memory then available); `None` from it too: unbounded.
     pub kv_budget_after_load: fn() -> Option<usize>,
     pub body_limit: usize,
+    /// Opens the disk prompt cache once the model is loaded (`--cache-dir`): finished sequences'
+    /// blocks are saved there and prompts restored from it after the in-memory prefix cache.
+    pub disk_cache: Option<OpenDiskCache>,
     /// After the shutdown signal, in-flight requests may finish for this long; then they are
     /// cancelled (ended with an error) so the server exits.
     pub drain_timeout: Duration,
@@ -71,6 +74,7 @@ pub async fn serve(
         options.engine,
         options.text.clone(),
         options.kv_budget_after_load,
+        options.disk_cache,
         metrics.clone(),
         ready.clone(),
     );
@@ -109,7 +113,7 @@ pub async fn serve(
         defaults: options.defaults,
         api_key: options.api_key,
         ready,
-        metrics,
+        metrics: metrics.clone(),
         body_limit: options.body_limit,
         grammars: std::sync::OnceLock::new(),
         ui: options.ui,
@@ -117,6 +121,9 @@ pub async fn serve(
             .unwrap_or_else(|_| axum::http::HeaderValue::from_static("xgen")),
     });
     axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await?;
+    if let Some(disk) = metrics.disk.get() {
+        disk.flush(); // finished requests' blocks reach the disk before the process exits
+    }
     let why = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
     match why {
         Some(why) => Err(std::io::Error::other(format!("the model engine stopped: {why}"))),

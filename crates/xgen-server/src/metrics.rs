@@ -1,15 +1,18 @@
 //! Prometheus metrics: requests by endpoint and status, tokens, time to first token and
 //! inter-token latency histograms, queue depth, sequences being read and running, KV-cache bytes
-//! against the budget, the prefix cache's entries and the prompt tokens it served.
+//! against the budget, the prefix cache's entries and the prompt tokens it served, and the disk
+//! prompt cache's restored tokens, bytes read and written, bad files and size.
 
 use std::{
     collections::BTreeMap,
     fmt::Write,
     sync::{
         atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
-        Mutex,
+        Arc, Mutex, OnceLock,
     },
 };
+
+use xgen_kvstore::DiskCache;
 
 const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -51,6 +54,8 @@ pub struct Metrics {
     pub preemptions: AtomicU64,
     /// Preempted sequences waiting to be recomputed.
     pub preempted: AtomicI64,
+    /// The disk prompt cache, once the engine opened it (`--cache-dir`).
+    pub disk: OnceLock<Arc<DiskCache>>,
 }
 
 fn observe(h: &Mutex<Histogram>, seconds: f64) {
@@ -105,7 +110,30 @@ impl Metrics {
                 self.preemptions.load(Relaxed) as i64,
             ),
         ];
-        for (name, help, v) in counters {
+        let disk = self.disk.get().map(|d| (d.stats(), d.stored_bytes())).unwrap_or_default();
+        let disk_counters = [
+            (
+                "xgen_disk_cache_restored_tokens_total",
+                "Prompt tokens restored from the disk prompt cache instead of computed.",
+                disk.0.restored_tokens as i64,
+            ),
+            (
+                "xgen_disk_cache_read_bytes_total",
+                "Bytes read from the disk prompt cache.",
+                disk.0.read_bytes as i64,
+            ),
+            (
+                "xgen_disk_cache_written_bytes_total",
+                "Bytes written to the disk prompt cache.",
+                disk.0.written_bytes as i64,
+            ),
+            (
+                "xgen_disk_cache_bad_files_total",
+                "Disk prompt cache files ignored and removed (truncated, corrupted, foreign, old version).",
+                disk.0.bad_files as i64,
+            ),
+        ];
+        for (name, help, v) in counters.into_iter().chain(disk_counters) {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
         let gauges = [
@@ -147,6 +175,12 @@ impl Metrics {
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Relaxed));
         }
+        let name = "xgen_disk_cache_bytes";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Bytes of the disk prompt cache's files.\n# TYPE {name} gauge\n{name} {}",
+            disk.1
+        );
         for (name, help, h) in [
             ("xgen_time_to_first_token_seconds", "From request to first generated token.", &self.ttft),
             ("xgen_inter_token_latency_seconds", "Between consecutive tokens of a sequence.", &self.itl),

@@ -87,6 +87,7 @@ fn start_with(setup: Setup, before_load: impl FnOnce() + Send + 'static) -> Serv
         replica_id: "replica-7".into(),
         engine: setup.engine,
         kv_budget_after_load: || None,
+        disk_cache: None,
         body_limit: setup.body_limit,
         drain_timeout: Duration::from_millis(300),
     };
@@ -493,6 +494,7 @@ fn a_model_that_fails_to_load_stops_the_server_with_its_error() {
         replica_id: "r".into(),
         engine: EngineOptions { max_batch: 1, max_queue: 1, kv_budget: None, prefix_cache: PrefixCache::On },
         kv_budget_after_load: || None,
+        disk_cache: None,
         body_limit: 1 << 20,
         drain_timeout: Duration::from_millis(100),
     };

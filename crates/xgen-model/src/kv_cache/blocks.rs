@@ -60,6 +60,11 @@ impl BlockPool {
         self.blocks
     }
 
+    /// Layers of keys and values.
+    pub(crate) fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Blocks held by at least one cache.
     pub fn used_blocks(&self) -> usize {
         self.blocks - self.lock().free.len()

@@ -8,6 +8,7 @@
 //! ([`KvCache::fork`]), and copies a shared block before writing into it, so forks never see each
 //! other's writes. Keys and values are stored in a float dtype or as q8_0 ([`KvType`]).
 
+mod block_io;
 mod blocks;
 mod buffer;
 

@@ -224,8 +224,8 @@ impl<'m> Engine<'m> {
             return Err(what);
         }
         match self.pool.reserve(&tokens, what.limit()) {
-            Ok(Reserved { cache, reused }) => {
-                self.metrics.prefix_cache_hit_tokens.fetch_add(reused as u64, Relaxed);
+            Ok(Reserved { cache, reused, restored }) => {
+                self.metrics.prefix_cache_hit_tokens.fetch_add((reused - restored) as u64, Relaxed);
                 batch.prefilling.push_back(Prefilling { what, tokens, cache, done: reused, admitted: order });
                 Ok(())
             }

@@ -15,7 +15,7 @@ fn model() -> Model {
 /// A pool of `blocks` blocks.
 fn pool(model: &Model, blocks: usize, prefix: PrefixCache) -> KvPool {
     let bytes = model.kv_block_bytes().unwrap();
-    KvPool::new(model, Some(blocks * bytes + bytes / 2), 4, prefix).unwrap()
+    KvPool::new(model, Some(blocks * bytes + bytes / 2), 4, prefix, None).unwrap()
 }
 
 /// Reserves a cache for `prompt` and reads what the prefix cache did not give, as the engine does.
@@ -51,7 +51,7 @@ fn the_pool_bounds_every_cache_and_refuses_what_never_fits() {
     assert_eq!((pool.held(), pool.entries()), (b, 0), "prefix caching off: freed");
     drop(c);
     assert_eq!(pool.held(), 0);
-    let small = KvPool::new(&model, Some(b - 1), 4, PrefixCache::On).err().expect("less than a block");
+    let small = KvPool::new(&model, Some(b - 1), 4, PrefixCache::On, None).err().expect("less than a block");
     assert!(small.contains("less than one block"), "{small}");
 }
 
