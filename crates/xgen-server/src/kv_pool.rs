@@ -3,11 +3,14 @@
 //! The pool ([`BlockPool`]) holds `budget / block bytes` blocks of [`KV_BLOCK`] positions, taken
 //! from the OS as they are first written. A sequence takes the blocks of its prompt when admitted
 //! and one more whenever its tokens fill the last ([`KvPool::ready`]); when none is free, prefix
-//! entries are evicted and, failing that, the engine preempts. A finished sequence's cache is
-//! kept, with the tokens it holds, as a prefix entry: a later prompt that starts with the same
+//! entries are evicted and, failing that, the engine preempts. A sequence's cache is kept, with
+//! the tokens it holds, as a prefix entry: its full blocks as they are filled ([`KvPool::publish`]:
+//! a prompt sharing them is served while it still runs), and its whole cache when it ends however
+//! it ends (finished, cancelled, preempted, failed: no prompt read is thrown away). A later prompt that starts with the same
 //! tokens (the XGen-Inst header, a shared system prompt, earlier turns of a conversation, the same
 //! document) forks it, sharing its blocks (a shared block is copied only when written), and
-//! computes only the rest. Entries are evicted least recently used when blocks run out.
+//! computes only the rest. Entries shrink from their ends, least recently used first, when blocks
+//! run out.
 //!
 //! With a disk prompt cache (`--cache-dir`), every ended sequence's full blocks are also saved
 //! there (in the background), so entries evicted here, and everything after a restart, can be
@@ -31,10 +34,12 @@ pub enum PrefixCache {
     Off,
 }
 
-/// A finished sequence's cache and the tokens at its positions.
+/// A cache kept for later prompts and the tokens at its positions: an ended sequence's, or a
+/// running one's full blocks so far (`owner`: its admission number), replaced as it fills more.
 struct Entry {
     tokens: Vec<u32>,
     cache: KvCache,
+    owner: Option<u64>,
 }
 
 /// The block pool, and the prefix entries holding some of its blocks.
@@ -144,6 +149,25 @@ impl KvPool {
         Ok(Reserved { cache, reused, restored: reused - in_memory })
     }
 
+    /// Before a prompt already admitted is read further: when an entry now shares more of it
+    /// than `cache` holds by at least a block (another sequence read the same document meanwhile),
+    /// `cache` becomes a fork of that entry, its prompt's blocks readied (kept as it was when the
+    /// pool cannot). The positions gained.
+    pub fn catch_up(&mut self, cache: &mut KvCache, prompt: &[u32], limit: usize) -> usize {
+        let from = cache.len();
+        let Some((i, len)) = self.longest_prefix(prompt).filter(|&(_, len)| len >= from + KV_BLOCK) else {
+            return 0;
+        };
+        let Ok(mut fork) = self.entries[i].cache.fork(len, limit) else { return 0 };
+        let entry = self.entries.remove(i);
+        self.entries.push(entry); // now the most recently used
+        if self.ready(&mut fork, prompt.len()).is_err() {
+            return 0;
+        }
+        *cache = fork; // the old cache's blocks go back to the pool
+        cache.len() - from
+    }
+
     /// Restores the stored blocks that continue `cache`'s positions of `prompt` from the disk
     /// prompt cache, when there is one and the pool can give their blocks.
     fn restore(&mut self, cache: &mut KvCache, prompt: &[u32]) {
@@ -156,19 +180,32 @@ impl KvPool {
     }
 
     /// Readies `cache`'s blocks up to `positions` (taken where missing, copied where shared),
-    /// evicting prefix entries, least recently used first, while the pool is dry;
+    /// shrinking prefix entries, least recently used first, while the pool is dry;
     /// [`Refused::Busy`] when running sequences hold every block.
     pub fn ready(&mut self, cache: &mut KvCache, positions: usize) -> Result<(), Refused> {
         loop {
             match cache.ready(positions) {
                 Ok(()) => return Ok(()),
-                Err(ModelError::PoolDry { .. }) if !self.entries.is_empty() => {
-                    self.entries.remove(0);
-                }
+                Err(ModelError::PoolDry { .. }) if !self.entries.is_empty() => self.shrink_oldest(),
                 Err(ModelError::PoolDry { .. }) => return Err(Refused::Busy),
                 Err(e) => return Err(model_error(e)),
             }
         }
+    }
+
+    /// Gives up the least recently used entry's last block (the whole entry once nothing is
+    /// left): entries shrink from their ends as room is needed, so what remains of each is still
+    /// a prefix that serves (a preempted sequence keeps most of its blocks when a few are needed).
+    fn shrink_oldest(&mut self) {
+        let e = &mut self.entries[0];
+        let keep = e.cache.len().saturating_sub(1) / KV_BLOCK * KV_BLOCK;
+        if keep == 0 {
+            self.entries.remove(0);
+            return;
+        }
+        e.cache.truncate(keep);
+        e.cache.release_unused();
+        e.tokens.truncate(keep);
     }
 
     /// Why a sequence of `positions` could never run here (`None`: it fits the pool alone).
@@ -177,10 +214,36 @@ impl KvPool {
         (needed > budget).then_some(Refused::TooLarge { needed, budget })
     }
 
-    /// A sequence ended: its cache, holding `tokens` at its first positions, becomes a prefix
-    /// entry (or its blocks are freed when prefix caching is off), and its full blocks go to the
-    /// disk prompt cache.
-    pub fn release(&mut self, cache: KvCache, tokens: &[u32]) {
+    /// Running sequence `owner`'s full blocks so far (its cache holds `tokens` at its first
+    /// positions) become an entry, replacing the one it published before: a prompt sharing them
+    /// is served while it still runs, and they outlive its end however it ends. Sharing only
+    /// full blocks, the entry never makes the sequence copy the block it writes. Also saved to
+    /// the disk prompt cache.
+    pub fn publish(&mut self, owner: u64, cache: &KvCache, tokens: &[u32]) {
+        if let Some(disk) = &self.disk {
+            disk.save(cache, tokens);
+        }
+        let full = cache.len().min(tokens.len()) / KV_BLOCK * KV_BLOCK;
+        let current = self.entries.iter().position(|e| e.owner == Some(owner));
+        if self.prefix == PrefixCache::Off
+            || full == 0
+            || current.is_some_and(|i| self.entries[i].tokens.len() == full)
+        {
+            return;
+        }
+        let Ok(fork) = cache.fork(full, full) else { return };
+        if let Some(i) = current {
+            self.entries.remove(i);
+        }
+        self.entries.push(Entry { tokens: tokens[..full].to_vec(), cache: fork, owner: Some(owner) });
+    }
+
+    /// Sequence `owner` ended (finished, cancelled, preempted, failed): its cache, holding
+    /// `tokens` at its first positions, becomes a prefix entry in place of what it published (or
+    /// its blocks are freed when prefix caching is off), and its full blocks go to the disk
+    /// prompt cache.
+    pub fn release(&mut self, owner: u64, cache: KvCache, tokens: &[u32]) {
+        self.entries.retain(|e| e.owner != Some(owner));
         let len = cache.len().min(tokens.len());
         if let Some(disk) = &self.disk {
             disk.save(&cache, tokens);
@@ -188,7 +251,7 @@ impl KvPool {
         if self.prefix == PrefixCache::Off || len == 0 {
             return;
         }
-        self.entries.push(Entry { tokens: tokens[..len].to_vec(), cache });
+        self.entries.push(Entry { tokens: tokens[..len].to_vec(), cache, owner: None });
     }
 
     /// The entry sharing the most leading tokens with `prompt` (at most `prompt.len() - 1`),

@@ -2,172 +2,19 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    path::PathBuf,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
 use xgen_generate::{chat::ChatFormat, chat_template::ChatTemplate, GenerationConfig, ModelText};
-use xgen_model::{Config, DType, Device, Model};
+use xgen_model::Config;
 use xgen_server::{EngineOptions, PrefixCache, ServeOptions, Ui};
 use xgen_tokenizer::Tokenizer;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/tiny-xgen-8k-bin")
-}
+mod common;
 
-/// A running server; stops when dropped.
-struct Server {
-    base: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    /// Receives once `serve` has returned.
-    done: std::sync::Mutex<mpsc::Receiver<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-fn start(api_key: Option<&str>, max_batch: usize, max_queue: usize, body_limit: usize) -> Server {
-    start_setup(Setup { api_key: api_key.map(String::from), body_limit, ..Setup::new(max_batch, max_queue) })
-}
-
-/// What a test server runs with.
-struct Setup {
-    api_key: Option<String>,
-    engine: EngineOptions,
-    body_limit: usize,
-    /// Prompt tokens per engine step (the model's default when `None`).
-    prefill_chunk: Option<usize>,
-    ui: Ui,
-    /// The tokenizer and chat format (XGen's by default).
-    text: std::sync::Arc<ModelText>,
-}
-
-impl Setup {
-    fn new(max_batch: usize, max_queue: usize) -> Self {
-        Self {
-            api_key: None,
-            engine: EngineOptions { max_batch, max_queue, kv_budget: None, prefix_cache: PrefixCache::On },
-            body_limit: 1 << 20,
-            prefill_chunk: None,
-            ui: Ui::On,
-            text: std::sync::Arc::new(ModelText::xgen()),
-        }
-    }
-}
-
-/// Starts a server and waits until it is healthy.
-fn start_setup(setup: Setup) -> Server {
-    let server = start_with(setup, || ());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ureq::get(&format!("{}/health", server.base)).call().is_err() {
-        assert!(Instant::now() < deadline, "server never became healthy");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    server
-}
-
-/// Starts a server whose model load first runs `before_load` (to hold it in the loading state).
-fn start_with(setup: Setup, before_load: impl FnOnce() + Send + 'static) -> Server {
-    let config = Config::load(&fixture().join("config.json")).unwrap();
-    let options = ServeOptions {
-        model_name: "tiny".into(),
-        defaults: GenerationConfig::for_model_dir(&fixture(), &config).unwrap(),
-        context: config.max_position_embeddings,
-        config,
-        text: setup.text,
-        api_key: setup.api_key,
-        ui: setup.ui,
-        replica_id: "replica-7".into(),
-        engine: setup.engine,
-        kv_budget_after_load: || None,
-        disk_cache: None,
-        body_limit: setup.body_limit,
-        drain_timeout: Duration::from_millis(300),
-    };
-    let prefill_chunk = setup.prefill_chunk;
-    let (port_tx, port_rx) = mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (done_tx, done_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            port_tx.send(listener.local_addr().unwrap().port()).unwrap();
-            let load = move || {
-                before_load();
-                let mut model = Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {})
-                    .map_err(|e| e.to_string())?;
-                if let Some(tokens) = prefill_chunk {
-                    model.set_prefill_chunk(tokens);
-                }
-                Ok(model)
-            };
-            xgen_server::serve(options, listener, load, async {
-                let _ = stop_rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        let _ = done_tx.send(());
-    });
-    let base = format!("http://127.0.0.1:{}", port_rx.recv().unwrap());
-    Server { base, stop: Some(stop_tx), done: std::sync::Mutex::new(done_rx) }
-}
-
-fn post(s: &Server, path: &str, body: &Value) -> Result<Value, (u16, Value, Option<String>)> {
-    match ureq::post(&format!("{}{path}", s.base)).send_json(body.clone()) {
-        Ok(r) => Ok(r.into_json().unwrap()),
-        Err(ureq::Error::Status(code, r)) => {
-            let retry = r.header("retry-after").map(String::from);
-            Err((code, r.into_json().unwrap_or(Value::Null), retry))
-        }
-        Err(e) => panic!("transport error: {e}"),
-    }
-}
-
-/// The `data:` payloads of an SSE response, up to and including `[DONE]`.
-fn stream(s: &Server, path: &str, body: &Value) -> Vec<String> {
-    let r = ureq::post(&format!("{}{path}", s.base)).send_json(body.clone()).unwrap();
-    assert_eq!(r.header("content-type"), Some("text/event-stream"));
-    BufReader::new(r.into_reader())
-        .lines()
-        .map(Result::unwrap)
-        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
-        .collect()
-}
-
-fn streamed_text(chunks: &[String], key: &str) -> String {
-    assert_eq!(chunks.last().map(String::as_str), Some("[DONE]"));
-    chunks[..chunks.len() - 1]
-        .iter()
-        .map(|c| serde_json::from_str::<Value>(c).unwrap())
-        .filter_map(|c| {
-            c["choices"].get(0).map(|ch| {
-                ch[key]
-                    .as_str()
-                    .map(String::from)
-                    .or_else(|| ch["delta"]["content"].as_str().map(String::from))
-                    .unwrap_or_default()
-            })
-        })
-        .collect()
-}
-
-fn expected_greedy() -> (Vec<u64>, Vec<u32>) {
-    let e: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap()).unwrap();
-    let p = &e["float32"]["prompts"][2];
-    let ids = p["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-    let new = p["greedy"]["new_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-    (ids, new)
-}
+use common::*;
 
 #[test]
 fn greedy_completion_equals_transformers_and_streams_the_same_text() {
@@ -530,13 +377,6 @@ fn timed_stream(s: &Server, body: &Value) -> Vec<Instant> {
         .collect()
 }
 
-/// KV cache bytes per position of the fixture model in f32.
-/// Bytes of one KV block (`KV_BLOCK` positions) of the fixture model.
-fn kv_block_bytes() -> usize {
-    let model = Model::load(&fixture(), DType::F32, &Device::Cpu, &mut |_| {}).unwrap();
-    model.kv_block_bytes().unwrap()
-}
-
 /// `n` copies of `body` sent at once to `/v1/completions`: the responses, and the highest
 /// `xgen_kv_cache_bytes` seen meanwhile (polled every 2 ms).
 fn concurrent_watching_kv(s: &Server, body: &Value, n: usize) -> (Vec<Value>, i64) {
@@ -556,15 +396,6 @@ fn concurrent_watching_kv(s: &Server, body: &Value, n: usize) -> (Vec<Value>, i6
         results
     });
     (results, peak.into_inner())
-}
-
-fn metric(s: &Server, name: &str) -> i64 {
-    let text = ureq::get(&format!("{}/metrics", s.base)).call().unwrap().into_string().unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} in {text}"));
-    line[name.len() + 1..].trim().parse().unwrap()
 }
 
 #[test]

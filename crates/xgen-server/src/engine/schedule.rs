@@ -56,6 +56,13 @@ struct Active<'t> {
     last_token: Option<Instant>,
 }
 
+impl Active<'_> {
+    /// The tokens its cache holds: the prompt, then the generated ones.
+    fn tokens(&self) -> Vec<u32> {
+        self.prompt.iter().chain(&self.seq.output().ids).copied().collect()
+    }
+}
+
 /// What a sequence admitted but not running is: a new request, or a preempted sequence.
 enum Waiting<'t> {
     New(Box<Job>),
@@ -67,7 +74,7 @@ impl Waiting<'_> {
     fn tokens(&self) -> Vec<u32> {
         match self {
             Self::New(job) => job.prompt.clone(),
-            Self::Resumed(a) => a.prompt.iter().chain(&a.seq.output().ids).copied().collect(),
+            Self::Resumed(a) => a.tokens(),
         }
     }
 
@@ -243,6 +250,15 @@ impl<'m> Engine<'m> {
         let mut budget = self.model.prefill_chunk();
         while budget > 0 {
             let Some(p) = batch.prefilling.front_mut() else { return };
+            if p.what.events().is_closed() {
+                // The client left while its prompt was read: what was read stays as an entry.
+                let p = batch.prefilling.pop_front().expect("the front sequence");
+                self.pool.release(p.admitted, p.cache, &p.tokens[..p.done]);
+                continue;
+            }
+            let gained = self.pool.catch_up(&mut p.cache, &p.tokens, p.what.limit());
+            p.done += gained;
+            self.metrics.prefix_cache_hit_tokens.fetch_add(gained as u64, Relaxed);
             let n = budget.min(p.tokens.len() - p.done);
             let last = p.done + n == p.tokens.len();
             let mut step = || -> xgen_model::Result<Option<Vec<f32>>> {
@@ -256,7 +272,10 @@ impl<'m> Engine<'m> {
             };
             let result = step();
             budget -= n;
-            p.done += n;
+            if result.is_ok() {
+                p.done += n;
+                self.pool.publish(p.admitted, &p.cache, &p.tokens[..p.done]);
+            }
             self.metrics.prompt_tokens.fetch_add(n as u64, Relaxed);
             match result {
                 Ok(None) => {}
@@ -290,6 +309,7 @@ impl<'m> Engine<'m> {
                 Err(e) => {
                     let p = batch.prefilling.pop_front().expect("the front sequence");
                     let _ = p.what.events().send(Event::Error(e.to_string()));
+                    self.pool.release(p.admitted, p.cache, &p.tokens[..p.done]);
                 }
             }
         }
@@ -301,7 +321,8 @@ impl<'m> Engine<'m> {
     /// caches to the pool.
     fn sample(&mut self, batch: &mut Batch<'m>) {
         let (active, caches) = (std::mem::take(&mut batch.active), std::mem::take(&mut batch.caches));
-        for (mut a, mut cache) in active.into_iter().zip(caches) {
+        for (mut a, cache) in active.into_iter().zip(caches) {
+            let mut cache = Some(cache);
             let before = a.seq.output().draft.accepted;
             let stay = match a.seq.verify(&a.rows, &a.draft, &mut a.rng) {
                 Ok(steps) => {
@@ -310,19 +331,24 @@ impl<'m> Engine<'m> {
                     m.generated_tokens.fetch_add(steps.len() as u64, Relaxed);
                     m.draft_tokens.fetch_add(a.draft.len() as u64, Relaxed);
                     m.draft_accepted_tokens.fetch_add(accepted as u64, Relaxed);
-                    if !a.draft.is_empty() {
+                    if let (false, Some(c)) = (a.draft.is_empty(), cache.as_mut()) {
                         // The step fed the last token and the draft.
-                        cache.truncate(cache.len() + steps.len() - a.draft.len() - 1);
-                        cache.release_unused();
+                        c.truncate(c.len() + steps.len() - a.draft.len() - 1);
+                        c.release_unused();
+                    }
+                    let finished = steps.iter().any(|o| o.finish.is_some());
+                    if finished {
+                        // Kept (and saved) before the client sees its last token.
+                        if let Some(c) = cache.take() {
+                            self.pool.release(a.admitted, c, &a.tokens());
+                        }
                     }
                     let mut open = true;
-                    let mut finished = false;
                     for out in steps {
                         record_latency(m, &mut a);
                         if out.finish.is_some() && a.seq.config().prompt_lookup.is_some() {
                             let _ = a.events.send(Event::Drafts(a.seq.output().draft));
                         }
-                        finished |= out.finish.is_some();
                         open &= a.events.send(Event::Token(out)).is_ok();
                     }
                     open && !finished
@@ -332,13 +358,14 @@ impl<'m> Engine<'m> {
                     false
                 }
             };
-            if stay {
-                a.draft = a.seq.draft();
-                batch.active.push(a);
-                batch.caches.push(cache);
-            } else {
-                let tokens: Vec<u32> = a.prompt.iter().chain(&a.seq.output().ids).copied().collect();
-                self.pool.release(cache, &tokens);
+            match cache {
+                Some(cache) if stay => {
+                    a.draft = a.seq.draft();
+                    batch.active.push(a);
+                    batch.caches.push(cache);
+                }
+                Some(cache) => self.pool.release(a.admitted, cache, &a.tokens()),
+                None => {}
             }
         }
     }
@@ -370,10 +397,12 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Frees running sequence `i`'s blocks; it waits to be recomputed, oldest first.
+    /// Gives up running sequence `i`'s blocks: its cache becomes a prefix entry (evicted, oldest
+    /// first, only as far as room is needed; what is left serves its recomputation), and it
+    /// waits to be recomputed, oldest first.
     fn preempt(&mut self, batch: &mut Batch<'m>, i: usize) {
         let a = batch.active.remove(i);
-        batch.caches.remove(i);
+        self.pool.release(a.admitted, batch.caches.remove(i), &a.tokens());
         self.metrics.preemptions.fetch_add(1, Relaxed);
         let at = batch.preempted.partition_point(|(order, _)| *order < a.admitted);
         batch.preempted.insert(at, (a.admitted, a));
@@ -410,24 +439,27 @@ impl<'m> Engine<'m> {
                 }
             }
             Err(e) => {
-                batch.caches.clear();
-                for a in batch.active.drain(..) {
+                // The failed step advanced no cache: each keeps what it held before it.
+                for (a, cache) in batch.active.drain(..).zip(batch.caches.drain(..)) {
                     let _ = a.events.send(Event::Error(e.to_string()));
+                    self.pool.release(a.admitted, cache, &a.tokens());
                 }
             }
         }
     }
 
-    /// Ends every admitted, preempted and running sequence with `why`.
+    /// Ends every admitted, preempted and running sequence with `why`, their caches kept as
+    /// entries (and saved to the disk prompt cache, if any).
     fn end_all(&mut self, batch: &mut Batch<'m>, why: &str) {
         for p in batch.prefilling.drain(..) {
+            self.pool.release(p.admitted, p.cache, &p.tokens[..p.done]);
             let _ = p.what.events().send(Event::Error(why.into()));
         }
         for (_, a) in batch.preempted.drain(..) {
             let _ = a.events.send(Event::Error(why.into()));
         }
-        batch.caches.clear();
-        for a in batch.active.drain(..) {
+        for (a, cache) in batch.active.drain(..).zip(batch.caches.drain(..)) {
+            self.pool.release(a.admitted, cache, &a.tokens());
             let _ = a.events.send(Event::Error(why.into()));
         }
     }

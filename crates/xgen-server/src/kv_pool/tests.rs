@@ -47,7 +47,7 @@ fn the_pool_bounds_every_cache_and_refuses_what_never_fits() {
     assert!(
         matches!(pool.refuse(257), Some(Refused::TooLarge { needed, budget }) if needed == 5 * b && budget == 4 * b)
     );
-    pool.release(a.cache, &tokens(100, 100));
+    pool.release(1, a.cache, &tokens(100, 100));
     assert_eq!((pool.held(), pool.entries()), (b, 0), "prefix caching off: freed");
     drop(c);
     assert_eq!(pool.held(), 0);
@@ -62,14 +62,14 @@ fn a_shared_prefix_is_forked_and_entries_are_evicted_oldest_first() {
     let doc = tokens(100, 100);
     let (cache, reused) = run(&model, &mut pool, &doc, 200);
     assert_eq!(reused, 0);
-    pool.release(cache, &doc);
+    pool.release(2, cache, &doc);
     assert_eq!((pool.entries(), pool.blocks().1), (1, 2));
     // The same document and a question: its 100 positions are reused; the block holding
     // positions 64..128, shared with the entry, is copied before the question is written.
     let asked: Vec<u32> = doc.iter().copied().chain([7, 8, 9]).collect();
     let (cache, reused) = run(&model, &mut pool, &asked, 200);
     assert_eq!((reused, cache.len(), pool.blocks().1), (100, 103, 3));
-    pool.release(cache, &asked);
+    pool.release(3, cache, &asked);
     // The identical prompt again: all but its last token come from the cache.
     let (cache, reused) = run(&model, &mut pool, &asked, 300);
     assert_eq!(reused, 102);
@@ -83,9 +83,9 @@ fn a_shared_prefix_is_forked_and_entries_are_evicted_oldest_first() {
     // Two entries (1 block, then the document's 2); a prompt of 3 blocks evicts the older.
     let first = tokens(1500, 60);
     let (cache, _) = run(&model, &mut pool, &first, 64);
-    pool.release(cache, &first);
+    pool.release(4, cache, &first);
     let (cache, _) = run(&model, &mut pool, &doc, 128);
-    pool.release(cache, &doc);
+    pool.release(5, cache, &doc);
     assert_eq!((pool.entries(), pool.blocks().1), (2, 3));
     let (_c, reused) = run(&model, &mut pool, &tokens(2000, 180), 192);
     assert_eq!((reused, pool.entries()), (0, 1));
@@ -102,7 +102,7 @@ fn a_running_cache_takes_a_block_at_a_time_evicting_entries_first() {
     pool.ready(&mut a, 65).unwrap();
     assert_eq!(pool.blocks().1, 2);
     let (entry, _) = run(&model, &mut pool, &tokens(900, 10), 20);
-    pool.release(entry, &tokens(900, 10));
+    pool.release(6, entry, &tokens(900, 10));
     assert_eq!((pool.entries(), pool.blocks().1), (1, 3));
     pool.ready(&mut a, 129).unwrap();
     assert_eq!((pool.entries(), pool.blocks().1, a.held_blocks()), (0, 3, 3), "the entry made room");
@@ -112,4 +112,31 @@ fn a_running_cache_takes_a_block_at_a_time_evicting_entries_first() {
     );
     assert!(matches!(pool.ready(&mut a, 193), Err(Refused::Model(_))), "past its limit");
     assert_eq!(a.held_blocks(), 3, "a refused block takes nothing");
+}
+
+#[test]
+fn a_running_sequences_full_blocks_serve_a_prompt_sharing_them_and_outlive_its_end() {
+    let model = model();
+    let mut pool = pool(&model, 12, PrefixCache::On);
+    let doc = tokens(100, 200);
+    // Sequence 1 has read 150 of its 200 prompt tokens: 2 full blocks are published.
+    let r = pool.reserve(&doc, 300).unwrap();
+    let mut cache = r.cache;
+    model.forward_hidden(&model.ids_tensor(&doc[..150]).unwrap(), &mut cache).unwrap();
+    pool.publish(1, &cache, &doc[..150]);
+    pool.publish(1, &cache, &doc[..150]); // again: still one entry
+    assert_eq!(pool.entries(), 1);
+    let used = pool.blocks().1;
+    // Another prompt with the same document is served the 128 positions while 1 still runs,
+    // sharing its blocks (no copy: they are full and 1 writes past them).
+    let (other, reused) = run(&model, &mut pool, &doc, 300);
+    assert_eq!(reused, 128);
+    model.forward_hidden(&model.ids_tensor(&doc[150..]).unwrap(), &mut cache).unwrap();
+    assert_eq!(pool.blocks().1, used + 2, "the other prompt's own 2 blocks only");
+    drop(other);
+    // Cancelled after 200 positions: its whole cache replaces what it published.
+    pool.release(1, cache, &doc);
+    assert_eq!(pool.entries(), 1);
+    let (_, reused) = run(&model, &mut pool, &doc, 300);
+    assert_eq!(reused, 199);
 }
