@@ -88,7 +88,7 @@ fn greedy_ids_are_plain_decodings_in_every_format() {
         let m = random(dtype, linear);
         for prompt in prompts() {
             let plain =
-                GenerationConfig { max_new_tokens: Some(40), ..GenerationConfig::defaults_for(m.config()) };
+                GenerationConfig { max_new_tokens: Some(120), ..GenerationConfig::defaults_for(m.config()) };
             let want = run(&m, &prompt, &plain, 0);
             for n in [1, 3, 8] {
                 let got =
@@ -101,7 +101,8 @@ fn greedy_ids_are_plain_decodings_in_every_format() {
             }
         }
     }
-    // The prompts made drafts, some accepted and some not.
+    // The prompts made drafts, some accepted and some not (120 tokens: random weights fall into
+    // the loops that lookup drafts from; at 40 none was accepted on an AMD Zen 4 host).
     assert!(accepted > 0 && accepted < drafted, "{accepted} of {drafted}");
 }
 
