@@ -176,6 +176,13 @@ class Model:
         """The disk prompt cache's counts since loading (``None`` without ``cache_dir``):
         ``restored_tokens``, ``read_bytes``, ``written_bytes``, ``bad_files``, ``stored_bytes``.
         Waits for the saves in progress first."""
+    @property
+    def kv_cache(self) -> dict[str, int]:
+        """The in-memory KV cache kept from the last one-prompt call: ``tokens`` (positions it
+        holds: that call's prompt and answer, or what it had read when Ctrl-C stopped it) and
+        ``reused`` (prompt tokens the last call took from it instead of computing)."""
+    def reset(self) -> None:
+        """Frees the in-memory KV cache kept from the last call (see ``kv_cache``)."""
     def generate(
         self,
         inputs: Any = None,

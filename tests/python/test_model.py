@@ -236,6 +236,38 @@ def test_ctrl_c_interrupts_a_long_call(call):
     assert word == "interrupted" and float(seconds) < 3, out
 
 
+def test_ctrl_c_keeps_what_the_call_read():
+    """A call stopped by Ctrl-C leaves the positions it computed in the model's KV cache: the next
+    call with that prompt reuses them and returns what a cold model returns."""
+    model = os.path.join(MODELS, "tiny-xgen-8k-st")
+    script = (
+        "import json, os, signal, threading, xgen\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"m = xgen.Model({model!r}, dtype='f32')\n"
+        "prompt = ' '.join('word%d' % (i % 97) for i in range(2500))\n"
+        "n = len(m.tokenizer.encode(prompt))\n"
+        f"cold = xgen.Model({model!r}, dtype='f32').generate(prompt, max_new_tokens=8, do_sample=False)\n"
+        "threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "try:\n"
+        "    m.generate(prompt, max_new_tokens=4000, eos_token_id=[], do_sample=False)\n"
+        "    print(json.dumps({'finished': True}))\n"
+        "except KeyboardInterrupt:\n"
+        "    kept = m.kv_cache['tokens']\n"
+        "    again = m.generate(prompt, max_new_tokens=8, do_sample=False)\n"
+        "    print(json.dumps({'n': n, 'kept': kept, 'reused': m.kv_cache['reused'], 'same': again == cold}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    r = json.loads(out.stdout)
+    assert "finished" not in r, out
+    assert r["kept"] > 0 and r["reused"] == min(r["kept"], r["n"] - 1), r
+    assert r["same"], r
+    m = xgen.Model(model, dtype="f32")
+    m.generate("Hello there", max_new_tokens=3, do_sample=False)
+    assert m.kv_cache["tokens"] > 0
+    m.reset()
+    assert m.kv_cache == {"tokens": 0, "reused": 0}
+
+
 def test_the_gil_is_released_while_the_model_runs(model):
     done = threading.Event()
 

@@ -2,16 +2,24 @@
 //! XGen models), one message per input line, interactive on a terminal or from piped stdin.
 //! Answers are printed without the prompt and special tokens; each ends at an end-of-turn token
 //! (XGen-Inst: `<|endoftext|>`, the leading ` Assistant:` dropped, or the next `###`).
+//! Ctrl-C during a turn stops it (the turn is left out of the conversation, what was read stays
+//! in the cache for the next one); Ctrl-C while waiting for a message ends the chat.
 
 use std::{
     io::{BufRead, IsTerminal, Write},
     path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
 };
 
 use clap::Args;
 use rand::{rngs::StdRng, SeedableRng};
 use xgen_generate::{
-    chat::Conversation, GenerationConfig, Generator, SampleParams, Sampling, Session, SpecialText,
+    chat::Conversation, timings::timings, GenerateError, GenerationConfig, Generator, ModelText,
+    SampleParams, Sampling, Session, SpecialText,
 };
 
 use crate::{
@@ -42,6 +50,61 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+    /// After each answer, llama.cpp's timings as a JSON line on stderr (`prompt_n`, `cache_n`:
+    /// prompt tokens taken from the conversation's cache or the disk cache, `prompt_ms`,
+    /// `predicted_n`, ...).
+    #[arg(long)]
+    pub timings: bool,
+}
+
+/// Ctrl-C: stops the turn in progress (sets `cancel`) while `in_turn`, else ends the process
+/// with the shell's status for SIGINT (130).
+fn on_ctrl_c(in_turn: Arc<AtomicBool>, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Registered before returning, so that no Ctrl-C falls between this call and the listener.
+    let mut interrupts = rt.block_on(async { signal(SignalKind::interrupt()) })?;
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            while interrupts.recv().await.is_some() {
+                if in_turn.load(Ordering::SeqCst) {
+                    cancel.store(true, Ordering::SeqCst);
+                } else {
+                    std::process::exit(130);
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+/// The conversation's prompt with `message` as the next turn, leaving room for an answer of at
+/// least a quarter of the context (the oldest turns are forgotten when needed); a message that
+/// alone leaves no room is bad input.
+fn fit_prompt(
+    conversation: &mut Conversation,
+    text: &ModelText,
+    message: &str,
+    with_document: bool,
+    args: &ChatArgs,
+    context: usize,
+) -> anyhow::Result<Vec<u32>> {
+    let render = |c: &Conversation| c.prompt(&text.chat, message).map_err(|e| bad_input(e.to_string()));
+    let mut prompt = text.tokenizer.encode(&render(conversation)?);
+    while prompt.len() + args.max_new_tokens.min(context / 4) > context && conversation.forget_oldest() {
+        eprintln!(
+            "xgen: the conversation no longer fits the context of {context} tokens: dropped the oldest turn"
+        );
+        prompt = text.tokenizer.encode(&render(conversation)?);
+    }
+    if prompt.len() >= context {
+        let what = if with_document { "the document and message" } else { "the message" };
+        return Err(bad_input(format!(
+            "{what} are {} tokens with the header: beyond the context of {context}",
+            prompt.len()
+        )));
+    }
+    Ok(prompt)
 }
 
 pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
@@ -65,7 +128,9 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
     let base = args.sampling.apply(card, tokenizer, model.config().vocab_size)?;
     let mut rng = StdRng::seed_from_u64(args.sampling.seed());
     let disk = args.cache.open(&loaded.source, model)?;
-    let mut generator = Generator::new(model, tokenizer);
+    let (in_turn, cancel) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    on_ctrl_c(in_turn.clone(), cancel.clone())?;
+    let mut generator = Generator::new(model, tokenizer).cancellable(&cancel);
     if let Some(disk) = &disk {
         // A document read once: the next `xgen chat --document` of it restores its blocks.
         generator = generator.with_prompt_cache(disk);
@@ -87,30 +152,41 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         }
         let with_document = document.as_ref().map(|d| format!("{d}\n\n{message}"));
         let message = with_document.as_deref().unwrap_or(message);
-        let render = |c: &Conversation| c.prompt(format, message).map_err(|e| bad_input(e.to_string()));
-        let mut prompt = tokenizer.encode(&render(&conversation)?);
-        // Keep room for an answer of at least a quarter of the context: forget the oldest turns.
-        while prompt.len() + args.max_new_tokens.min(context / 4) > context && conversation.forget_oldest() {
-            eprintln!("xgen: the conversation no longer fits the context of {context} tokens: dropped the oldest turn");
-            prompt = tokenizer.encode(&render(&conversation)?);
-        }
-        let room = context.saturating_sub(prompt.len());
-        if room == 0 {
-            let what = if with_document.is_some() { "the document and message" } else { "the message" };
-            return Err(bad_input(format!(
-                "{what} are {} tokens with the header: beyond the context of {context}",
-                prompt.len()
-            )));
-        }
+        let fits =
+            fit_prompt(&mut conversation, &loaded.text, message, with_document.is_some(), args, context);
+        let prompt = fits?;
+        let room = context - prompt.len();
         let config = GenerationConfig { max_new_tokens: Some(args.max_new_tokens.min(room)), ..base.clone() };
         let mut answer = format.answer_stream();
+        let (start, mut first_token) = (Instant::now(), None);
+        cancel.store(false, Ordering::SeqCst);
+        in_turn.store(true, Ordering::SeqCst);
         // The conversation's cache carries over: a turn computes only its new tokens.
         let out = generator.generate_in(&mut session, &prompt, &config, &mut rng, &mut |step| {
+            first_token.get_or_insert_with(Instant::now);
             let text = answer.push(step.text);
             // A closed stdout ends the chat at the next read; nothing useful to do here.
             let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
-        })?;
+        });
+        in_turn.store(false, Ordering::SeqCst);
+        let out = match out {
+            Err(GenerateError::Cancelled | GenerateError::Model(xgen_model::ModelError::Cancelled)) => {
+                writeln!(stdout)?;
+                eprintln!(
+                    "xgen: interrupted; {} tokens of the conversation stay cached for the next message",
+                    session.cached()
+                );
+                continue;
+            }
+            other => other?,
+        };
         writeln!(stdout)?;
+        if args.timings {
+            let (end, first) = (Instant::now(), first_token.unwrap_or_else(Instant::now));
+            let mut t = timings(out.prompt_ids.len(), out.ids.len(), first - start, end - first, None);
+            t["cache_n"] = session.reused().into();
+            eprintln!("{t}");
+        }
         conversation.push_turn(message, &format.clean_answer(&out.text));
         // The document is part of the first turn from now on.
         document = None;

@@ -308,7 +308,7 @@ impl<'a> Generator<'a> {
 
     /// Reads `input` `[b, t]` into `cache` (stopping between steps once cancelled); the f32 logits
     /// of the last position, `[b, v]`.
-    fn prefill(&self, input: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    pub(crate) fn prefill(&self, input: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         Ok(match self.cancel {
             Some(flag) => self.model.forward_last_until(input, cache, flag)?,
             None => self.model.forward_last(input, cache)?,

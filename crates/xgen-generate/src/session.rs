@@ -1,13 +1,14 @@
 //! A conversation's KV cache kept between turns: each turn's prompt (the whole conversation so
 //! far) is compared with the tokens the cache holds, and only what follows their common prefix is
-//! computed. A 2000-token conversation then costs its new message per reply, not a full prefill.
+//! computed. A 2000-token conversation then costs its new message per reply, not a full prefill;
+//! a turn that is cancelled or fails keeps what it read (nothing lost on Ctrl-C).
 
 use rand::Rng;
 use xgen_model::{kv_cache::blocks_for, KvCache};
 
 use crate::{
     error::{GenerateError, Result},
-    generator::{Generator, Output, Step},
+    generator::{Generator, Output, Sequence, Step},
     GenerationConfig,
 };
 
@@ -24,6 +25,11 @@ impl Session {
     /// prompt cache) instead of computing.
     pub fn reused(&self) -> usize {
         self.reused
+    }
+
+    /// Positions the cache holds (prompt and answer so far), what the next turn can reuse.
+    pub fn cached(&self) -> usize {
+        self.tokens.len()
     }
 }
 
@@ -47,6 +53,7 @@ impl Generator<'_> {
         let (steps, drop) = config.budget(prompt.len(), model.config().max_position_embeddings)?;
         let prompt = &prompt[drop.min(prompt.len() - 1)..];
         model.check_ids(prompt)?;
+        let mut seq = self.sequence(prompt, config, steps)?;
         let common = session.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         // A dropped (truncated) prompt starts at other positions: nothing carries over.
         let reuse = if drop > 0 { 0 } else { common.min(prompt.len() - 1) };
@@ -66,14 +73,34 @@ impl Generator<'_> {
         let restored = self.restore_prompt(&mut cache, prompt); // past what memory held
         let reuse = cache.len();
         session.reused = reuse;
-        let mut seq = self.sequence(prompt, config, steps)?;
         seq.set_restored(restored);
-        let logits = model.forward_last(&model.ids_tensor(&prompt[reuse..])?, &mut cache)?; // [1, v]
-        self.save_prompt(&cache, prompt);
-        self.decode(&mut seq, &mut cache, logits.squeeze(0)?.to_vec1()?, rng, on_step)?;
-        let out = seq.into_output();
-        session.tokens = prompt.iter().chain(&out.ids).copied().take(cache.len()).collect();
+        let outcome = self.read_and_decode(&mut seq, &mut cache, prompt, reuse, rng, on_step);
+        // Whatever ended the turn (its end, a cancel, an error), the cache keeps what it holds:
+        // a turn interrupted while reading a long prompt leaves that prompt read for the next.
+        session.tokens = prompt.iter().chain(&seq.output().ids).copied().take(cache.len()).collect();
         session.cache = Some(cache);
-        Ok(out)
+        outcome?;
+        Ok(seq.into_output())
+    }
+
+    /// Reads `prompt[reuse..]` into `cache` (saving the prompt's blocks to the disk cache, also
+    /// the part read before a cancel), then decodes `seq`.
+    fn read_and_decode(
+        &self,
+        seq: &mut Sequence,
+        cache: &mut KvCache,
+        prompt: &[u32],
+        reuse: usize,
+        rng: &mut impl Rng,
+        on_step: &mut dyn FnMut(&Step),
+    ) -> Result<()> {
+        let read = self
+            .model
+            .ids_tensor(&prompt[reuse..])
+            .map_err(Into::into)
+            .and_then(|ids| self.prefill(&ids, cache));
+        self.save_prompt(cache, prompt);
+        let logits = read?; // [1, v]
+        self.decode(seq, cache, logits.squeeze(0)?.to_vec1()?, rng, on_step)
     }
 }

@@ -1,9 +1,12 @@
 //! What a loaded `xgen.Model` holds: the weights, the tokenizer, its own thread pool and the
 //! model's generation defaults (generation_config.json as JSON, which call keywords override).
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
-use xgen_generate::{chat::ChatFormat, prompt_cache, Dtype, GenerateError, ModelText, Source};
+use xgen_generate::{chat::ChatFormat, prompt_cache, Dtype, GenerateError, ModelText, Session, Source};
 use xgen_kvstore::DiskCache;
 use xgen_model::Model;
 use xgen_tokenizer::Tokenizer;
@@ -21,6 +24,9 @@ pub struct Engine {
     pub name: String,
     /// The disk prompt cache (`cache_dir=`).
     pub disk: Option<DiskCache>,
+    /// The KV cache of the last one-prompt call (its prompt and answer, or what it read before
+    /// Ctrl-C stopped it): the next call reads only what follows their common prefix.
+    pub session: Mutex<Session>,
 }
 
 /// `cache_dir=` and `cache_disk_budget=`.
@@ -65,7 +71,16 @@ impl Engine {
             Some(c) => Some(pool.install(|| prompt_cache::open(&c.dir, c.budget, &source, &model, warn))?),
             None => None,
         };
-        Ok(Engine { model, tokenizer: text.tokenizer, chat: text.chat, pool, generation, name, disk })
+        Ok(Engine {
+            model,
+            tokenizer: text.tokenizer,
+            chat: text.chat,
+            pool,
+            generation,
+            name,
+            disk,
+            session: Mutex::default(),
+        })
     }
 
     /// The model's context length in tokens.

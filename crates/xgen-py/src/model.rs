@@ -34,6 +34,8 @@ pub struct Model {
 }
 
 /// Runs `prompts` as one left-padded batch; `on_text` sees each row's new text as it is final.
+/// One prompt runs in the engine's session: the part it shares with the last such call's prompt
+/// and answer (or with what a cancelled call read) is not computed again.
 fn generate_rows(
     engine: &Engine,
     cancel: &AtomicBool,
@@ -46,8 +48,15 @@ fn generate_rows(
     if let Some(disk) = &engine.disk {
         generator = generator.with_prompt_cache(disk);
     }
-    generator
-        .generate_batch(prompts, config, &mut StdRng::seed_from_u64(seed), &mut |step| on_text(step.text))
+    let mut rng = StdRng::seed_from_u64(seed);
+    if let [prompt] = prompts {
+        // Waits for a cancelled call's worker to stop and store what it read.
+        let mut session = engine.session.lock().unwrap_or_else(|e| e.into_inner());
+        return Ok(vec![
+            generator.generate_in(&mut session, prompt, config, &mut rng, &mut |step| on_text(step.text))?
+        ]);
+    }
+    generator.generate_batch(prompts, config, &mut rng, &mut |step| on_text(step.text))
 }
 
 #[pymethods]
@@ -151,6 +160,26 @@ impl Model {
         d.set_item("bad_files", s.bad_files)?;
         d.set_item("stored_bytes", disk.stored_bytes())?;
         Ok(Some(d))
+    }
+
+    /// The in-memory KV cache kept from the last one-prompt call: `tokens` (positions it holds:
+    /// that call's prompt and answer, or what it had read when Ctrl-C stopped it) and `reused`
+    /// (prompt tokens the last call took from it instead of computing).
+    #[getter]
+    fn kv_cache<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (tokens, reused) = py.detach(|| {
+            let session = self.engine.session.lock().unwrap_or_else(|e| e.into_inner());
+            (session.cached(), session.reused())
+        });
+        let d = PyDict::new(py);
+        d.set_item("tokens", tokens)?;
+        d.set_item("reused", reused)?;
+        Ok(d)
+    }
+
+    /// Frees the in-memory KV cache kept from the last call (see `kv_cache`).
+    fn reset(&self, py: Python<'_>) {
+        py.detach(|| *self.engine.session.lock().unwrap_or_else(|e| e.into_inner()) = Default::default());
     }
 
     /// Continues prompts with transformers' `generate` semantics (see the stubs for keywords).

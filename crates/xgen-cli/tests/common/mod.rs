@@ -14,15 +14,20 @@ pub fn fixtures(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(rel)
 }
 
-/// Runs `xgen ARGS` with `stdin`.
-pub fn xgen_with(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xgen"))
+/// Starts `xgen ARGS` with piped stdin, stdout and stderr.
+pub fn spawn_xgen(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_xgen"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn xgen");
+        .expect("spawn xgen")
+}
+
+/// Runs `xgen ARGS` with `stdin`.
+pub fn xgen_with(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = spawn_xgen(args);
     let mut pipe = child.stdin.take().expect("stdin");
     let input = stdin.to_vec();
     let writer = std::thread::spawn(move || pipe.write_all(&input));

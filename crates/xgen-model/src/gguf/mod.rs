@@ -66,6 +66,25 @@ pub(crate) fn permute_rope_rows(bytes: &[u8], row_bytes: usize, head_dim: usize,
     out
 }
 
+/// Storage for [`aligned`]'s copies.
+pub(crate) type AlignedCopy = Vec<u64>;
+
+/// `bytes` at an address aligned for every GGML block type (candle reads tensor data as `&[T]`,
+/// which needs `T`'s alignment: 4 for f32): as they are when aligned, else copied into `copy`.
+/// A file's `general.alignment` may be 1 and its offsets odd (fuzzing found one), so the mapped
+/// bytes of a tensor are not always aligned.
+pub(crate) fn aligned<'a>(bytes: &'a [u8], copy: &'a mut AlignedCopy) -> &'a [u8] {
+    if bytes.as_ptr().align_offset(std::mem::align_of::<u64>()) == 0 {
+        return bytes;
+    }
+    *copy = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: the u64s are initialized and at least `bytes.len()` bytes long; u8 has no
+    // alignment or validity requirement, and `copy` stays borrowed for as long as the slice.
+    let out = unsafe { std::slice::from_raw_parts_mut(copy.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    out.copy_from_slice(bytes);
+    out
+}
+
 /// Whether checkpoint tensor `name` is a q or k projection (permuted in GGUF).
 pub(crate) fn is_rope_permuted(name: &str) -> bool {
     name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.k_proj.weight")
@@ -85,5 +104,20 @@ mod tests {
         assert_eq!(permute_rope_rows(&gguf, 1, 4, false), rows);
         let wide: Vec<u8> = (0..48).collect(); // 1 head of 8 rows × 6 bytes
         assert_eq!(permute_rope_rows(&permute_rope_rows(&wide, 6, 8, true), 6, 8, false), wide);
+    }
+
+    #[test]
+    fn unaligned_tensor_bytes_are_copied_to_an_aligned_address() {
+        let backing: Vec<u64> = (0..9).collect();
+        // SAFETY: a byte view of initialized u64s.
+        let all = unsafe { std::slice::from_raw_parts(backing.as_ptr().cast::<u8>(), 72) };
+        for start in 0..8 {
+            let bytes = &all[start..start + 64];
+            let mut copy = AlignedCopy::new();
+            let out = aligned(bytes, &mut copy);
+            assert_eq!(out, bytes);
+            assert_eq!(out.as_ptr().align_offset(8), 0, "start {start}");
+            assert_eq!(copy.is_empty(), start == 0, "copied only when unaligned");
+        }
     }
 }

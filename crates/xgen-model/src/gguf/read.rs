@@ -16,7 +16,7 @@ use candle_core::{
 };
 use serde_json::json;
 
-use super::{is_rope_permuted, permute_rope_rows, type_bytes, Value, HF_CONFIG_KEY};
+use super::{aligned, is_rope_permuted, permute_rope_rows, type_bytes, AlignedCopy, Value, HF_CONFIG_KEY};
 use crate::{
     config::Config,
     error::{ModelError, Result},
@@ -179,6 +179,8 @@ impl GgufFile {
             && device.is_cpu()
             && crate::kernels::quant::has_fast_kernels();
         let packed = if fast { Repack::of(t).apply(t, shape[0], shape[1], bytes)? } else { None };
+        let mut copy = AlignedCopy::new();
+        let bytes = aligned(bytes, &mut copy);
         let weight = match packed {
             Some(p) => Weight::Packed(std::sync::Arc::new(p)),
             _ if linear && !float => {

@@ -1,0 +1,3 @@
+//! Fuzz target `pickle`: see `xgen_fuzz::files::pickle`.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| xgen_fuzz::files::pickle(data));
