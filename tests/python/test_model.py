@@ -244,7 +244,7 @@ def test_ctrl_c_keeps_what_the_call_read():
         "import json, os, signal, threading, xgen\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         f"m = xgen.Model({model!r}, dtype='f32')\n"
-        "prompt = ' '.join('word%d' % (i % 97) for i in range(2500))\n"
+        "prompt = ' '.join('word%d' % (i % 97) for i in range(1500))\n"
         "n = len(m.tokenizer.encode(prompt))\n"
         f"cold = xgen.Model({model!r}, dtype='f32').generate(prompt, max_new_tokens=8, do_sample=False)\n"
         "threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"

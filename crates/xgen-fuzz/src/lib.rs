@@ -10,8 +10,11 @@ pub mod files;
 pub mod http;
 pub mod text;
 
+/// What a target does with one input: returns, or panics on a defect.
+pub type Check = fn(&[u8]);
+
 /// Every target's name and check, in the order `fuzz/` and the docs list them.
-pub const TARGETS: [(&str, fn(&[u8])); 8] = [
+pub const TARGETS: [(&str, Check); 8] = [
     ("gguf", files::gguf),
     ("safetensors", files::safetensors),
     ("pickle", files::pickle),

@@ -11,7 +11,7 @@ fn inputs(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn replay(name: &str, check: fn(&[u8]), kind: &str) -> usize {
+fn replay(name: &str, check: xgen_fuzz::Check, kind: &str) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz").join(kind).join(name);
     let files = inputs(&dir);
     for file in &files {

@@ -56,6 +56,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |format: String| strftime_now(&format));
+        crate::template_guard::install(&mut env);
         env.add_template_owned("chat", source.to_string()).map_err(describe)?;
         Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
     }
@@ -228,6 +229,27 @@ mod tests {
         assert!(err.0.contains("exceeds"), "{err}");
         let no_files = "{% include 'secret.txt' %}";
         assert!(ChatTemplate::new(no_files, "", "").unwrap().render(&[], true).is_err());
+    }
+
+    #[test]
+    fn a_namespace_stored_in_itself_is_an_error_not_a_stack_overflow() {
+        // Found by fuzzing: printing such a value recursed until the process aborted.
+        let cycle = "{% set ns = namespace(n=0) %}{% set ns.n = ns %}";
+        let other = "{% set a = namespace() %}{% set b = namespace(x=[a]) %}{% set a.y = b %}";
+        for (setup, use_) in [
+            (cycle, "{{ ns.n }}"),
+            (cycle, "{{ ns|tojson }}"),
+            (cycle, "{{ ns|string }}"),
+            (other, "{{ a|pprint }}"),
+        ] {
+            let err =
+                ChatTemplate::new(&format!("{setup}{use_}"), "", "").unwrap().render(&[], true).unwrap_err();
+            assert!(err.0.contains("nested more than 64 deep"), "{use_}: {err}");
+        }
+        // Deep but finite values and plain ones print as before.
+        let fine = "{% set ns = namespace(n=1) %}{{ ns.n }} {{ [[1, [2]], {'a': [3]}]|tojson }} {{ messages|tojson }}";
+        let out = ChatTemplate::new(fine, "", "").unwrap().render(&[msg("user", "hi")], true).unwrap();
+        assert_eq!(out, r#"1 [[1,[2]],{"a":[3]}] [{"role":"user","content":"hi"}]"#);
     }
 
     #[test]

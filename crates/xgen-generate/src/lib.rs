@@ -22,6 +22,7 @@ pub mod session;
 pub mod source;
 mod speculate;
 pub mod stop;
+mod template_guard;
 pub mod timings;
 
 pub use config::{GenerationConfig, SpecialText, Truncation};

@@ -8,6 +8,7 @@
 pub(crate) mod mapped;
 pub mod names;
 mod pickle;
+mod pickle_check;
 
 pub mod random;
 mod safetensors;

@@ -16,6 +16,7 @@ pub(crate) fn open(file: &Path) -> Result<PickleShard> {
     if !file.is_file() {
         return Err(ModelError::io(file, std::io::Error::from(std::io::ErrorKind::NotFound)));
     }
+    super::pickle_check::check(file)?;
     let pth = PthTensors::new(file, None).map_err(|e| ModelError::format(file, e))?;
     Ok(PickleShard { file: file.into(), pth })
 }
