@@ -89,9 +89,10 @@ fn a_restored_prompt_gives_a_cold_runs_logits() {
     let kvs = [KvType::Float(DType::F16), KvType::Float(DType::BF16), KvType::Q8_0];
     for kv in kvs {
         let m = q4_model(kv);
-        assert!(
-            m.step_invariant() || cfg!(not(target_arch = "x86_64")) || m.prompt_kernel_name().contains("amx")
-        );
+        // Bit for bit where the packed block kernels run (CPUs with AVX-512 VNNI); AMX tiles and
+        // candle's kernels (CPUs without AVX-512, e.g. AVX2-only hosts) only promise the token.
+        let packed = xgen_model::quant::has_fast_kernels();
+        assert!(m.step_invariant() || !packed || m.prompt_kernel_name().contains("amx"));
         let dir = tempfile::tempdir().unwrap();
         let (store, warnings) = open(dir.path(), &m, None);
         let p = prompt(300, 1);

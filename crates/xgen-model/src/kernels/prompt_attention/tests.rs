@@ -86,7 +86,9 @@ fn equals_the_reference_attention_on_every_path_and_storage() {
             }
         }
     }
-    assert!(ran >= 56, "{ran} cases ran");
+    // The portable path on every case and storage (54), the AVX-512 one too where the CPU has it.
+    let least = if Path::Avx512.runs(64) { 56 } else { 54 };
+    assert!(ran >= least, "{ran} cases ran");
 }
 
 #[test]
