@@ -18,8 +18,8 @@ use std::{
 use clap::Args;
 use rand::{rngs::StdRng, SeedableRng};
 use xgen_generate::{
-    chat::Conversation, timings::timings, GenerateError, GenerationConfig, Generator, ModelText,
-    SampleParams, Sampling, Session, SpecialText,
+    chat::Conversation, timings::timings, GenerationConfig, Generator, ModelText, SampleParams, Sampling,
+    Session, SpecialText,
 };
 
 use crate::{
@@ -170,7 +170,7 @@ pub fn run(args: &ChatArgs) -> anyhow::Result<()> {
         });
         in_turn.store(false, Ordering::SeqCst);
         let out = match out {
-            Err(GenerateError::Cancelled | GenerateError::Model(xgen_model::ModelError::Cancelled)) => {
+            Err(e) if e.is_cancelled() => {
                 writeln!(stdout)?;
                 eprintln!(
                     "xgen: interrupted; {} tokens of the conversation stay cached for the next message",

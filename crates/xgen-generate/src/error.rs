@@ -52,4 +52,10 @@ impl GenerateError {
     pub(crate) fn setting(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Setting { field: field.into(), message: message.into() }
     }
+
+    /// Whether the work stopped because its cancel flag was set: between tokens
+    /// ([`GenerateError::Cancelled`]) or between prompt chunks (the model's own `Cancelled`).
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Self::Cancelled | Self::Model(xgen_model::ModelError::Cancelled))
+    }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use rand::{rngs::StdRng, SeedableRng};
-use xgen_generate::{GenerateError, GenerationConfig, Generator, Session};
+use xgen_generate::{GenerationConfig, Generator, Session};
 use xgen_model::{DType, Device, Model};
 use xgen_tokenizer::Tokenizer;
 
@@ -21,10 +21,6 @@ fn load() -> (Model, GenerationConfig) {
 
 fn rng() -> StdRng {
     StdRng::seed_from_u64(0)
-}
-
-fn cancelled(e: &GenerateError) -> bool {
-    matches!(e, GenerateError::Cancelled | GenerateError::Model(xgen_model::ModelError::Cancelled))
 }
 
 #[test]
@@ -45,7 +41,7 @@ fn a_turn_cancelled_while_decoding_keeps_its_prompt_and_answer() {
             }
         })
         .unwrap_err();
-    assert!(cancelled(&err), "{err}");
+    assert!(err.is_cancelled(), "{err}");
     // The prompt and the five tokens chosen before the cancel (each is fed back to the model
     // before the flag is looked at again).
     assert_eq!(session.cached(), prompt.len() + 5);
@@ -80,7 +76,7 @@ fn a_turn_cancelled_while_reading_its_prompt_keeps_what_it_read() {
             });
             gen.generate_in(&mut session, &prompt, &config, &mut rng(), &mut |_| {})
         });
-        let partial = out.is_err_and(|e| cancelled(&e)) && (1..prompt.len()).contains(&session.cached());
+        let partial = out.is_err_and(|e| e.is_cancelled()) && (1..prompt.len()).contains(&session.cached());
         partial.then_some(session.cached())
     });
     let kept = kept.expect("a cancel in the middle of the prompt");
