@@ -26,6 +26,14 @@ pub enum ChatFormat {
 }
 
 impl ChatFormat {
+    /// The model's Jinja chat template, when it has one (XGen-Inst is built in, not a template).
+    pub fn template_source(&self) -> Option<&str> {
+        match self {
+            ChatFormat::Template(t) => Some(t.source()),
+            ChatFormat::XgenInst | ChatFormat::Missing => None,
+        }
+    }
+
     /// The prompt that asks the model to answer after `messages` (the last one the user's for
     /// XGen-Inst; templates decide for themselves).
     pub fn render(&self, messages: &[(Role, &str)]) -> Result<String, TemplateError> {

@@ -33,6 +33,7 @@ pub struct Message {
 /// A compiled chat template with the special tokens it is rendered with.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -58,7 +59,17 @@ impl ChatTemplate {
         env.add_function("strftime_now", |format: String| strftime_now(&format));
         crate::template_guard::install(&mut env);
         env.add_template_owned("chat", source.to_string()).map_err(describe)?;
-        Ok(Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        Ok(Self {
+            env,
+            source: source.to_string(),
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The prompt for `messages`, ending with the assistant's turn opened when

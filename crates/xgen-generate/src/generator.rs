@@ -448,8 +448,7 @@ pub fn forward_beside_masks<R: Send>(
 
 /// log-softmax of `raw` at `token`, and the `n` largest entries.
 pub fn token_logprob(raw: &[f32], token: u32, n: usize) -> TokenLogprob {
-    let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = max + raw.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    let lse = xgen_model::perplexity::log_sum_exp(raw);
     let lp = |x: f32| (x as f64 - lse) as f32;
     let mut top: Vec<(u32, f32)> = raw.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
     let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));

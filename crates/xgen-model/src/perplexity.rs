@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 use crate::{
     error::{ModelError, Result},
@@ -52,13 +52,25 @@ pub fn score_until(model: &Model, ids: &[u32], window: Window, cancel: &AtomicBo
         if cancel.load(Ordering::Relaxed) {
             return Err(ModelError::Cancelled);
         }
-        let targets = Tensor::new(targets, model.device())?.unsqueeze(1)?; // [r, 1]
-        let lp = candle_nn::ops::log_softmax(&logits[0], D::Minus1)?.gather(&targets, 1)?; // [r, 1]
-        logprobs.extend(lp.squeeze(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        let rows: Vec<Vec<f32>> = logits[0].to_vec2()?; // [r, v]
+        logprobs.extend(rows.iter().zip(targets).map(|(row, &t)| log_softmax_at(row, t as usize)));
         Ok(())
     })?;
     let mean_nll = -logprobs.iter().map(|&l| l as f64).sum::<f64>() / logprobs.len() as f64;
     Ok(Perplexity { tokens: ids.len(), logprobs, mean_nll, perplexity: mean_nll.exp(), windows })
+}
+
+/// `log Σ exp(row)`, accumulated in f64: the normalizer of every log-probability xgen reports
+/// (perplexity, `Model.nll`, the servers' prompt and token logprobs), so they agree to the bit
+/// for the same logits.
+pub fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln()
+}
+
+/// `log softmax(row)[i]` in f32, against [`log_sum_exp`].
+pub fn log_softmax_at(row: &[f32], i: usize) -> f32 {
+    (row[i] as f64 - log_sum_exp(row)) as f32
 }
 
 /// How closely a model's next-token distributions follow a reference model's (for quantization).

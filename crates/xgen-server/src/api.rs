@@ -192,7 +192,7 @@ impl<'a> Fields<'a> {
         Ok(Common {
             format_param: format.map(|(_, p)| p),
             config: base,
-            max_tokens: self.integer("max_tokens", 1, i64::MAX)?.map(|n| n as usize),
+            max_tokens: self.integer("max_tokens", 0, i64::MAX)?.map(|n| n as usize),
             n: self.integer("n", 1, MAX_CHOICES as i64)?.unwrap_or(1) as usize,
             stream: self.boolean("stream")?,
             include_usage,

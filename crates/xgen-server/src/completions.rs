@@ -1,28 +1,38 @@
 //! `POST /v1/completions` and `POST /v1/chat/completions`: validate, queue one engine job per
-//! choice, then answer with one JSON object or an SSE stream of chunks ending in `data: [DONE]`.
+//! choice, then answer with one JSON object or an SSE stream of chunks ending in `data: [DONE]`
+//! ([`stream`]).
+//!
+//! Prompt scoring (OpenAI's original semantics, as vLLM serves them): `/v1/completions` with
+//! `echo: true` and `logprobs: N` returns the prompt's tokens with their log-probabilities before
+//! the generated ones (the first `null`), and `max_tokens: 0` (only with `echo`) generates
+//! nothing: how lm-evaluation-harness scores choices and perplexity over HTTP.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::{
     body::Bytes,
     extract::{rejection::BytesRejection, State},
-    response::{sse::Event as SseEvent, IntoResponse, Response, Sse},
+    response::{IntoResponse, Response, Sse},
 };
-use futures_util::{stream, Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use xgen_generate::{chat::Role, timings::timings, DraftStats, FinishReason, SpecialText, StepOutput};
+use xgen_generate::{
+    chat::Role, timings::timings, DraftStats, FinishReason, SpecialText, StepOutput, TokenLogprob,
+};
 
 use crate::{
     api::{Common, Fields, LogprobsField, MAX_CHOICES},
-    engine::{Event, Job, Rejected},
+    engine::{Event, Job, Progress, Rejected, Scoring},
     error::ApiError,
+    logprobs,
     routes::{json_body, respond},
     state::SharedState,
 };
 
+mod stream;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Completion,
     Chat,
 }
@@ -36,6 +46,10 @@ struct Prepared {
     /// The output format's matcher per choice, when the request names one.
     constraints: Vec<Option<xgen_generate::Constraint>>,
     budget: usize,
+    /// Whether the prompts are scored (`echo` with `logprobs`).
+    scoring: Scoring,
+    /// Whether a stream reports how far each prompt has been read (`return_progress`).
+    progress: Progress,
     id: String,
     created: u64,
 }
@@ -63,6 +77,21 @@ fn prepare(
     let fields = Fields::from_body(&body)?;
     let field = if kind == Kind::Chat { LogprobsField::Chat } else { LogprobsField::Completions };
     let mut common = fields.common(state.defaults.clone(), field, state.vocab)?;
+    let scoring = match (kind, common.echo, common.config.top_logprobs) {
+        (Kind::Completion, true, Some(top)) => Scoring::Prompt { top },
+        _ => Scoring::Off,
+    };
+    if common.max_tokens == Some(0) && !(kind == Kind::Completion && common.echo) {
+        let why = match kind {
+            Kind::Completion => "`max_tokens: 0` generates nothing: it needs `echo: true` (to return or, with `logprobs`, score the prompt)",
+            Kind::Chat => "`max_tokens` must be at least 1",
+        };
+        return Err(ApiError::invalid("max_tokens", why));
+    }
+    let progress = match fields.boolean("return_progress")? && common.stream {
+        true => Progress::Report,
+        false => Progress::Silent,
+    };
     let texts = match kind {
         Kind::Completion => prompt_texts(state, &fields)?,
         Kind::Chat => {
@@ -112,6 +141,8 @@ fn prepare(
         prompts,
         constraints,
         budget,
+        scoring,
+        progress,
         id: format!("{prefix}-{:016x}", rand::random::<u64>()),
         created,
     })
@@ -220,6 +251,8 @@ async fn run(state: SharedState, prepared: Result<Prepared, ApiError>, endpoint:
             constraint,
             budget: p.budget,
             seed: base_seed.wrapping_add(i as u64),
+            score: p.scoring,
+            progress: p.progress,
             events: tx,
             submitted: Instant::now(),
         };
@@ -235,16 +268,16 @@ async fn run(state: SharedState, prepared: Result<Prepared, ApiError>, endpoint:
     }
     if p.common.stream {
         state.metrics.request(endpoint, 200);
-        return Sse::new(sse_stream(state.clone(), p, receivers)).into_response();
+        return Sse::new(stream::chunks(state.clone(), p, receivers)).into_response();
     }
     let mut choices = Vec::with_capacity(receivers.len());
     let mut completion_tokens = 0;
     let mut times = Timing::default();
     for (index, rx) in receivers.into_iter().enumerate() {
-        match collect(rx, &mut times).await {
-            Ok(steps) => {
-                completion_tokens += steps.len();
-                choices.push(choice_json(&state, &p, index, &steps));
+        match collect(rx, &mut times, p.budget).await {
+            Ok(out) => {
+                completion_tokens += out.steps.len();
+                choices.push(choice_json(&state, &p, index, &out));
             }
             Err(e) => return respond(&state, endpoint, Err(ApiError::internal(e))),
         }
@@ -277,6 +310,11 @@ impl Timing {
         self.last = Some(now);
     }
 
+    /// A scored prompt was read (its request may generate nothing).
+    fn prompt_read(&mut self) {
+        self.first.get_or_insert_with(Instant::now);
+    }
+
     fn drafts(&mut self, d: DraftStats) {
         let sum = self.drafts.get_or_insert_with(DraftStats::default);
         sum.drafted += d.drafted;
@@ -296,27 +334,47 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// All steps of one choice, up to its finish; their times and drafts into `times`.
-async fn collect(mut rx: UnboundedReceiver<Event>, times: &mut Timing) -> Result<Vec<StepOutput>, String> {
-    let mut steps = Vec::new();
+/// What one choice produced: its prompt's scores (when scored) and its steps.
+#[derive(Default)]
+struct ChoiceOutput {
+    prompt: Option<Vec<Option<TokenLogprob>>>,
+    steps: Vec<StepOutput>,
+}
+
+/// All of one choice, up to its finish (with no `budget`: until the engine is done with its
+/// prompt); its times and drafts into `times`.
+async fn collect(
+    mut rx: UnboundedReceiver<Event>,
+    times: &mut Timing,
+    budget: usize,
+) -> Result<ChoiceOutput, String> {
+    let mut out = ChoiceOutput::default();
     while let Some(event) = rx.recv().await {
         match event {
+            Event::Progress(_) => {}
+            Event::Prompt(scores) => {
+                times.prompt_read();
+                out.prompt = Some(scores);
+            }
             Event::Drafts(d) => times.drafts(d),
             Event::Token(step) => {
                 times.token();
                 let done = step.finish.is_some();
-                steps.push(step);
+                out.steps.push(step);
                 if done {
-                    return Ok(steps);
+                    return Ok(out);
                 }
             }
             Event::Error(e) => return Err(e),
         }
     }
-    Err("the engine stopped before the sequence finished".into())
+    match budget {
+        0 => Ok(out),
+        _ => Err("the engine stopped before the sequence finished".into()),
+    }
 }
 
-fn finish_str(f: Option<FinishReason>) -> Value {
+pub(crate) fn finish_str(f: Option<FinishReason>) -> Value {
     match f {
         Some(FinishReason::Length) => "length".into(),
         Some(_) => "stop".into(),
@@ -324,116 +382,61 @@ fn finish_str(f: Option<FinishReason>) -> Value {
     }
 }
 
-fn choice_json(state: &SharedState, p: &Prepared, index: usize, steps: &[StepOutput]) -> Value {
-    let text: String = steps.iter().map(|s| s.text.as_str()).collect();
-    let finish = finish_str(steps.last().and_then(|s| s.finish));
-    let logprobs = logprobs_json(state, p, steps);
+fn choice_json(state: &SharedState, p: &Prepared, index: usize, out: &ChoiceOutput) -> Value {
+    let text: String = out.steps.iter().map(|s| s.text.as_str()).collect();
+    // With no budget nothing was generated: the prompt was read to its end (`length`).
+    let finish = match p.budget {
+        0 => "length".into(),
+        _ => finish_str(out.steps.last().and_then(|s| s.finish)),
+    };
     match p.kind {
         Kind::Completion => {
-            let text = if p.common.echo { format!("{}{text}", p.prompts[index].1) } else { text };
+            let (prompt, text) = match p.common.echo {
+                true => (out.prompt.as_deref(), format!("{}{text}", p.prompts[index].1)),
+                false => (None, text),
+            };
+            let logprobs = completion_logprobs(state, p, &p.prompts[index].0, prompt, &out.steps, 0);
             json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
         }
         Kind::Chat => json!({
             "index": index, "message": {"role": "assistant", "content": state.text.chat.clean_answer(&text)},
-            "logprobs": logprobs, "finish_reason": finish,
+            "logprobs": chat_logprobs(state, p, &out.steps), "finish_reason": finish,
         }),
     }
 }
 
-/// OpenAI's log-probability objects (legacy completions or chat), or null when not requested.
-fn logprobs_json(state: &SharedState, p: &Prepared, steps: &[StepOutput]) -> Value {
+/// The legacy completions logprobs object for the scored `prompt` (when echoed) and `steps`,
+/// `text_offset` counted from `start`; null when not requested.
+fn completion_logprobs(
+    state: &SharedState,
+    p: &Prepared,
+    prompt_ids: &[u32],
+    prompt: Option<&[Option<TokenLogprob>]>,
+    steps: &[StepOutput],
+    start: usize,
+) -> Value {
     if p.common.config.top_logprobs.is_none() {
         return Value::Null;
     }
-    let token = |id: u32| state.text.tokenizer.decode(&[id]).unwrap_or_default();
-    let bytes = |id: u32| state.text.tokenizer.token_bytes(id).map(<[u8]>::to_vec).unwrap_or_default();
-    let lps: Vec<_> = steps.iter().filter_map(|s| s.logprob.as_ref()).collect();
-    match p.kind {
-        Kind::Completion => {
-            let mut offset = 0;
-            let offsets: Vec<usize> = lps
-                .iter()
-                .map(|l| {
-                    let at = offset;
-                    offset += token(l.id).len();
-                    at
-                })
-                .collect();
-            json!({
-                "tokens": lps.iter().map(|l| token(l.id)).collect::<Vec<_>>(),
-                "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
-                "top_logprobs": lps.iter().map(|l| l.top.iter().map(|(id, lp)| (token(*id), json!(lp))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
-                "text_offset": offsets,
-            })
-        }
-        Kind::Chat => json!({"content": lps.iter().map(|l| json!({
-            "token": token(l.id), "logprob": l.logprob, "bytes": bytes(l.id),
-            "top_logprobs": l.top.iter().map(|(id, lp)| json!({"token": token(*id), "logprob": lp, "bytes": bytes(*id)})).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>()}),
+    let mut ids = Vec::new();
+    let mut lps = Vec::new();
+    if let Some(scores) = prompt {
+        ids.extend_from_slice(prompt_ids);
+        lps.extend(scores.iter().map(Option::as_ref));
     }
+    for l in steps.iter().filter_map(|s| s.logprob.as_ref()) {
+        ids.push(l.id);
+        lps.push(Some(l));
+    }
+    logprobs::completion(&state.text.tokenizer, &ids, &lps, start)
 }
 
-/// SSE chunks for every choice as tokens arrive, then usage (if asked) and `[DONE]`.
-fn sse_stream(
-    state: SharedState,
-    p: Prepared,
-    receivers: Vec<UnboundedReceiver<Event>>,
-) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
-    let merged = stream::select_all(receivers.into_iter().enumerate().map(|(i, rx)| {
-        stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (e, rx)) })
-            .map(move |e| (i, e))
-            .boxed()
-    }));
-    let n = p.prompts.len();
-    let mut answers = vec![state.text.chat.answer_stream(); n];
-    let mut first = vec![true; n];
-    let mut done = 0;
-    let mut completion_tokens = 0;
-    let object = if p.kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
-    let head = json!({"id": p.id, "object": object, "created": p.created, "model": state.model_name});
-    let chunks = merged.map(move |(index, event)| -> Vec<Value> {
-        match event {
-            Event::Error(e) => vec![json!({"error": {"message": e, "type": "server_error", "param": null, "code": null}})],
-            Event::Drafts(_) => Vec::new(),
-            Event::Token(step) => {
-                completion_tokens += 1;
-                if step.finish.is_some() {
-                    done += 1;
-                }
-                let logprobs = logprobs_json(&state, &p, std::slice::from_ref(&step));
-                let finish = finish_str(step.finish);
-                let mut c = head.clone();
-                c["choices"] = match p.kind {
-                    Kind::Completion => {
-                        let echo = if first[index] && p.common.echo { p.prompts[index].1.as_str() } else { "" };
-                        json!([{"index": index, "text": format!("{echo}{}", step.text), "logprobs": logprobs, "finish_reason": finish}])
-                    }
-                    Kind::Chat => {
-                        let mut delta = json!({"content": answers[index].push(&step.text)});
-                        if first[index] {
-                            delta["role"] = "assistant".into();
-                        }
-                        json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
-                    }
-                };
-                first[index] = false;
-                if p.common.include_usage {
-                    c["usage"] = Value::Null;
-                }
-                let mut out = vec![c];
-                if done == n && p.common.include_usage {
-                    let prompt_tokens = p.prompts.iter().map(|t| t.0.len()).step_by(p.common.n).sum::<usize>();
-                    let mut u = head.clone();
-                    u["choices"] = json!([]);
-                    u["usage"] = usage(prompt_tokens, completion_tokens);
-                    out.push(u);
-                }
-                out
-            }
-        }
-    });
-    chunks
-        .flat_map(stream::iter)
-        .map(|c| Ok(SseEvent::default().data(c.to_string())))
-        .chain(stream::once(async { Ok(SseEvent::default().data("[DONE]")) }))
+/// The chat logprobs object for `steps`, null when not requested.
+fn chat_logprobs(state: &SharedState, p: &Prepared, steps: &[StepOutput]) -> Value {
+    if p.common.config.top_logprobs.is_none() {
+        return Value::Null;
+    }
+    let lps: Vec<&TokenLogprob> = steps.iter().filter_map(|s| s.logprob.as_ref()).collect();
+    logprobs::chat(&state.text.tokenizer, &lps)
 }
+

@@ -20,7 +20,7 @@ use std::{
 };
 
 use tokio::sync::mpsc::UnboundedSender;
-use xgen_generate::{Constraint, DraftStats, GenerationConfig, ModelText, StepOutput};
+use xgen_generate::{Constraint, DraftStats, GenerationConfig, ModelText, StepOutput, TokenLogprob};
 use xgen_kvstore::DiskCache;
 use xgen_model::Model;
 
@@ -35,16 +35,54 @@ pub struct Job {
     pub config: GenerationConfig,
     /// The output format's matcher, when the request names one.
     pub constraint: Option<Constraint>,
-    /// New tokens allowed.
+    /// New tokens allowed; 0 scores the prompt only (with `score`).
     pub budget: usize,
     pub seed: u64,
+    /// Whether the prompt's tokens are scored ([`Event::Prompt`]).
+    pub score: Scoring,
+    /// Whether [`Event::Progress`] is sent while the prompt is read.
+    pub progress: Progress,
     pub events: UnboundedSender<Event>,
     pub submitted: Instant,
+}
+
+/// Whether a job's prompt tokens get log-probabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    Off,
+    /// Each prompt token's log-probability and the `top` most likely alternatives. The prompt is
+    /// then read whole (no prefix reuse: every position's logits are needed).
+    Prompt { top: usize },
+}
+
+/// Whether a job reports how far its prompt has been read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    Silent,
+    Report,
+}
+
+/// How far a prompt has been read (llama.cpp's `prompt_progress`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PromptProgress {
+    /// Prompt tokens in all.
+    pub total: usize,
+    /// Of them, taken from the prefix cache (memory or disk) without computing.
+    pub cache: usize,
+    /// In the cache now (cached and computed).
+    pub processed: usize,
+    /// Since the prompt began to be read.
+    pub time_ms: u64,
 }
 
 /// What the engine reports for a job.
 #[derive(Debug)]
 pub enum Event {
+    /// After each chunk of the prompt read, with [`Progress::Report`].
+    Progress(PromptProgress),
+    /// The prompt's scores, with [`Scoring::Prompt`]: one entry per prompt token, `None` for the
+    /// first (nothing predicts it). A job with no budget ends with it.
+    Prompt(Vec<Option<TokenLogprob>>),
     /// A generated token; its `finish` is set on the last one.
     Token(StepOutput),
     /// Tokens drafted by prompt lookup and accepted, sent before the last token of a sequence
@@ -149,5 +187,6 @@ pub fn spawn(
 }
 
 mod schedule;
+mod scores;
 
 use schedule::Engine;

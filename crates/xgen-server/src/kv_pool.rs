@@ -34,6 +34,15 @@ pub enum PrefixCache {
     Off,
 }
 
+/// Whether a new sequence starts from the cached prefix of its prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reuse {
+    /// The longest prefix in memory, then the disk prompt cache's blocks that continue it.
+    LongestPrefix,
+    /// Nothing: every position is computed (a scored prompt needs each position's logits).
+    Nothing,
+}
+
 /// A cache kept for later prompts and the tokens at its positions: an ended sequence's, or a
 /// running one's full blocks so far (`owner`: its admission number), replaced as it fills more.
 struct Entry {
@@ -128,12 +137,16 @@ impl KvPool {
 
     /// A cache of up to `limit` positions for `prompt`, its prompt's blocks taken, starting from
     /// the longest cached prefix of it (at most all but its last token, whose logits the caller
-    /// needs).
-    pub fn reserve(&mut self, prompt: &[u32], limit: usize) -> Result<Reserved, Refused> {
+    /// needs) unless `reuse` says [`Reuse::Nothing`].
+    pub fn reserve(&mut self, prompt: &[u32], limit: usize, reuse: Reuse) -> Result<Reserved, Refused> {
         if let Some(why) = self.refuse(limit) {
             return Err(why);
         }
-        let mut cache = match self.longest_prefix(prompt) {
+        let prefix = match reuse {
+            Reuse::LongestPrefix => self.longest_prefix(prompt),
+            Reuse::Nothing => None,
+        };
+        let mut cache = match prefix {
             Some((i, len)) => {
                 let entry = self.entries.remove(i);
                 let cache = entry.cache.fork(len, limit).map_err(model_error)?;
@@ -143,7 +156,9 @@ impl KvPool {
             None => KvCache::in_pool(&self.blocks, limit),
         };
         let in_memory = cache.len();
-        self.restore(&mut cache, prompt);
+        if reuse == Reuse::LongestPrefix {
+            self.restore(&mut cache, prompt);
+        }
         self.ready(&mut cache, prompt.len())?;
         let reused = cache.len();
         Ok(Reserved { cache, reused, restored: reused - in_memory })

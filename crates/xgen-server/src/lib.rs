@@ -8,9 +8,11 @@ pub mod engine;
 mod error;
 mod format;
 mod kv_pool;
+mod logprobs;
 pub mod metrics;
 mod routes;
 mod state;
+mod tokens;
 mod ui;
 
 use std::{

@@ -1,6 +1,6 @@
 //! The router: authentication, body limits, and the small endpoints (`/health`, `/metrics`,
-//! `/v1/models`, `/tokenize`, `/detokenize`, `/apply-template`). Generation endpoints live in
-//! `completions.rs`.
+//! `/v1/models`, `/apply-template`). Generation endpoints live in `completions.rs`, token
+//! accounting (`/tokenize`, `/detokenize`, `/tokenizer_info`) in `tokens.rs`.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -20,6 +20,7 @@ use crate::{
     completions,
     error::ApiError,
     state::SharedState,
+    tokens,
     ui::{self, Ui},
 };
 
@@ -29,8 +30,11 @@ pub fn app(state: SharedState) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(completions::chat_completions))
         .route("/v1/models", get(models))
-        .route("/tokenize", post(tokenize))
-        .route("/detokenize", post(detokenize))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/v1/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
+        .route("/v1/detokenize", post(tokens::detokenize))
+        .route("/tokenizer_info", get(tokens::tokenizer_info))
         .route("/apply-template", post(apply_template))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let router = match state.ui {
@@ -96,44 +100,6 @@ async fn models(State(state): State<SharedState>) -> Response {
         "data": [{"id": state.model_name, "object": "model", "created": 0, "owned_by": "xgen", "max_model_len": state.context}],
     }))
     .into_response()
-}
-
-async fn tokenize(State(state): State<SharedState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let result = (|| {
-        let body = json_body(&state, body)?;
-        let fields = Fields::from_body(&body)?;
-        // `prompt` (vLLM) or `content` (llama.cpp).
-        let text = match fields.string("prompt")? {
-            Some(t) => t,
-            None => fields
-                .string("content")?
-                .ok_or_else(|| ApiError::invalid("prompt", "`prompt` (a string) is required"))?,
-        };
-        let tokens = state.text.tokenizer.encode(text);
-        Ok(json!({"tokens": tokens, "count": tokens.len(), "max_model_len": state.context}))
-    })();
-    respond(&state, "tokenize", result)
-}
-
-async fn detokenize(State(state): State<SharedState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let result = (|| {
-        let body = json_body(&state, body)?;
-        let tokens = body
-            .get("tokens")
-            .and_then(Value::as_array)
-            .ok_or_else(|| ApiError::invalid("tokens", "`tokens` (a list of token ids) is required"))?;
-        let ids = tokens
-            .iter()
-            .map(|t| t.as_u64().filter(|&id| id < u64::from(state.vocab)).map(|id| id as u32))
-            .collect::<Option<Vec<u32>>>()
-            .ok_or_else(|| {
-                ApiError::invalid("tokens", format!("every token must be an id below {}", state.vocab))
-            })?;
-        let text =
-            state.text.tokenizer.decode(&ids).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
-        Ok(json!({"prompt": text}))
-    })();
-    respond(&state, "detokenize", result)
 }
 
 /// llama.cpp's `/apply-template`: `{"messages": [...]}` -> `{"prompt": "..."}`, the prompt

@@ -218,6 +218,21 @@ impl Tokenizer {
         }
     }
 
+    /// Encodes `text` without the BOS/EOS the model's tokenizer adds (vLLM's
+    /// `add_special_tokens: false`); special strings as `specials` says.
+    pub fn encode_bare(&self, text: &str, specials: Specials) -> Vec<TokenId> {
+        match &self.engine {
+            Engine::Xgen(x) => x.encode_with(text, specials),
+            Engine::Pipeline(p) => {
+                let t = match specials {
+                    Specials::Recognize => &p.recognizing,
+                    Specials::AsText => &p.as_text,
+                };
+                p.run(t, text, false)
+            }
+        }
+    }
+
     /// Encodes `text`, recognising the special strings whose id `allowed` accepts; the others are
     /// ordinary text (tiktoken's `encode(text, allowed_special=...)` with nothing disallowed).
     pub fn encode_allowing(&self, text: &str, allowed: &dyn Fn(TokenId) -> bool) -> Vec<TokenId> {

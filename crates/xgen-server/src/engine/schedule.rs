@@ -25,9 +25,9 @@ use xgen_generate::{forward_beside_masks, Sequence};
 use xgen_model::{kernels::EXACT_ROWS, kv_cache::blocks_for, KvCache, Model, KV_BLOCK};
 use xgen_tokenizer::Tokenizer;
 
-use super::{Event, Job};
+use super::{scores::Scores, Event, Job, Progress, PromptProgress, Scoring};
 use crate::{
-    kv_pool::{KvPool, Refused, Reserved},
+    kv_pool::{KvPool, Refused, Reserved, Reuse},
     metrics::Metrics,
 };
 
@@ -102,6 +102,25 @@ struct Prefilling<'t> {
     /// Tokens already in `cache` (from the prefix cache or earlier chunks).
     done: usize,
     admitted: u64,
+    /// The prompt's scores so far, when its request asked for them.
+    scores: Option<Scores>,
+    /// When reading began and the positions the prefix cache gave, when its request asked for
+    /// progress.
+    progress: Option<(Instant, usize)>,
+}
+
+impl Prefilling<'_> {
+    /// Reports how far the prompt has been read, when asked to.
+    fn report_progress(&self) {
+        if let Some((started, cache)) = self.progress {
+            let _ = self.what.events().send(Event::Progress(PromptProgress {
+                total: self.tokens.len(),
+                cache,
+                processed: self.done,
+                time_ms: started.elapsed().as_millis() as u64,
+            }));
+        }
+    }
 }
 
 /// The sequences of an engine: preempted ones waiting for room, admitted ones being read, and
@@ -230,10 +249,29 @@ impl<'m> Engine<'m> {
         {
             return Err(what);
         }
-        match self.pool.reserve(&tokens, what.limit()) {
+        let (scoring, progress) = match &what {
+            Waiting::New(job) => (job.score, job.progress),
+            Waiting::Resumed(_) => (Scoring::Off, Progress::Silent),
+        };
+        let reuse = match scoring {
+            Scoring::Off => Reuse::LongestPrefix,
+            Scoring::Prompt { .. } => Reuse::Nothing,
+        };
+        match self.pool.reserve(&tokens, what.limit(), reuse) {
             Ok(Reserved { cache, reused, restored }) => {
                 self.metrics.prefix_cache_hit_tokens.fetch_add((reused - restored) as u64, Relaxed);
-                batch.prefilling.push_back(Prefilling { what, tokens, cache, done: reused, admitted: order });
+                batch.prefilling.push_back(Prefilling {
+                    what,
+                    tokens,
+                    cache,
+                    done: reused,
+                    admitted: order,
+                    scores: match scoring {
+                        Scoring::Off => None,
+                        Scoring::Prompt { top } => Some(Scores::new(top)),
+                    },
+                    progress: (progress == Progress::Report).then(|| (Instant::now(), reused)),
+                });
                 Ok(())
             }
             Err(Refused::Busy) if !(batch.active.is_empty() && batch.prefilling.is_empty()) => Err(what),
@@ -256,12 +294,18 @@ impl<'m> Engine<'m> {
                 self.pool.release(p.admitted, p.cache, &p.tokens[..p.done]);
                 continue;
             }
-            let gained = self.pool.catch_up(&mut p.cache, &p.tokens, p.what.limit());
-            p.done += gained;
-            self.metrics.prefix_cache_hit_tokens.fetch_add(gained as u64, Relaxed);
+            if p.scores.is_none() {
+                let gained = self.pool.catch_up(&mut p.cache, &p.tokens, p.what.limit());
+                p.done += gained;
+                self.metrics.prefix_cache_hit_tokens.fetch_add(gained as u64, Relaxed);
+            }
             let n = budget.min(p.tokens.len() - p.done);
             let last = p.done + n == p.tokens.len();
             let mut step = || -> xgen_model::Result<Option<Vec<f32>>> {
+                if let Some(scores) = p.scores.as_mut() {
+                    let row = scores.read(self.model, &mut p.cache, &p.tokens, p.done, n)?;
+                    return Ok(last.then_some(row));
+                }
                 let ids = self.model.ids_tensor(&p.tokens[p.done..p.done + n])?;
                 if last {
                     Ok(Some(self.model.forward_last(&ids, &mut p.cache)?.squeeze(0)?.to_vec1()?))
@@ -275,16 +319,25 @@ impl<'m> Engine<'m> {
             if result.is_ok() {
                 p.done += n;
                 self.pool.publish(p.admitted, &p.cache, &p.tokens[..p.done]);
+                p.report_progress();
             }
             self.metrics.prompt_tokens.fetch_add(n as u64, Relaxed);
             match result {
                 Ok(None) => {}
                 Ok(Some(logits)) => {
                     let p = batch.prefilling.pop_front().expect("the front sequence");
+                    if let Some(scores) = p.scores {
+                        let _ = p.what.events().send(Event::Prompt(scores.into_logprobs()));
+                    }
                     let active = match p.what {
                         Waiting::Resumed(a) => Active { rows: vec![logits], draft: Vec::new(), ..*a },
+                        Waiting::New(job) if job.budget == 0 => {
+                            // Scored only: its cache is kept as a prefix entry, like any ending.
+                            self.pool.release(p.admitted, p.cache, &p.tokens);
+                            continue;
+                        }
                         Waiting::New(job) => {
-                            let Job { prompt, config, constraint, budget, seed, events, submitted } = *job;
+                            let Job { prompt, config, constraint, budget, seed, events, submitted, .. } = *job;
                             let seq = Sequence::new(self.tokenizer, prompt.clone(), config, budget);
                             Active {
                                 seq: match constraint {

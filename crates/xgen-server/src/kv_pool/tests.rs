@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use xgen_model::{DType, Device, KvCache, Model};
 
-use super::{KvPool, PrefixCache, Refused};
+use super::{KvPool, PrefixCache, Refused, Reuse};
 
 fn model() -> Model {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/tiny-xgen-8k-bin");
@@ -20,7 +20,7 @@ fn pool(model: &Model, blocks: usize, prefix: PrefixCache) -> KvPool {
 
 /// Reserves a cache for `prompt` and reads what the prefix cache did not give, as the engine does.
 fn run(model: &Model, pool: &mut KvPool, prompt: &[u32], limit: usize) -> (KvCache, usize) {
-    let r = pool.reserve(prompt, limit).unwrap_or_else(|e| panic!("{e:?}"));
+    let r = pool.reserve(prompt, limit, Reuse::LongestPrefix).unwrap_or_else(|e| panic!("{e:?}"));
     let mut cache = r.cache;
     let ids = model.ids_tensor(&prompt[r.reused..]).unwrap();
     model.forward_hidden(&ids, &mut cache).unwrap();
@@ -37,11 +37,11 @@ fn the_pool_bounds_every_cache_and_refuses_what_never_fits() {
     let b = model.kv_block_bytes().unwrap();
     let mut pool = pool(&model, 4, PrefixCache::Off);
     assert_eq!((pool.budget(), pool.blocks()), (4 * b, (4, 0)), "rounded down to whole blocks");
-    let a = pool.reserve(&tokens(100, 100), 150).unwrap();
+    let a = pool.reserve(&tokens(100, 100), 150, Reuse::LongestPrefix).unwrap();
     assert_eq!(pool.held(), 2 * b, "the prompt's blocks, not max_tokens'");
-    assert!(matches!(pool.reserve(&tokens(300, 130), 200), Err(Refused::Busy)));
+    assert!(matches!(pool.reserve(&tokens(300, 130), 200, Reuse::LongestPrefix), Err(Refused::Busy)));
     assert_eq!(pool.held(), 2 * b, "a refused request takes nothing");
-    let c = pool.reserve(&tokens(300, 60), 64).unwrap();
+    let c = pool.reserve(&tokens(300, 60), 64, Reuse::LongestPrefix).unwrap();
     assert_eq!(pool.blocks(), (4, 3));
     assert!(pool.refuse(256).is_none());
     assert!(
@@ -107,7 +107,7 @@ fn a_running_cache_takes_a_block_at_a_time_evicting_entries_first() {
     pool.ready(&mut a, 129).unwrap();
     assert_eq!((pool.entries(), pool.blocks().1, a.held_blocks()), (0, 3, 3), "the entry made room");
     assert!(
-        matches!(pool.reserve(&tokens(50, 10), 64), Err(Refused::Busy)),
+        matches!(pool.reserve(&tokens(50, 10), 64, Reuse::LongestPrefix), Err(Refused::Busy)),
         "running caches hold every block"
     );
     assert!(matches!(pool.ready(&mut a, 193), Err(Refused::Model(_))), "past its limit");
@@ -120,7 +120,7 @@ fn a_running_sequences_full_blocks_serve_a_prompt_sharing_them_and_outlive_its_e
     let mut pool = pool(&model, 12, PrefixCache::On);
     let doc = tokens(100, 200);
     // Sequence 1 has read 150 of its 200 prompt tokens: 2 full blocks are published.
-    let r = pool.reserve(&doc, 300).unwrap();
+    let r = pool.reserve(&doc, 300, Reuse::LongestPrefix).unwrap();
     let mut cache = r.cache;
     model.forward_hidden(&model.ids_tensor(&doc[..150]).unwrap(), &mut cache).unwrap();
     pool.publish(1, &cache, &doc[..150]);
@@ -137,6 +137,22 @@ fn a_running_sequences_full_blocks_serve_a_prompt_sharing_them_and_outlive_its_e
     // Cancelled after 200 positions: its whole cache replaces what it published.
     pool.release(1, cache, &doc);
     assert_eq!(pool.entries(), 1);
+    let (_, reused) = run(&model, &mut pool, &doc, 300);
+    assert_eq!(reused, 199);
+}
+
+#[test]
+fn a_scored_prompt_reuses_nothing_and_its_cache_still_serves_later_prompts() {
+    let model = model();
+    let mut pool = pool(&model, 12, PrefixCache::On);
+    let doc = tokens(100, 200);
+    let (cache, _) = run(&model, &mut pool, &doc, 300);
+    pool.release(1, cache, &doc);
+    let r = pool.reserve(&doc, 300, Reuse::Nothing).unwrap();
+    assert_eq!((r.reused, r.restored, r.cache.len()), (0, 0, 0), "every position is computed");
+    let mut cache = r.cache;
+    model.forward_hidden(&model.ids_tensor(&doc).unwrap(), &mut cache).unwrap();
+    pool.release(2, cache, &doc);
     let (_, reused) = run(&model, &mut pool, &doc, 300);
     assert_eq!(reused, 199);
 }
