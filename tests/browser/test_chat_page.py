@@ -158,3 +158,23 @@ def test_raw_mode_continues_the_text_through_completions(browser, server):
     assert any(u.endswith("/v1/completions") for u in seen), seen
     page.reload()
     assert page.input_value("#mode") == "raw"
+
+
+@pytest.mark.parametrize("server", [["--prefill-chunk", "16"]], indirect=True)
+def test_a_long_prompt_shows_how_far_it_has_been_read(browser, server):
+    page = open_page(browser, server)
+    set_max_tokens(page, 4)
+    # Every text the answer's stats line shows, in order (a chunk may replace the last at once).
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver((records) => {
+            for (const r of records) for (const n of r.addedNodes) window.seen.push(n.textContent);
+        }).observe(document.getElementById("messages"), { subtree: true, childList: true });
+    }""")
+    send(page, "word " * 600)
+    expect(page.locator(".msg.assistant .stats")).to_contain_text("4 tokens", timeout=60000)
+    shown = [s for s in page.evaluate("window.seen") if s.startswith("reading the prompt")]
+    read = [int(s.split()[3]) for s in shown]
+    total = int(shown[0].split()[5])
+    assert total > 600 and len(read) >= total // 16 - 1, shown[:3]
+    assert read == sorted(read) and read[-1] == total, read

@@ -30,6 +30,10 @@ pub enum Command {
     /// Transformers' causal-LM loss with labels = input ids; sequences longer than the window are
     /// scored with a strided sliding window.
     Perplexity(crate::perplexity::PerplexityArgs),
+    /// What each weight format and KV-cache type costs in quality over a text: perplexity, and
+    /// the mean KL divergence and top-1 agreement against a higher-precision reference, in one
+    /// table (with a progress bar).
+    Eval(crate::eval::EvalArgs),
     /// Re-save a model as sharded safetensors (with index and config), streaming shard by shard.
     Convert(crate::convert::ConvertArgs),
     /// Write one self-contained GGUF (q8_0, q4_0 or q4_k; arch llama, with the tokenizer),

@@ -11,6 +11,7 @@ mod generate;
 mod jsonl;
 mod model_args;
 mod perplexity;
+mod eval;
 mod quantize;
 mod sampling_args;
 mod serve;
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         cli::Command::Generate(a) => generate::run(&a),
         cli::Command::Chat(a) => chat::run(&a),
         cli::Command::Perplexity(a) => perplexity::run(&a),
+        cli::Command::Eval(a) => eval::run(&a),
         cli::Command::Convert(a) => convert::run(&a),
         cli::Command::Quantize(a) => quantize::run(&a),
         cli::Command::Bench(a) => bench::run(&a),

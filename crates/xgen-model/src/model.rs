@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, RmsNorm};
 
 use crate::{
+    gguf::read::Conversion,
     attention::{Attention, Caches},
     config::Config,
     embedding::TokenEmbedding,
@@ -143,8 +144,23 @@ impl Model {
         let file = crate::gguf::read::GgufFile::open(path)?;
         let config = file.config()?;
         let dtype = if file.has_quantized_matrices() { DType::F32 } else { dtype };
-        let weights = file.weights(&config, dtype, device, progress)?;
+        let weights = file.weights(&config, Conversion::AsStored(dtype), device, progress)?;
         Self::from_weights(config, weights, dtype, device)
+    }
+
+    /// Loads a GGUF file with every tensor dequantized and then held in `format` (requantized
+    /// from the file's values, or floats), whatever the file stores: one file's weights in
+    /// several formats, for comparing them.
+    pub fn load_gguf_as(
+        path: &Path,
+        format: WeightFormat,
+        device: &Device,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
+        let file = crate::gguf::read::GgufFile::open(path)?;
+        let config = file.config()?;
+        let weights = file.weights(&config, Conversion::To(format), device, progress)?;
+        Self::from_weights(config, weights, format.dtype, device)
     }
 
     /// Builds the model from checked float tensors (see [`weights::load`]).

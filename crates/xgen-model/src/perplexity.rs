@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use crate::{
     error::{ModelError, Result},
@@ -47,17 +47,32 @@ pub fn score(model: &Model, ids: &[u32], window: Window) -> Result<Perplexity> {
 /// [`score`], stopping with [`ModelError::Cancelled`] once `cancel` is set (checked between
 /// forward steps): how a caller on another thread interrupts a long sequence.
 pub fn score_until(model: &Model, ids: &[u32], window: Window, cancel: &AtomicBool) -> Result<Perplexity> {
+    score_with(model, ids, window, &mut |_| match cancel.load(Ordering::Relaxed) {
+        true => Err(ModelError::Cancelled),
+        false => Ok(()),
+    })
+}
+
+/// [`score`], calling `progress` with the number of tokens scored after each forward step (an
+/// error from it stops the scoring).
+pub fn score_with(model: &Model, ids: &[u32], window: Window, progress: &mut Progress) -> Result<Perplexity> {
     let mut logprobs = Vec::with_capacity(ids.len().saturating_sub(1));
     let windows = for_each_scored_chunk(&[model], ids, window, &mut |logits, targets| {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(ModelError::Cancelled);
-        }
         let rows: Vec<Vec<f32>> = logits[0].to_vec2()?; // [r, v]
         logprobs.extend(rows.iter().zip(targets).map(|(row, &t)| log_softmax_at(row, t as usize)));
-        Ok(())
+        progress(targets.len())
     })?;
-    let mean_nll = -logprobs.iter().map(|&l| l as f64).sum::<f64>() / logprobs.len() as f64;
-    Ok(Perplexity { tokens: ids.len(), logprobs, mean_nll, perplexity: mean_nll.exp(), windows })
+    Ok(Perplexity::of(ids.len(), logprobs, windows))
+}
+
+/// Told how many tokens each forward step scored; may stop the scoring with an error.
+pub type Progress<'a> = dyn FnMut(usize) -> Result<()> + 'a;
+
+impl Perplexity {
+    fn of(tokens: usize, logprobs: Vec<f32>, windows: usize) -> Self {
+        let mean_nll = -logprobs.iter().map(|&l| l as f64).sum::<f64>() / logprobs.len() as f64;
+        Self { tokens, logprobs, mean_nll, perplexity: mean_nll.exp(), windows }
+    }
 }
 
 /// `log Σ exp(row)`, accumulated in f64: the normalizer of every log-probability xgen reports
@@ -86,20 +101,47 @@ pub struct Agreement {
 
 /// Compares `candidate` with `reference` at every position of `ids` (same windows as [`score`]).
 pub fn compare(reference: &Model, candidate: &Model, ids: &[u32], window: Window) -> Result<Agreement> {
-    let (mut kl, mut agree, mut positions) = (0.0f64, 0usize, 0usize);
-    for_each_scored_chunk(&[reference, candidate], ids, window, &mut |logits, _| {
-        let p: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits[0], D::Minus1)?.to_vec2()?;
-        let q: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits[1], D::Minus1)?.to_vec2()?;
-        for (p, q) in p.iter().zip(&q) {
-            kl += p.iter().zip(q).map(|(&a, &b)| (a as f64).exp() * (a as f64 - b as f64)).sum::<f64>();
-            let top = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
-            agree += usize::from(top(p) == top(q));
-            positions += 1;
+    Ok(evaluate(reference, candidate, ids, window, &mut |_| Ok(()))?.1)
+}
+
+/// The candidate's perplexity and its agreement with `reference`, in one pass over the windows
+/// of `ids` (both models run side by side); `progress` as for [`score_with`].
+pub fn evaluate(
+    reference: &Model,
+    candidate: &Model,
+    ids: &[u32],
+    window: Window,
+    progress: &mut Progress,
+) -> Result<(Perplexity, Agreement)> {
+    let (mut kl, mut agree, mut logprobs) = (0.0f64, 0usize, Vec::with_capacity(ids.len()));
+    let windows = for_each_scored_chunk(&[reference, candidate], ids, window, &mut |logits, targets| {
+        let p: Vec<Vec<f32>> = logits[0].to_vec2()?; // [r, v]
+        let q: Vec<Vec<f32>> = logits[1].to_vec2()?; // [r, v]
+        for ((p, q), &t) in p.iter().zip(&q).zip(targets) {
+            let (lse_p, lse_q) = (log_sum_exp(p), log_sum_exp(q));
+            // KL(p ‖ q) = Σ p (log p - log q), with log p = x - lse.
+            kl += p
+                .iter()
+                .zip(q)
+                .map(|(&a, &b)| {
+                    let lp = a as f64 - lse_p;
+                    lp.exp() * (lp - (b as f64 - lse_q))
+                })
+                .sum::<f64>();
+            agree += usize::from(argmax(p) == argmax(q));
+            logprobs.push((q[t as usize] as f64 - lse_q) as f32);
         }
-        Ok(())
+        progress(targets.len())
     })?;
+    let positions = logprobs.len();
     let n = positions.max(1) as f64;
-    Ok(Agreement { positions, mean_kl: kl / n, top1_agreement: agree as f64 / n })
+    let agreement = Agreement { positions, mean_kl: kl / n, top1_agreement: agree as f64 / n };
+    Ok((Perplexity::of(ids.len(), logprobs, windows), agreement))
+}
+
+/// The index of the largest entry (the first of equal ones).
+fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
 }
 
 /// Receives each chunk's f32 logits (one `[r, v]` tensor per model) and its `r` target ids.

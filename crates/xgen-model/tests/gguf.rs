@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use xgen_model::{
     gguf::{read::GgufFile, write},
     weights::{self, names, Checkpoint},
-    Config, DType, Device, Model, Quant, Weight,
+    Config, DType, Device, Model, Quant, Weight, WeightFormat,
 };
 
 fn fixture() -> PathBuf {
@@ -67,4 +67,44 @@ fn quantized_gguf_reloads_to_the_same_logits() {
         let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff == 0.0, "{quant:?}: max |Δ logit| {diff}");
     }
+}
+
+/// The fixture's tensors as a `ggml` file holds them, dequantized to f32.
+fn dequantized_model(quant: Quant, ggml: GgmlDType) -> Model {
+    let dir = fixture();
+    let config = Config::load(&dir.join("config.json")).unwrap();
+    let tensors =
+        weights::load(&Checkpoint::find(&dir).unwrap(), &config, DType::F32, &Device::Cpu, &mut |_| {})
+            .unwrap();
+    let mut out: HashMap<String, Weight> = HashMap::new();
+    for (name, t) in tensors {
+        let matrix = t.rank() == 2;
+        let w = if matrix && quant.fits(t.dim(1).unwrap()) {
+            QTensor::quantize(&t, ggml).unwrap().dequantize(&Device::Cpu).unwrap()
+        } else if matrix {
+            t.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap()
+        } else {
+            t
+        };
+        out.insert(name, Weight::Float(w));
+    }
+    Model::from_weights(config, out, DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn a_gguf_loads_dequantized_or_requantized_into_another_format() {
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7919 % 50000) as u32).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.gguf");
+    write::quantize_checkpoint(&fixture(), &path, GgmlDType::Q8_0, 7, Vec::new(), &mut |_| {}).unwrap();
+    // In f32: exactly the file's values.
+    let f32_format = WeightFormat { dtype: DType::F32, linear: None };
+    let dequantized = Model::load_gguf_as(&path, f32_format, &Device::Cpu, &mut |_| {}).unwrap();
+    let want = logits(&dequantized_model(Quant::Q8_0, GgmlDType::Q8_0), &ids);
+    assert_eq!(logits(&dequantized, &ids), want);
+    // Requantized to q8_0, the file's own format: the same blocks, so the model as stored.
+    let q8 = WeightFormat { dtype: DType::F32, linear: Some(Quant::Q8_0) };
+    let requantized = Model::load_gguf_as(&path, q8, &Device::Cpu, &mut |_| {}).unwrap();
+    let stored = Model::load_gguf(&path, DType::F32, &Device::Cpu, &mut |_| {}).unwrap();
+    assert_eq!(logits(&requantized, &ids), logits(&stored, &ids));
 }

@@ -131,3 +131,21 @@ fn q8_0_kv_cache_needs_head_dim_divisible_by_32() {
     let err = model.set_kv_type(KvType::Q8_0).unwrap_err().to_string();
     assert!(err.contains("head_dim divisible by 32") && err.contains("16"), "{err}");
 }
+
+#[test]
+fn evaluate_gives_the_candidates_perplexity_and_its_agreement_in_one_pass() {
+    let reference = small(None);
+    let candidate = small(Some(Quant::Q4_0));
+    let ids = ids(50);
+    let window = Window { size: 24, stride: 12 };
+    let mut scored = 0;
+    let (ppl, agreement) = perplexity::evaluate(&reference, &candidate, &ids, window, &mut |n| {
+        scored += n;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(scored, ids.len() - 1, "progress counts every scored token once");
+    assert_eq!(ppl, perplexity::score(&candidate, &ids, window).unwrap(), "the same logits as score");
+    assert_eq!(agreement, perplexity::compare(&reference, &candidate, &ids, window).unwrap());
+    assert!(agreement.mean_kl > 0.0 && agreement.top1_agreement < 1.0);
+}

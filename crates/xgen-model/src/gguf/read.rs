@@ -22,8 +22,19 @@ use crate::{
     error::{ModelError, Result},
     kernels::quant::repack::Repack,
     linear::Weight,
+    model::WeightFormat,
     weights::{mapped::MappedFile, names, LoadProgress},
 };
+
+/// How a GGUF file's tensors become weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conversion {
+    /// Block types as stored (packed or on candle's kernels), float tensors in this dtype.
+    AsStored(DType),
+    /// Every tensor dequantized to f32, then held as a checkpoint's would be in this format
+    /// (requantized, or floats): one file compared across formats (`xgen eval`).
+    To(WeightFormat),
+}
 
 /// An open GGUF file.
 pub struct GgufFile {
@@ -118,7 +129,7 @@ impl GgufFile {
     pub fn weights(
         &self,
         config: &Config,
-        dtype: DType,
+        conversion: Conversion,
         device: &Device,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<HashMap<String, Weight>> {
@@ -131,7 +142,7 @@ impl GgufFile {
         }
         let mut out = HashMap::with_capacity(expected.len());
         for (i, (hf, shape)) in expected.iter().enumerate() {
-            let weight = self.tensor(hf, shape, config, dtype, device)?;
+            let weight = self.tensor(hf, shape, config, conversion, device)?;
             out.insert(hf.clone(), weight);
             progress(LoadProgress { file: &self.path, tensors_done: i + 1, tensors_total: expected.len() });
         }
@@ -143,7 +154,7 @@ impl GgufFile {
         hf: &str,
         shape: &[usize],
         config: &Config,
-        dtype: DType,
+        conversion: Conversion,
         device: &Device,
     ) -> Result<Weight> {
         let name = names::to_gguf(hf).expect("every expected tensor has a GGUF name");
@@ -171,6 +182,16 @@ impl GgufFile {
             &unpermuted[..]
         } else {
             bytes
+        };
+        let dtype = match conversion {
+            Conversion::AsStored(dtype) => dtype,
+            Conversion::To(format) => {
+                let mut copy = AlignedCopy::new();
+                let q = qtensor_from_ggml(t, aligned(bytes, &mut copy), shape.to_vec(), device)?;
+                let float = q.dequantize(device)?.to_dtype(format.dtype)?;
+                self.file.release(start..start + len);
+                return format.convert(hf, float);
+            }
         };
         let linear = names::is_linear(hf);
         let float = matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
