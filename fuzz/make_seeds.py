@@ -197,6 +197,10 @@ def main():
         (3, {"tokens": [15496, 995, 50256]}),
         (4, {"messages": [{"role": "user", "content": "Hi"}]}),
         (5, None), (6, None), (7, None), (8, {"input": "x"}),
+        (0, {"prompt": [[15496, 995, 318], "Hi there"], "echo": True, "max_tokens": 0, "logprobs": 1,
+             "stream": True, "return_progress": True}),
+        (2, {"prompt": "Hello", "add_special_tokens": False, "return_token_strs": True}),
+        (9, {"tokens": [15496]}), (10, None),
     ]
     for i, (endpoint, body) in enumerate(bodies):
         seed("http", f"body-{i}", bytes([endpoint]) + (json.dumps(body).encode() if body is not None else b""))

@@ -108,7 +108,11 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         ids.truncate(n);
     }
     if ids.len() < 2 {
-        return Err(bad_input(format!("{}: eval needs at least 2 tokens, got {}", args.file.display(), ids.len())));
+        return Err(bad_input(format!(
+            "{}: eval needs at least 2 tokens, got {}",
+            args.file.display(),
+            ids.len()
+        )));
     }
     let window = window(config.max_position_embeddings, args.window, args.stride)?;
     let gguf = matches!(source, Source::Gguf(_));
@@ -180,10 +184,16 @@ fn load(source: &Source, candidate: Candidate) -> anyhow::Result<Model> {
     let mut progress = |p: xgen_model::weights::LoadProgress| show_progress(&bar, &p);
     let device = xgen_model::Device::Cpu;
     let model = match (candidate, source) {
-        (Candidate::Stored, Source::Gguf(path)) => Model::load_gguf(path, xgen_model::DType::F32, &device, &mut progress)?,
-        (Candidate::Dtype(d), Source::Gguf(path)) => Model::load_gguf_as(path, d.format(), &device, &mut progress)?,
+        (Candidate::Stored, Source::Gguf(path)) => {
+            Model::load_gguf(path, xgen_model::DType::F32, &device, &mut progress)?
+        }
+        (Candidate::Dtype(d), Source::Gguf(path)) => {
+            Model::load_gguf_as(path, d.format(), &device, &mut progress)?
+        }
         (Candidate::Dtype(d), _) => source.load(d.format(), &mut progress)?,
-        (Candidate::Stored, _) => return Err(bad_input("--dtype stored: only a GGUF file stores its own block types")),
+        (Candidate::Stored, _) => {
+            return Err(bad_input("--dtype stored: only a GGUF file stores its own block types"))
+        }
     };
     bar.finish_and_clear();
     Ok(model)

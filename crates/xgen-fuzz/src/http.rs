@@ -16,7 +16,7 @@ use xgen_model::{Config, DType, Device, Model};
 use xgen_server::{EngineOptions, PrefixCache, ServeOptions, Ui};
 
 /// The endpoints a body goes to, by the input's first byte (modulo their number).
-const ENDPOINTS: [(&str, &str); 9] = [
+const ENDPOINTS: [(&str, &str); 11] = [
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/tokenize"),
@@ -26,6 +26,8 @@ const ENDPOINTS: [(&str, &str); 9] = [
     ("GET", "/health"),
     ("GET", "/metrics"),
     ("POST", "/v1/embeddings"),
+    ("POST", "/v1/detokenize"),
+    ("GET", "/tokenizer_info"),
 ];
 
 /// Context per sequence of the fuzzed server, in tokens.

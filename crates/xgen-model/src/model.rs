@@ -14,11 +14,11 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, RmsNorm};
 
 use crate::{
-    gguf::read::Conversion,
     attention::{Attention, Caches},
     config::Config,
     embedding::TokenEmbedding,
     error::{ModelError, Result},
+    gguf::read::Conversion,
     kernels::{prompt_attention, work_split},
     kv_cache::{BlockPool, KvCache, KvType},
     linear::{Linear, Quant, Weight},

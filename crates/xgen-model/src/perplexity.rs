@@ -141,7 +141,10 @@ pub fn evaluate(
 
 /// The index of the largest entry (the first of equal ones).
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best })
+        .0
 }
 
 /// Receives each chunk's f32 logits (one `[r, v]` tensor per model) and its `r` target ids.

@@ -439,4 +439,3 @@ fn chat_logprobs(state: &SharedState, p: &Prepared, steps: &[StepOutput]) -> Val
     let lps: Vec<&TokenLogprob> = steps.iter().filter_map(|s| s.logprob.as_ref()).collect();
     logprobs::chat(&state.text.tokenizer, &lps)
 }
-

@@ -52,7 +52,9 @@ pub enum Scoring {
     Off,
     /// Each prompt token's log-probability and the `top` most likely alternatives. The prompt is
     /// then read whole (no prefix reuse: every position's logits are needed).
-    Prompt { top: usize },
+    Prompt {
+        top: usize,
+    },
 }
 
 /// Whether a job reports how far its prompt has been read.

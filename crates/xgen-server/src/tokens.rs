@@ -31,7 +31,8 @@ pub async fn tokenize(State(state): State<SharedState>, body: Result<Bytes, Byte
 fn tokenize_body(state: &SharedState, fields: &Fields) -> Result<Value, ApiError> {
     let tokenizer = &state.text.tokenizer;
     // Which shape: `content` (llama.cpp), `prompt` or `messages` (vLLM); the defaults follow it.
-    let given: Vec<&str> = ["content", "prompt", "messages"].into_iter().filter(|f| fields.get(f).is_some()).collect();
+    let given: Vec<&str> =
+        ["content", "prompt", "messages"].into_iter().filter(|f| fields.get(f).is_some()).collect();
     if given.len() > 1 {
         return Err(ApiError::invalid(
             given[1],
@@ -50,7 +51,10 @@ fn tokenize_body(state: &SharedState, fields: &Fields) -> Result<Value, ApiError
     let add_default = shape == "prompt";
     let add = match (fields.get("add_special"), fields.get("add_special_tokens")) {
         (Some(_), Some(_)) => {
-            return Err(ApiError::invalid("add_special_tokens", "give `add_special` or `add_special_tokens`, not both"))
+            return Err(ApiError::invalid(
+                "add_special_tokens",
+                "give `add_special` or `add_special_tokens`, not both",
+            ))
         }
         (Some(_), None) => fields.boolean("add_special")?,
         (None, Some(_)) => fields.boolean("add_special_tokens")?,

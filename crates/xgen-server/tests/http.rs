@@ -215,8 +215,22 @@ fn no_request_body_gets_a_5xx() {
         "tokens",
         "content",
         "stream_options",
+        "return_progress",
+        "add_special_tokens",
+        "add_special",
+        "parse_special",
+        "with_pieces",
+        "return_token_strs",
     ];
-    let paths = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/apply-template"];
+    let paths = [
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+        "/detokenize",
+        "/apply-template",
+        "/v1/tokenize",
+        "/v1/detokenize",
+    ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(25);
     for i in 0..300 {
         let mut body = serde_json::Map::new();

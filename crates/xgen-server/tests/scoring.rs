@@ -27,7 +27,8 @@ fn scored_prompts() -> Vec<(Vec<u64>, f64)> {
 }
 
 fn score(s: &Server, prompt: Value) -> Value {
-    post(s, "/v1/completions", &json!({"prompt": prompt, "echo": true, "max_tokens": 0, "logprobs": 1})).unwrap()
+    post(s, "/v1/completions", &json!({"prompt": prompt, "echo": true, "max_tokens": 0, "logprobs": 1}))
+        .unwrap()
 }
 
 /// The prompt tokens' log-probabilities of a scored choice (the first is null).
@@ -49,12 +50,20 @@ fn echoed_prompt_scores_equal_transformers_nll_also_after_the_prompt_was_cached(
         let lps = token_logprobs(choice);
         assert_eq!(lps.len() + 1, ids.len());
         let nll = -lps.iter().sum::<f64>() / lps.len() as f64;
-        assert!((nll - mean_nll).abs() / mean_nll < 1e-4, "{} tokens: {nll} vs transformers {mean_nll}", ids.len());
+        assert!(
+            (nll - mean_nll).abs() / mean_nll < 1e-4,
+            "{} tokens: {nll} vs transformers {mean_nll}",
+            ids.len()
+        );
         assert_eq!(choice["finish_reason"], "length");
-        assert_eq!(r["usage"], json!({"prompt_tokens": ids.len(), "completion_tokens": 0, "total_tokens": ids.len()}));
+        assert_eq!(
+            r["usage"],
+            json!({"prompt_tokens": ids.len(), "completion_tokens": 0, "total_tokens": ids.len()})
+        );
         // The tokens spell the echoed text; each alternative is at least as likely as the token,
         // equal to it when it is the token.
-        let tokens: Vec<&str> = choice["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let tokens: Vec<&str> =
+            choice["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
         assert_eq!(tokens.len(), ids.len());
         let offsets = choice["logprobs"]["text_offset"].as_array().unwrap();
         assert_eq!(offsets.len(), ids.len());
@@ -133,7 +142,8 @@ fn streamed_scoring_reports_progress_chunk_by_chunk_then_the_echo() {
     let body = json!({"prompt": ids, "echo": true, "max_tokens": 0, "logprobs": 0, "stream": true, "return_progress": true});
     let chunks = stream(&s, "/v1/completions", &body);
     assert_eq!(chunks.last().unwrap(), "[DONE]");
-    let values: Vec<Value> = chunks[..chunks.len() - 1].iter().map(|c| serde_json::from_str(c).unwrap()).collect();
+    let values: Vec<Value> =
+        chunks[..chunks.len() - 1].iter().map(|c| serde_json::from_str(c).unwrap()).collect();
     let progress: Vec<&Value> = values.iter().filter_map(|v| v.get("prompt_progress")).collect();
     assert_eq!(progress.len(), 150usize.div_ceil(16), "one per chunk read");
     let processed: Vec<u64> = progress.iter().map(|p| p["processed"].as_u64().unwrap()).collect();
@@ -177,7 +187,8 @@ fn bad_scoring_requests_are_400s_naming_the_field() {
     let (code, err, _) = post(&s, "/v1/chat/completions", &chat).unwrap_err();
     assert_eq!((code, err["error"]["param"].as_str()), (400, Some("max_tokens")));
     // echo without logprobs and no budget: the prompt back, nothing generated.
-    let r = post(&s, "/v1/completions", &json!({"prompt": "Hi there", "max_tokens": 0, "echo": true})).unwrap();
+    let r =
+        post(&s, "/v1/completions", &json!({"prompt": "Hi there", "max_tokens": 0, "echo": true})).unwrap();
     assert_eq!((&r["choices"][0]["text"], &r["choices"][0]["logprobs"]), (&json!("Hi there"), &Value::Null));
 }
 
@@ -188,12 +199,17 @@ fn tokenize_answers_llama_cpp_and_vllm_shapes() {
     let config = Config::load(&fixture().join("config.json")).unwrap();
     let text = std::sync::Arc::new(ModelText::of(&Source::Gguf(spm), &config).unwrap());
     let s = start_setup(Setup { text, ..Setup::new(2, 8) });
-    let tokens = |v: &Value| v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect::<Vec<_>>();
+    let tokens =
+        |v: &Value| v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect::<Vec<_>>();
     let vllm = post(&s, "/tokenize", &json!({"prompt": "Hello world"})).unwrap();
     let ids = tokens(&vllm);
     assert_eq!(ids[0], 1, "vLLM adds special tokens by default");
-    assert_eq!((vllm["count"].as_u64(), vllm["max_model_len"].as_u64()), (Some(ids.len() as u64), Some(8192)));
-    let bare = post(&s, "/v1/tokenize", &json!({"prompt": "Hello world", "add_special_tokens": false})).unwrap();
+    assert_eq!(
+        (vllm["count"].as_u64(), vllm["max_model_len"].as_u64()),
+        (Some(ids.len() as u64), Some(8192))
+    );
+    let bare =
+        post(&s, "/v1/tokenize", &json!({"prompt": "Hello world", "add_special_tokens": false})).unwrap();
     assert_eq!(tokens(&bare), ids[1..]);
     let llama = post(&s, "/tokenize", &json!({"content": "Hello world"})).unwrap();
     assert_eq!(tokens(&llama), ids[1..], "llama.cpp adds none unless add_special");
@@ -203,7 +219,8 @@ fn tokenize_answers_llama_cpp_and_vllm_shapes() {
     let pieces = pieces["tokens"].as_array().unwrap();
     assert_eq!(pieces.iter().map(|p| p["id"].as_u64().unwrap()).collect::<Vec<_>>(), ids[1..]);
     let detok = post(&s, "/detokenize", &json!({"tokens": ids[1..]})).unwrap();
-    let spelled: String = pieces.iter().map(|p| p["piece"].as_str().unwrap().replace('\u{2581}', " ")).collect();
+    let spelled: String =
+        pieces.iter().map(|p| p["piece"].as_str().unwrap().replace('\u{2581}', " ")).collect();
     assert_eq!(detok["content"], detok["prompt"]);
     assert_eq!(detok["content"].as_str().unwrap().trim(), spelled.trim());
     assert_eq!(post(&s, "/v1/detokenize", &json!({"tokens": ids[1..]})).unwrap()["prompt"], detok["prompt"]);
@@ -237,5 +254,8 @@ fn tokenize_a_chat_renders_it_as_chat_completions_would() {
     let want: Vec<u32> = tok.encode(prompt.as_str().unwrap());
     assert_eq!(t["tokens"], json!(want));
     let info: Value = ureq::get(&format!("{}/tokenizer_info", s.base)).call().unwrap().into_json().unwrap();
-    assert_eq!((info["eos_token"].as_str(), info["bos_token"].as_str()), (Some("<|endoftext|>"), Some("<|endoftext|>")));
+    assert_eq!(
+        (info["eos_token"].as_str(), info["bos_token"].as_str()),
+        (Some("<|endoftext|>"), Some("<|endoftext|>"))
+    );
 }

@@ -121,7 +121,9 @@ impl Chunks {
         let start = choice.sent_chars;
         choice.sent_chars += text.chars().count();
         let logprobs = match scores {
-            Some(s) => completion_logprobs(&self.state, &self.p, &self.p.prompts[index].0, Some(s), &[], start),
+            Some(s) => {
+                completion_logprobs(&self.state, &self.p, &self.p.prompts[index].0, Some(s), &[], start)
+            }
             None => Value::Null,
         };
         self.chunk(json!([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]))

@@ -337,7 +337,8 @@ impl<'m> Engine<'m> {
                             continue;
                         }
                         Waiting::New(job) => {
-                            let Job { prompt, config, constraint, budget, seed, events, submitted, .. } = *job;
+                            let Job { prompt, config, constraint, budget, seed, events, submitted, .. } =
+                                *job;
                             let seq = Sequence::new(self.tokenizer, prompt.clone(), config, budget);
                             Active {
                                 seq: match constraint {
