@@ -114,7 +114,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             ids.len()
         )));
     }
-    let window = window(config.max_position_embeddings, args.window, args.stride)?;
+    let window = crate::perplexity::window(config.max_position_embeddings, args.window, args.stride)?;
     let gguf = matches!(source, Source::Gguf(_));
     let candidates = match (args.dtype.is_empty(), gguf) {
         (false, _) => args.dtype.clone(),
@@ -163,19 +163,6 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
 
 fn default_dtypes() -> impl Iterator<Item = Candidate> {
     [Dtype::Bf16, Dtype::Q8_0, Dtype::Q4K, Dtype::Q4_0].into_iter().map(Candidate::Dtype)
-}
-
-/// `--window` and `--stride`, checked against the model's context.
-fn window(context: usize, size: Option<usize>, stride: Option<usize>) -> anyhow::Result<Window> {
-    let size = size.unwrap_or(context);
-    if size < 2 || size > context {
-        return Err(bad_input(format!("--window {size} must be in 2..={context} (the model's context)")));
-    }
-    let stride = stride.unwrap_or(size / 2);
-    if stride == 0 || stride >= size {
-        return Err(bad_input(format!("--stride {stride} must be in 1..{size} (below the window)")));
-    }
-    Ok(Window { size, stride })
 }
 
 /// The model in `candidate`'s format, with a tensor progress bar on a terminal.

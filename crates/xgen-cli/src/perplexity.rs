@@ -57,15 +57,7 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
             model.config().vocab_size
         )));
     }
-    let context = model.config().max_position_embeddings;
-    let size = args.window.unwrap_or(context);
-    if size < 2 || size > context {
-        return Err(bad_input(format!("--window {size} must be in 2..={context} (the model's context)")));
-    }
-    let stride = args.stride.unwrap_or(size / 2);
-    if stride == 0 || stride >= size {
-        return Err(bad_input(format!("--stride {stride} must be in 1..{size} (below the window)")));
-    }
+    let Window { size, stride } = window(model.config().max_position_embeddings, args.window, args.stride)?;
     let scored = perplexity::score(&model, &ids, Window { size, stride })?;
     let sliding = ids.len() > size;
     let agreement = match args.kl_reference {
@@ -105,6 +97,20 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--window` (default and maximum: the model's `context`) and `--stride` (default: half the
+/// window), checked.
+pub fn window(context: usize, size: Option<usize>, stride: Option<usize>) -> anyhow::Result<Window> {
+    let size = size.unwrap_or(context);
+    if size < 2 || size > context {
+        return Err(bad_input(format!("--window {size} must be in 2..={context} (the model's context)")));
+    }
+    let stride = stride.unwrap_or(size / 2);
+    if stride == 0 || stride >= size {
+        return Err(bad_input(format!("--stride {stride} must be in 1..{size} (below the window)")));
+    }
+    Ok(Window { size, stride })
 }
 
 /// `[1, 2, 3]` or `{"ids": [1, 2, 3]}`.

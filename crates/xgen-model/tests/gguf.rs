@@ -16,14 +16,20 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/tiny-xgen-8k-bin")
 }
 
-/// The model the GGUF should hold: matrices in `quant` (f16 when they do not fit; the embedding
-/// quantized then dequantized), norms f32.
-fn expected_model(quant: Quant, ggml: GgmlDType) -> Model {
+/// The fixture's configuration and f32 tensors.
+fn fixture_tensors() -> (Config, weights::TensorMap) {
     let dir = fixture();
     let config = Config::load(&dir.join("config.json")).unwrap();
     let tensors =
         weights::load(&Checkpoint::find(&dir).unwrap(), &config, DType::F32, &Device::Cpu, &mut |_| {})
             .unwrap();
+    (config, tensors)
+}
+
+/// The model the GGUF should hold: matrices in `quant` (f16 when they do not fit; the embedding
+/// quantized then dequantized), norms f32.
+fn expected_model(quant: Quant, ggml: GgmlDType) -> Model {
+    let (config, tensors) = fixture_tensors();
     let mut out: HashMap<String, Weight> = HashMap::new();
     for (name, t) in tensors {
         let matrix = t.rank() == 2;
@@ -71,11 +77,7 @@ fn quantized_gguf_reloads_to_the_same_logits() {
 
 /// The fixture's tensors as a `ggml` file holds them, dequantized to f32.
 fn dequantized_model(quant: Quant, ggml: GgmlDType) -> Model {
-    let dir = fixture();
-    let config = Config::load(&dir.join("config.json")).unwrap();
-    let tensors =
-        weights::load(&Checkpoint::find(&dir).unwrap(), &config, DType::F32, &Device::Cpu, &mut |_| {})
-            .unwrap();
+    let (config, tensors) = fixture_tensors();
     let mut out: HashMap<String, Weight> = HashMap::new();
     for (name, t) in tensors {
         let matrix = t.rank() == 2;

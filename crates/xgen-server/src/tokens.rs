@@ -43,7 +43,22 @@ fn tokenize_body(state: &SharedState, fields: &Fields) -> Result<Value, ApiError
         ApiError::invalid("prompt", "`prompt` or `content` (a string) or `messages` (a chat) is required")
     })?;
     let text = match shape {
-        "messages" => completions::chat_prompt(state, fields)?,
+        "messages" => {
+            // The prompt a chat request runs: the assistant's turn opened, never continued.
+            if fields.get("add_generation_prompt").is_some() && !fields.boolean("add_generation_prompt")? {
+                return Err(ApiError::invalid(
+                    "add_generation_prompt",
+                    "only `add_generation_prompt: true` is supported (the prompt /v1/chat/completions runs)",
+                ));
+            }
+            if fields.boolean("continue_final_message")? {
+                return Err(ApiError::invalid(
+                    "continue_final_message",
+                    "`continue_final_message` is not supported",
+                ));
+            }
+            completions::chat_prompt(state, fields)?
+        }
         field => fields.string(field)?.unwrap_or_default().to_string(),
     };
     // llama.cpp adds no BOS unless asked; vLLM adds it for text and not for a chat (whose

@@ -236,6 +236,14 @@ fn tokenize_answers_llama_cpp_and_vllm_shapes() {
         (json!({"prompt": "a", "add_special_tokens": "no"}), "add_special_tokens"),
         (json!({"content": "a", "with_pieces": 1}), "with_pieces"),
         (json!({"messages": [{"role": "user"}]}), "messages"),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": false}),
+            "add_generation_prompt",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "continue_final_message": true}),
+            "continue_final_message",
+        ),
     ] {
         let (code, err, _) = post(&s, "/tokenize", &body).unwrap_err();
         assert_eq!((code, err["error"]["param"].as_str()), (400, Some(param)), "{body}: {err}");

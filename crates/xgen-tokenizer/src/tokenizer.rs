@@ -30,6 +30,13 @@ pub enum Specials {
     AsText,
 }
 
+/// Whether an encoding gets the BOS/EOS the model's tokenizer adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ends {
+    Model,
+    None,
+}
+
 /// Which tokenizer runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenizerKind {
@@ -202,25 +209,16 @@ impl Tokenizer {
 
     /// Encodes `text` with the given treatment of special strings.
     pub fn encode_with(&self, text: &str, specials: Specials) -> Vec<TokenId> {
-        match &self.engine {
-            Engine::Xgen(x) => x.encode_with(text, specials),
-            Engine::Pipeline(p) => {
-                let t = match specials {
-                    Specials::Recognize => &p.recognizing,
-                    Specials::AsText => &p.as_text,
-                };
-                let mut ids = p.run(t, text, p.adds == Adds::PostProcessor);
-                if p.adds == Adds::FromIds {
-                    self.add_ends(&mut ids);
-                }
-                ids
-            }
-        }
+        self.encode_ends(text, specials, Ends::Model)
     }
 
     /// Encodes `text` without the BOS/EOS the model's tokenizer adds (vLLM's
     /// `add_special_tokens: false`); special strings as `specials` says.
     pub fn encode_bare(&self, text: &str, specials: Specials) -> Vec<TokenId> {
+        self.encode_ends(text, specials, Ends::None)
+    }
+
+    fn encode_ends(&self, text: &str, specials: Specials, ends: Ends) -> Vec<TokenId> {
         match &self.engine {
             Engine::Xgen(x) => x.encode_with(text, specials),
             Engine::Pipeline(p) => {
@@ -228,7 +226,12 @@ impl Tokenizer {
                     Specials::Recognize => &p.recognizing,
                     Specials::AsText => &p.as_text,
                 };
-                p.run(t, text, false)
+                let ends = ends == Ends::Model;
+                let mut ids = p.run(t, text, ends && p.adds == Adds::PostProcessor);
+                if ends && p.adds == Adds::FromIds {
+                    self.add_ends(&mut ids);
+                }
+                ids
             }
         }
     }
