@@ -2,14 +2,16 @@
 `/v1/completions` (echo + logprobs, OpenAI's legacy semantics) with its remote tokenizer
 (`/tokenizer_info`, `/tokenize`), offline, on tasks this test writes: a multiple-choice task
 (batched prompts, 4 per request) and a loglikelihood_rolling (perplexity) task over several
-windows. The loglikelihoods it records must equal `xgen.Model.nll` sums (the multiple choice) and
-`xgen perplexity` (the rolling windows) within 1e-4."""
+windows. The loglikelihoods it records must equal the model's own (`Model.logits` normalised here,
+tied to `Model.nll`) for the multiple choice, and `xgen perplexity` / `Model.nll` for the rolling
+windows, within 1e-4."""
 import glob
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import xgen
 
@@ -77,15 +79,19 @@ def run_lm_eval(base, tmp, tasks, max_length, batch_size):
 
 
 def loglikelihood(model, tok, context, continuation):
-    """log p(continuation | context) as lm_eval asks it (its `_encode_pair`), from Model.nll."""
+    """log p(continuation | context) as lm_eval asks it (its `_encode_pair`): the continuation's
+    next-token log-probabilities from `Model.logits` of the whole sequence, normalised here in
+    f64, checked against `Model.nll` of the same sequence. (Subtracting `nll(context)` instead
+    would mix two runs whose rows round differently: ~1e-5 noise on this model's 50-nat tokens.)"""
     whole = tok.encode(context + continuation)
     ctx = tok.encode(context)
     ids = ctx + whole[len(ctx):]
-
-    def total(seq):
-        return 0.0 if len(seq) < 2 else -model.nll(seq) * (len(seq) - 1)
-
-    return total(ids) - total(ctx)
+    logits = model.logits(ids).astype(np.float64)  # [n, vocab]
+    top = logits.max(axis=1, keepdims=True)
+    logprobs = logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))
+    per_token = logprobs[np.arange(len(ids) - 1), ids[1:]]  # log p(ids[i + 1] | ids[:i + 1])
+    assert abs(-per_token.mean() / model.nll(ids) - 1) < 1e-6  # f32 rounding: nll runs n - 1 rows
+    return per_token[len(ctx) - 1:].sum()
 
 
 def test_multiple_choice_loglikelihoods_equal_model_nll(server, model, tmp_path):
