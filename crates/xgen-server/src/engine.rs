@@ -7,7 +7,9 @@
 //! prompts (oldest first; several may share a step) and advances every running sequence by one
 //! token, or verifies its prompt-lookup draft, in one pass ([`Model::forward_segments`]: each
 //! weight read once), so running streams keep flowing while a long prompt is read. A client that goes away is noticed at the next token it would receive,
-//! and its slot and KV cache are freed at once.
+//! and its slot and KV cache are freed at once. A job may ask for its prompt's scores (every
+//! prompt token's log-probability; such a prompt is read whole, reusing no cache) and for progress
+//! reports while its prompt is read.
 
 use std::{
     sync::{

@@ -8,7 +8,8 @@
 //! stopped. A sequence alone always fits (requests larger than the pool are refused), so the
 //! oldest always makes progress. A sequence is admitted only while the running ones keep
 //! [`KV_STEP`] positions each of room to grow beside it: admitting whatever fits the prompt
-//! alone leads to preemptions that recompute long prompts.
+//! alone leads to preemptions that recompute long prompts. Reading prompts (admission's
+//! reservation, the prefill chunk, scores and progress) is in [`prompt`].
 
 use std::{
     collections::VecDeque,
@@ -19,17 +20,21 @@ use std::{
     time::Instant,
 };
 
-use rand::{rngs::StdRng, SeedableRng};
+use rand::rngs::StdRng;
 use tokio::sync::mpsc::UnboundedSender;
 use xgen_generate::{forward_beside_masks, Sequence};
-use xgen_model::{kernels::EXACT_ROWS, kv_cache::blocks_for, KvCache, Model, KV_BLOCK};
+use xgen_model::{kernels::EXACT_ROWS, KvCache, Model, KV_BLOCK};
 use xgen_tokenizer::Tokenizer;
 
-use super::{scores::Scores, Event, Job, Progress, PromptProgress, Scoring};
+use super::{Event, Job};
 use crate::{
-    kv_pool::{KvPool, Refused, Reserved, Reuse},
+    kv_pool::{KvPool, Refused},
     metrics::Metrics,
 };
+
+mod prompt;
+
+use prompt::Prefilling;
 
 /// Positions of growth every running sequence keeps room for when another is admitted.
 const KV_STEP: usize = 256;
@@ -90,35 +95,6 @@ impl Waiting<'_> {
         match self {
             Self::New(job) => &job.events,
             Self::Resumed(a) => &a.events,
-        }
-    }
-}
-
-/// A sequence whose tokens are being read, a chunk per engine step.
-struct Prefilling<'t> {
-    what: Waiting<'t>,
-    tokens: Vec<u32>,
-    cache: KvCache,
-    /// Tokens already in `cache` (from the prefix cache or earlier chunks).
-    done: usize,
-    admitted: u64,
-    /// The prompt's scores so far, when its request asked for them.
-    scores: Option<Scores>,
-    /// When reading began and the positions the prefix cache gave, when its request asked for
-    /// progress.
-    progress: Option<(Instant, usize)>,
-}
-
-impl Prefilling<'_> {
-    /// Reports how far the prompt has been read, when asked to.
-    fn report_progress(&self) {
-        if let Some((started, cache)) = self.progress {
-            let _ = self.what.events().send(Event::Progress(PromptProgress {
-                total: self.tokens.len(),
-                cache,
-                processed: self.done,
-                time_ms: started.elapsed().as_millis() as u64,
-            }));
         }
     }
 }
@@ -232,139 +208,6 @@ impl<'m> Engine<'m> {
                     return;
                 }
                 Err(Waiting::Resumed(_)) => unreachable!("a new request stays one"),
-            }
-        }
-    }
-
-    /// The blocks of `what`'s prompt and its place among the prompts being read; gives `what`
-    /// back when there is no room now (and something else runs that will make room).
-    fn reserve(&mut self, what: Waiting<'m>, order: u64, batch: &mut Batch<'m>) -> Result<(), Waiting<'m>> {
-        let tokens = what.tokens();
-        // Headroom: every running sequence (and this one) must keep room to grow a step, or
-        // admitting this one would only lead to preemptions.
-        let running = batch.caches.iter().chain(batch.prefilling.iter().map(|p| &p.cache));
-        let (sequences, held) = running.fold((0, 0), |(n, b), c| (n + 1, b + c.held_blocks()));
-        if sequences > 0
-            && !self.pool.has_room(held + blocks_for(tokens.len()) + (sequences + 1) * blocks_for(KV_STEP))
-        {
-            return Err(what);
-        }
-        let (scoring, progress) = match &what {
-            Waiting::New(job) => (job.score, job.progress),
-            Waiting::Resumed(_) => (Scoring::Off, Progress::Silent),
-        };
-        let reuse = match scoring {
-            Scoring::Off => Reuse::LongestPrefix,
-            Scoring::Prompt { .. } => Reuse::Nothing,
-        };
-        match self.pool.reserve(&tokens, what.limit(), reuse) {
-            Ok(Reserved { cache, reused, restored }) => {
-                self.metrics.prefix_cache_hit_tokens.fetch_add((reused - restored) as u64, Relaxed);
-                batch.prefilling.push_back(Prefilling {
-                    what,
-                    tokens,
-                    cache,
-                    done: reused,
-                    admitted: order,
-                    scores: match scoring {
-                        Scoring::Off => None,
-                        Scoring::Prompt { top } => Some(Scores::new(top)),
-                    },
-                    progress: (progress == Progress::Report).then(|| (Instant::now(), reused)),
-                });
-                Ok(())
-            }
-            Err(Refused::Busy) if !(batch.active.is_empty() && batch.prefilling.is_empty()) => Err(what),
-            Err(why) => {
-                let _ = what.events().send(Event::Error(refusal(why)));
-                Ok(())
-            }
-        }
-    }
-
-    /// Reads up to one prefill chunk of tokens, oldest admitted first; a sequence read to its end
-    /// runs (again) with its last position's logits.
-    fn prefill_step(&mut self, batch: &mut Batch<'m>) {
-        let mut budget = self.model.prefill_chunk();
-        while budget > 0 {
-            let Some(p) = batch.prefilling.front_mut() else { return };
-            if p.what.events().is_closed() {
-                // The client left while its prompt was read: what was read stays as an entry.
-                let p = batch.prefilling.pop_front().expect("the front sequence");
-                self.pool.release(p.admitted, p.cache, &p.tokens[..p.done]);
-                continue;
-            }
-            if p.scores.is_none() {
-                let gained = self.pool.catch_up(&mut p.cache, &p.tokens, p.what.limit());
-                p.done += gained;
-                self.metrics.prefix_cache_hit_tokens.fetch_add(gained as u64, Relaxed);
-            }
-            let n = budget.min(p.tokens.len() - p.done);
-            let last = p.done + n == p.tokens.len();
-            let mut step = || -> xgen_model::Result<Option<Vec<f32>>> {
-                if let Some(scores) = p.scores.as_mut() {
-                    let row = scores.read(self.model, &mut p.cache, &p.tokens, p.done, n)?;
-                    return Ok(last.then_some(row));
-                }
-                let ids = self.model.ids_tensor(&p.tokens[p.done..p.done + n])?;
-                if last {
-                    Ok(Some(self.model.forward_last(&ids, &mut p.cache)?.squeeze(0)?.to_vec1()?))
-                } else {
-                    self.model.forward_hidden(&ids, &mut p.cache)?;
-                    Ok(None)
-                }
-            };
-            let result = step();
-            budget -= n;
-            if result.is_ok() {
-                p.done += n;
-                self.pool.publish(p.admitted, &p.cache, &p.tokens[..p.done]);
-                p.report_progress();
-            }
-            self.metrics.prompt_tokens.fetch_add(n as u64, Relaxed);
-            match result {
-                Ok(None) => {}
-                Ok(Some(logits)) => {
-                    let p = batch.prefilling.pop_front().expect("the front sequence");
-                    if let Some(scores) = p.scores {
-                        let _ = p.what.events().send(Event::Prompt(scores.into_logprobs()));
-                    }
-                    let active = match p.what {
-                        Waiting::Resumed(a) => Active { rows: vec![logits], draft: Vec::new(), ..*a },
-                        Waiting::New(job) if job.budget == 0 => {
-                            // Scored only: its cache is kept as a prefix entry, like any ending.
-                            self.pool.release(p.admitted, p.cache, &p.tokens);
-                            continue;
-                        }
-                        Waiting::New(job) => {
-                            let Job { prompt, config, constraint, budget, seed, events, submitted, .. } =
-                                *job;
-                            let seq = Sequence::new(self.tokenizer, prompt.clone(), config, budget);
-                            Active {
-                                seq: match constraint {
-                                    Some(c) => seq.constrained(c),
-                                    None => seq,
-                                },
-                                limit: prompt.len() + budget,
-                                prompt,
-                                admitted: p.admitted,
-                                rng: StdRng::seed_from_u64(seed),
-                                events,
-                                rows: vec![logits],
-                                draft: Vec::new(),
-                                submitted,
-                                last_token: None,
-                            }
-                        }
-                    };
-                    batch.active.push(active);
-                    batch.caches.push(p.cache);
-                }
-                Err(e) => {
-                    let p = batch.prefilling.pop_front().expect("the front sequence");
-                    let _ = p.what.events().send(Event::Error(e.to_string()));
-                    self.pool.release(p.admitted, p.cache, &p.tokens[..p.done]);
-                }
             }
         }
     }
