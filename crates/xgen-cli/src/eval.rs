@@ -18,6 +18,7 @@ use xgen_model::{
 use crate::{
     exit::bad_input,
     model_args::{dtype_parser, kv_type_name, show_progress, tensor_progress_bar, Dtype, KvTypeArg, Source},
+    perplexity::WindowArgs,
     text_input::read_text,
 };
 
@@ -49,13 +50,8 @@ pub struct EvalArgs {
     /// KV cache types to compare with each format, comma-separated.
     #[arg(long, value_delimiter = ',', value_enum, default_value = "auto")]
     pub kv_type: Vec<KvTypeArg>,
-    /// Tokens of context per window (default and maximum: the model's context).
-    #[arg(long)]
-    pub window: Option<usize>,
-    /// Windows start every STRIDE tokens (default: half the window); each scores only tokens no
-    /// earlier window scored.
-    #[arg(long)]
-    pub stride: Option<usize>,
+    #[command(flatten)]
+    pub window: WindowArgs,
     /// Print one JSON object per row instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -114,7 +110,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             ids.len()
         )));
     }
-    let window = crate::perplexity::window(config.max_position_embeddings, args.window, args.stride)?;
+    let window = args.window.resolve(config.max_position_embeddings)?;
     let gguf = matches!(source, Source::Gguf(_));
     let candidates = match (args.dtype.is_empty(), gguf) {
         (false, _) => args.dtype.clone(),

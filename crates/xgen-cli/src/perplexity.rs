@@ -22,13 +22,8 @@ pub struct PerplexityArgs {
     /// A JSON file holding an array of token ids (or an object with an `ids` array).
     #[arg(long)]
     pub ids_file: Option<PathBuf>,
-    /// Tokens of context per window (default and maximum: the model's context).
-    #[arg(long)]
-    pub window: Option<usize>,
-    /// Sequences longer than the window are scored in windows starting every STRIDE tokens
-    /// (default: half the window), each scoring only tokens no earlier window scored.
-    #[arg(long)]
-    pub stride: Option<usize>,
+    #[command(flatten)]
+    pub window: WindowArgs,
     /// Also compare with the same model loaded in this dtype (e.g. f32 or bf16 for a quantized
     /// model): mean KL divergence and top-1 agreement of the next-token distributions.
     #[arg(long, value_parser = dtype_parser(), value_name = "DTYPE")]
@@ -57,7 +52,7 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
             model.config().vocab_size
         )));
     }
-    let Window { size, stride } = window(model.config().max_position_embeddings, args.window, args.stride)?;
+    let Window { size, stride } = args.window.resolve(model.config().max_position_embeddings)?;
     let scored = perplexity::score(&model, &ids, Window { size, stride })?;
     let sliding = ids.len() > size;
     let agreement = match args.kl_reference {
@@ -99,9 +94,28 @@ pub fn run(args: &PerplexityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How a text longer than the window is scored (`xgen perplexity`, `xgen eval`).
+#[derive(Args, Debug)]
+pub struct WindowArgs {
+    /// Tokens of context per window (default and maximum: the model's context).
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// Sequences longer than the window are scored in windows starting every STRIDE tokens
+    /// (default: half the window), each scoring only tokens no earlier window scored.
+    #[arg(long)]
+    pub stride: Option<usize>,
+}
+
+impl WindowArgs {
+    /// The window for a model of `context` tokens, checked.
+    pub fn resolve(&self, context: usize) -> anyhow::Result<Window> {
+        window(context, self.window, self.stride)
+    }
+}
+
 /// `--window` (default and maximum: the model's `context`) and `--stride` (default: half the
 /// window), checked.
-pub fn window(context: usize, size: Option<usize>, stride: Option<usize>) -> anyhow::Result<Window> {
+fn window(context: usize, size: Option<usize>, stride: Option<usize>) -> anyhow::Result<Window> {
     let size = size.unwrap_or(context);
     if size < 2 || size > context {
         return Err(bad_input(format!("--window {size} must be in 2..={context} (the model's context)")));
