@@ -134,3 +134,48 @@ fn server_renders_the_template_and_chats_in_english() {
     let (status, err) = post(&s, "/v1/completions", json!({"prompt": [49152], "max_tokens": 1}));
     assert_eq!((status, err["error"]["param"].as_str()), (400, Some("prompt")), "{err}");
 }
+
+#[test]
+fn server_scores_prompts_as_xgen_perplexity_and_tokenizes_in_both_shapes_as_llama_cpp() {
+    let Some(m) = smollm2() else { return };
+    let s = serve(&m, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    for case in reference("tokenize.jsonl").iter().take(6) {
+        let ids = case["ids"].clone();
+        // vLLM's shape (BOS only when asked; this model adds none) and llama.cpp's: llama.cpp's ids.
+        let (_, vllm) =
+            post(&s, "/v1/tokenize", json!({"prompt": case["text"], "add_special_tokens": false}));
+        let (_, llama) = post(&s, "/tokenize", json!({"content": case["text"]}));
+        assert_eq!((&vllm["tokens"], &llama["tokens"]), (&ids, &ids), "{}", case["text"]);
+        if ids.as_array().unwrap().len() < 2 {
+            continue;
+        }
+        // The echoed prompt's scores sum to what `xgen perplexity` gives for the same ids.
+        let (status, r) =
+            post(&s, "/v1/completions", json!({"prompt": ids, "echo": true, "max_tokens": 0, "logprobs": 1}));
+        assert_eq!(status, 200, "{r}");
+        let lps = r["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+        assert_eq!(lps[0], Value::Null);
+        let sum: f64 = lps[1..].iter().map(|v| v.as_f64().unwrap()).sum();
+        let file = tmp.path().join("ids.json");
+        std::fs::write(&file, ids.to_string()).unwrap();
+        let out =
+            xgen_with(&["perplexity", "--model", &m, "--ids-file", file.to_str().unwrap(), "--json"], b"");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let ppl: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let want = -ppl["mean_nll"].as_f64().unwrap() * ppl["scored_tokens"].as_f64().unwrap();
+        assert!((sum - want).abs() <= 1e-4 * want.abs().max(1.0), "{}: {sum} vs {want}", case["text"]);
+    }
+    // A real model reads English: "jumps" is all but certainly followed by " over".
+    let (_, r) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": "The quick brown fox jumps over the lazy dog.", "echo": true, "max_tokens": 0, "logprobs": 1}),
+    );
+    let lp = &r["choices"][0]["logprobs"];
+    let at = lp["tokens"].as_array().unwrap().iter().position(|t| t == " over").unwrap();
+    assert!(
+        lp["top_logprobs"][at].get(" over").is_some() && lp["token_logprobs"][at].as_f64().unwrap() > -0.1,
+        "{lp}"
+    );
+}
