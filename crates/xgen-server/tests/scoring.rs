@@ -133,6 +133,20 @@ fn echo_with_generation_scores_the_prompt_then_the_greedy_tokens() {
     // text_offset runs on over the generated text.
     let offsets = lp["text_offset"].as_array().unwrap();
     assert_eq!(offsets[prompt.len()], echoed.chars().count());
+    // Streamed: the same text, tokens and offsets, chunk by chunk.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let chunks = stream(&s, "/v1/completions", &streamed);
+    let (mut text, mut tokens, mut offsets_seen) = (String::new(), Vec::new(), Vec::new());
+    for c in &chunks[..chunks.len() - 1] {
+        let c: Value = serde_json::from_str(c).unwrap();
+        let choice = &c["choices"][0];
+        text += choice["text"].as_str().unwrap();
+        tokens.extend(choice["logprobs"]["tokens"].as_array().unwrap().clone());
+        offsets_seen.extend(choice["logprobs"]["text_offset"].as_array().unwrap().clone());
+    }
+    assert_eq!(text, choice["text"].as_str().unwrap());
+    assert_eq!((&tokens, &offsets_seen), (lp["tokens"].as_array().unwrap(), offsets));
 }
 
 #[test]
