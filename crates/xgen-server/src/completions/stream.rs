@@ -110,16 +110,24 @@ impl Chunks {
         c
     }
 
-    /// The echoed prompt text (once; empty after) with its `scores`, when asked for.
-    fn echo(&mut self, index: usize, scores: Option<&[Option<TokenLogprob>]>, finish: Value) -> Value {
+    /// Choice `index`'s text for its next chunk: the prompt first while it is still to be echoed
+    /// (with `echo`), then `tail`; and where the chunk's text starts in the choice's whole text.
+    fn text(&mut self, index: usize, tail: &str) -> (String, usize) {
         let choice = &mut self.choices[index];
-        let text = match (self.p.common.echo, choice.echoed) {
+        let echo = match (self.p.common.echo, choice.echoed) {
             (true, false) => self.p.prompts[index].1.as_str(),
             _ => "",
         };
         choice.echoed |= self.p.common.echo;
+        let text = format!("{echo}{tail}");
         let start = choice.sent_chars;
         choice.sent_chars += text.chars().count();
+        (text, start)
+    }
+
+    /// The echoed prompt text (once; empty after) with its `scores`, when asked for.
+    fn echo(&mut self, index: usize, scores: Option<&[Option<TokenLogprob>]>, finish: Value) -> Value {
+        let (text, start) = self.text(index, "");
         let logprobs = match scores {
             Some(s) => {
                 completion_logprobs(&self.state, &self.p, &self.p.prompts[index].0, Some(s), &[], start)
@@ -135,15 +143,9 @@ impl Chunks {
         let steps = std::slice::from_ref(&step);
         let choice_json = match self.p.kind {
             Kind::Completion => {
-                let choice = &mut self.choices[index];
-                let echo = match (self.p.common.echo, choice.echoed) {
-                    (true, false) => self.p.prompts[index].1.as_str(),
-                    _ => "",
-                };
-                choice.echoed |= self.p.common.echo;
-                let text = format!("{echo}{}", step.text);
-                let start = choice.sent_chars + echo.chars().count();
-                choice.sent_chars += text.chars().count();
+                let (text, start) = self.text(index, &step.text);
+                // The token's text is the end of the chunk's.
+                let start = start + text.chars().count() - step.text.chars().count();
                 let logprobs = completion_logprobs(&self.state, &self.p, &[], None, steps, start);
                 json!([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}])
             }
