@@ -70,9 +70,12 @@ impl Activations {
 /// One row `x` of `k` values -> its quants in run order `g`, block scales `d` and block sums.
 fn quantize_row(x: &[f32], g: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::has_fast_kernels() {
-        // SAFETY: the CPU has the SIMD kernels' features (checked just above).
+    if super::x86::available() {
+        // SAFETY: the CPU has the AVX-512 kernels' features (checked just above).
         return unsafe { super::x86::quantize_row(x, g, d, sums) };
+    } else if super::x86_avx2::available() {
+        // SAFETY: the CPU has the AVX2 kernel's features (checked just above).
+        return unsafe { super::x86_avx2::quantize_row(x, g, d, sums) };
     }
     quantize_row_any(x, g, d, sums)
 }

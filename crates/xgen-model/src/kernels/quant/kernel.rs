@@ -2,7 +2,7 @@
 //! ([`work_split`]), activation rows taken in groups of [`GROUP`] per pass over a weight row (the
 //! row stays in L1 for the next group), long prompts in tiles of [`TILE`] rows so a tile's
 //! activations stay in L2. Each (weight row, row group) goes to the SIMD kernel when the CPU has
-//! one, else to [`dot_scalar`]. Prompts of 16 rows or more go to AMX tiles instead where the CPU
+//! one (AVX-512 VNNI, else AVX2), else to [`dot_scalar`]. Prompts of 16 rows or more go to AMX tiles instead where the CPU
 //! has them ([`super::amx`]).
 
 use super::{
@@ -170,12 +170,17 @@ pub(super) struct Kernels {
 impl Kernels {
     /// The portable definition for both.
     pub(super) const PORTABLE: Self = Self { tile: tile_scalar, few: tile_scalar };
+    /// One AVX2 kernel for every row count.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) const AVX2: Self = Self { tile: super::x86_avx2::tile, few: super::x86_avx2::tile };
 }
 
 fn pick() -> Kernels {
     #[cfg(target_arch = "x86_64")]
     if super::x86::available() {
         return Kernels { tile: super::x86::tile, few: super::x86_few::tile };
+    } else if super::x86_avx2::available() {
+        return Kernels::AVX2;
     }
     Kernels::PORTABLE
 }

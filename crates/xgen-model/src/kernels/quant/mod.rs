@@ -29,6 +29,8 @@ pub mod repack;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
+mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
 mod x86_few;
 
 use candle_core::{quantized::GgmlDType, DType, Tensor};
@@ -41,27 +43,28 @@ use crate::error::{ModelError, Result};
 /// Values per block.
 pub const BLOCK: usize = 32;
 
-/// Whether this CPU runs the SIMD kernels (AVX-512 with VNNI). Elsewhere the portable kernel is
-/// correct but slow, and the model uses candle's quantized kernels (AVX2/NEON) instead.
+/// Whether this CPU runs SIMD kernels of this module (AVX-512 with VNNI, or AVX2 with FMA and
+/// F16C). Elsewhere the portable kernel is correct but slow, and the model uses candle's quantized
+/// kernels (NEON) instead.
 pub fn has_fast_kernels() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return x86::available();
+    return x86::available() || x86_avx2::available();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
 /// The kernel that multiplies prompts (16 rows or more, features in strips of 16) by packed
-/// weights here: `amx-int8`, `avx512-vnni` or `portable`.
+/// weights here: `amx-int8`, `avx512-vnni`, `avx2` or `portable`.
 pub fn prompt_kernel() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     if amx::available() {
         return "amx-int8";
+    } else if x86::available() {
+        return "avx512-vnni";
+    } else if x86_avx2::available() {
+        return "avx2";
     }
-    if has_fast_kernels() {
-        "avx512-vnni"
-    } else {
-        "portable"
-    }
+    "portable"
 }
 
 /// The block formats with kernels here.

@@ -147,6 +147,10 @@ fn every_tile_path_equals_the_portable_definition() {
     if super::x86::available() {
         paths.push(("avx512-vnni", kernel::Kernels { tile: super::x86::tile, few: super::x86_few::tile }));
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::x86_avx2::available() {
+        paths.push(("avx2", kernel::Kernels::AVX2));
+    }
     for format in FORMATS {
         let few = [(2, 512, 37), (3, 768, 10), (5, 4608, 9), (8, 512, 21), (11, 768, 7), (15, 512, 6)];
         for (rows, k, n) in [(16, 512, 32), (37, 768, 48), (70, 4096, 16)].into_iter().chain(few) {
@@ -241,11 +245,7 @@ fn matrices_multiplied_together_equal_each_alone() {
 }
 
 #[test]
-fn simd_quantizer_equals_portable_one() {
-    if !super::has_fast_kernels() {
-        eprintln!("no AVX-512 VNNI here: the portable quantizer is the one in use");
-        return;
-    }
+fn simd_quantizers_equal_the_portable_one() {
     // A row of 21 blocks (a group of 16 and a short one): random values, a block of zeros, and
     // blocks whose scale is exactly 1 so that x / d lands on halves (ties round away from zero).
     let k = 21 * 32;
@@ -258,12 +258,73 @@ fn simd_quantizer_equals_portable_one() {
     x[161] = -2.5;
     let nb = k / 32;
     let (mut g1, mut d1, mut s1) = (vec![0i8; k], vec![0f32; nb], vec![0i32; nb]);
-    let (mut g2, mut d2, mut s2) = (vec![0i8; k], vec![0f32; nb], vec![0i32; nb]);
     super::activations::quantize_row_any(&x, &mut g1, &mut d1, &mut s1);
-    // SAFETY: the CPU has the SIMD kernels' features (checked above).
-    unsafe { super::x86::quantize_row(&x, &mut g2, &mut d2, &mut s2) };
-    assert_eq!(d1, d2);
-    assert_eq!(s1, s2);
-    assert_eq!(g1, g2);
     assert!(g1.contains(&-3) && g1.contains(&-31), "ties present and rounded away from zero");
+    type Quantizer = unsafe fn(&[f32], &mut [i8], &mut [f32], &mut [i32]);
+    let mut simd: Vec<(&str, Quantizer)> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::available() {
+        simd.push(("avx512", super::x86::quantize_row));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::x86_avx2::available() {
+        simd.push(("avx2", super::x86_avx2::quantize_row));
+    }
+    if simd.is_empty() {
+        eprintln!("no SIMD quantizer here: the portable one is the one in use");
+    }
+    for (name, quantize) in simd {
+        let (mut g2, mut d2, mut s2) = (vec![0i8; k], vec![0f32; nb], vec![0i32; nb]);
+        // SAFETY: the CPU has the quantizer's features (checked above).
+        unsafe { quantize(&x, &mut g2, &mut d2, &mut s2) };
+        assert_eq!(d1, d2, "{name}");
+        assert_eq!(s1, s2, "{name}");
+        assert_eq!(g1, g2, "{name}");
+    }
+}
+
+/// The largest products the formats allow, where SIMD kernels sum in narrow integers (AVX2 adds a
+/// q4 block's nibble products in i16, q8_0's pairs as `|q| · ±x`): nibbles all 15 or all 0, q8_0
+/// quants of -128 (GGUF files may hold them) and 127, against activations of ±127.
+#[test]
+fn extreme_blocks_sum_exactly() {
+    let k = 512 + 96; // a full group of 16 blocks and a short one
+    let block = |format: BlockFormat, quants: u8| -> Vec<u8> {
+        let one = half::f16::from_f32(1.0).to_bits().to_le_bytes();
+        let mut b = one.to_vec();
+        if format == BlockFormat::Q4_1 {
+            b.extend(half::f16::from_f32(-3.0).to_bits().to_le_bytes());
+        }
+        b.resize(format.ggml_block_bytes(), quants);
+        b
+    };
+    let cases = [
+        (BlockFormat::Q4_0, [0xFF, 0x00]),
+        (BlockFormat::Q4_1, [0xFF, 0x00]),
+        (BlockFormat::Q8_0, [0x80, 0x7F]),
+    ];
+    for (format, quants) in cases {
+        let bytes: Vec<u8> = quants.iter().flat_map(|&q| block(format, q).repeat(k / 32)).collect();
+        let w = PackedMatrix::from_ggml(format, 2, k, &bytes).unwrap();
+        let xs: Vec<f32> = [1.0f32, -1.0, 0.5].iter().flat_map(|&v| vec![v; k]).collect();
+        let acts = Activations::quantize(&xs, 3, k);
+        let got = w.matmul(&acts);
+        let mut want = vec![0f32; 3 * 2];
+        for j in 0..2 {
+            for r in 0..3 {
+                kernel::dot_scalar(&w, j, &acts, r, 0..k / 32, &mut want[r * 2 + j..][..1]);
+            }
+        }
+        // Exact integer sums both ways; only the order of the f32 additions differs.
+        let err = max_rel(&want, &got);
+        assert!(err < 1e-6, "{format:?}: {got:?} against {want:?}");
+        // Weight row 0 times x = 1 (quants 127): k · w · 127 · d_x, w = 7 (q4_0), 15 - 3 (q4_1), -128.
+        let w0 = match format {
+            BlockFormat::Q4_0 => 7.0,
+            BlockFormat::Q4_1 => 12.0,
+            _ => -128.0,
+        };
+        let exact = k as f64 * w0 * 127.0 * acts.row_d(0)[0] as f64;
+        assert!(((got[0] as f64 - exact) / exact).abs() < 1e-6, "{format:?}: {} against {exact}", got[0]);
+    }
 }
