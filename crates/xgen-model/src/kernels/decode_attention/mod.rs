@@ -42,6 +42,47 @@ pub fn decode_attention(
     len: usize,
     padding: &[usize],
 ) -> Result<Option<Tensor>> {
+    decode_attention_on(Kernel::detect(), q, keys, values, paging, len, padding)
+}
+
+/// Which per-head kernel runs: a SIMD one where the CPU has it (and the shape suits it, see
+/// `x86::applies`), else the portable reference. Tests force each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Simd(x86::Simd),
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = x86::Simd::detect() {
+            return Self::Simd(simd);
+        }
+        Self::Portable
+    }
+
+    /// The SIMD kernel for head width `hd` over `paging`, if this one is SIMD and takes them.
+    #[cfg(target_arch = "x86_64")]
+    fn simd(self, hd: usize, paging: &Paging) -> Option<x86::Simd> {
+        match self {
+            Self::Simd(simd) if x86::applies(hd, paging) => Some(simd),
+            _ => None,
+        }
+    }
+}
+
+/// [`decode_attention`] on `kernel`.
+fn decode_attention_on(
+    kernel: Kernel,
+    q: &Tensor,
+    keys: &KvBuffer,
+    values: &KvBuffer,
+    paging: &Paging,
+    len: usize,
+    padding: &[usize],
+) -> Result<Option<Tensor>> {
     let (b, h, t, hd) = q.dims4()?;
     let first_len = len + 1 - t.min(len);
     if t == 0
@@ -57,9 +98,9 @@ pub fn decode_attention(
     let qs: Vec<f32> = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let shape = Shape { h, hd, len, t };
     let out = match (keys, values) {
-        (KvBuffer::Float(k), KvBuffer::Float(v)) => float_cache(&qs, k, v, paging, &shape, padding)?,
+        (KvBuffer::Float(k), KvBuffer::Float(v)) => float_cache(kernel, &qs, k, v, paging, &shape, padding)?,
         (KvBuffer::Q8_0 { q: kq, d: kd }, KvBuffer::Q8_0 { q: vq, d: vd }) => {
-            q8_cache(&qs, [kq, kd, vq, vd], paging, &shape, padding)?
+            q8_cache(kernel, &qs, [kq, kd, vq, vd], paging, &shape, padding)?
         }
         _ => None,
     };
@@ -69,6 +110,7 @@ pub fn decode_attention(
 /// A float cache (`[blocks, kv_h, block, hd]` each): the per-head SIMD kernel for 16-bit caches
 /// where the CPU has one, else [`run`].
 fn float_cache(
+    kernel: Kernel,
     qs: &[f32],
     keys: &Tensor,
     values: &Tensor,
@@ -99,33 +141,25 @@ fn float_cache(
     let copy = |s: &[f32], d: &mut [f32]| d.copy_from_slice(s);
     let f16s = |s: &[f16], d: &mut [f32]| s.convert_to_f32_slice(d);
     let bf16s = |s: &[bf16], d: &mut [f32]| s.convert_to_f32_slice(d);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = kernel.simd(hd, paging) {
+        match (kc, vc) {
+            (CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                let rows = (x86::HalfRows::<false>(bits(&k[ko..])), x86::HalfRows::<false>(bits(&v[vo..])));
+                x86::run(simd, qs, rows, paging, shape, padding, &mut out);
+                return Ok(Some(out));
+            }
+            (CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                let rows = (x86::HalfRows::<true>(bits(&k[ko..])), x86::HalfRows::<true>(bits(&v[vo..])));
+                x86::run(simd, qs, rows, paging, shape, padding, &mut out);
+                return Ok(Some(out));
+            }
+            _ => {}
+        }
+    }
     match (kc, vc) {
         (CpuStorage::F32(k), CpuStorage::F32(v)) => {
             run(qs, rows(&k[ko..], hd, copy), rows(&v[vo..], hd, copy), paging, shape, padding, &mut out)
-        }
-        #[cfg(target_arch = "x86_64")]
-        (CpuStorage::F16(k), CpuStorage::F16(v)) if x86::applies(hd, paging) => {
-            let (k, v) = (bits(&k[ko..]), bits(&v[vo..]));
-            x86::run(
-                qs,
-                (x86::HalfRows::<false>(k), x86::HalfRows::<false>(v)),
-                paging,
-                shape,
-                padding,
-                &mut out,
-            )
-        }
-        #[cfg(target_arch = "x86_64")]
-        (CpuStorage::BF16(k), CpuStorage::BF16(v)) if x86::applies(hd, paging) => {
-            let (k, v) = (bits(&k[ko..]), bits(&v[vo..]));
-            x86::run(
-                qs,
-                (x86::HalfRows::<true>(k), x86::HalfRows::<true>(v)),
-                paging,
-                shape,
-                padding,
-                &mut out,
-            )
         }
         (CpuStorage::F16(k), CpuStorage::F16(v)) => {
             run(qs, rows(&k[ko..], hd, f16s), rows(&v[vo..], hd, f16s), paging, shape, padding, &mut out)
@@ -141,6 +175,7 @@ fn float_cache(
 /// A q8_0 cache: `[kq, kd, vq, vd]`, quants `[blocks, kv_h, block, hd]` u8 (`+ 128`) and scales
 /// `[blocks, kv_h, block, hd / 32]` f16; rows dequantized one at a time into [`run`].
 fn q8_cache(
+    kernel: Kernel,
     qs: &[f32],
     [kq, kd, vq, vd]: [&Tensor; 4],
     paging: &Paging,
@@ -172,10 +207,10 @@ fn q8_cache(
     }
     let mut out = vec![0f32; qs.len()];
     #[cfg(target_arch = "x86_64")]
-    if x86::applies(hd, paging) {
+    if let Some(simd) = kernel.simd(hd, paging) {
         let (kd, vd) = (bits(kd), bits(vd));
         let rows = (x86::Q8Rows { q: kq, d: kd }, x86::Q8Rows { q: vq, d: vd });
-        x86::run(qs, rows, paging, shape, padding, &mut out);
+        x86::run(simd, qs, rows, paging, shape, padding, &mut out);
         return Ok(Some(out));
     }
     run(qs, dequant(kq, kd, hd), dequant(vq, vd, hd), paging, shape, padding, &mut out);
@@ -256,6 +291,8 @@ fn bits<T: Copy>(s: &[T]) -> &[u16] {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 fn dot(q: &[f32], k: &[f32]) -> f32 {
@@ -279,6 +316,15 @@ mod tests {
         attention::grouped_causal_attention,
         kernels::paging::{scatter, scatter_buffer},
     };
+
+    /// Every kernel this CPU runs (the SIMD ones decline head widths they do not take).
+    fn kernels() -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        kernels.extend(x86::Simd::available().into_iter().map(Kernel::Simd));
+        kernels
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
@@ -320,13 +366,15 @@ mod tests {
                 let (ksb, vsb) = (KvBuffer::Float(ks), KvBuffer::Float(vs));
                 let paged = Paging::pooled(&tables16, 16, slots, kv_h);
                 for (kb, vb, paging) in [(&kb, &vb, contiguous), (&ksb, &vsb, paged)] {
-                    let got = decode_attention(&q, kb, vb, &paging, len, &padding).unwrap().expect("applies");
-                    let err = max_diff(&got, &want);
-                    assert!(
-                        err < 1e-4,
-                        "{dtype:?} b{b} h{h}/{kv_h} t{t} len {len} block {}: {err}",
-                        paging.block
-                    );
+                    for kernel in kernels() {
+                        let got = decode_attention_on(kernel, &q, kb, vb, &paging, len, &padding);
+                        let err = max_diff(&got.unwrap().expect("applies"), &want);
+                        assert!(
+                            err < 1e-4,
+                            "{kernel:?} {dtype:?} b{b} h{h}/{kv_h} t{t} len {len} block {}: {err}",
+                            paging.block
+                        );
+                    }
                 }
             }
         }
@@ -352,13 +400,19 @@ mod tests {
             let q = Tensor::randn(0f32, 1., (1, h, t, hd), &dev).unwrap();
             let tables = Paging::identity(1);
             let paging = Paging::contiguous(&tables, len, kv_h);
-            let all = decode_attention(&q, &k, &v, &paging, len, &[0]).unwrap().expect("applies");
-            for i in 0..t {
-                let one = q.narrow(2, i, 1).unwrap();
-                let single = decode_attention(&one, &k, &v, &paging, len - t + i + 1, &[0]).unwrap().unwrap();
-                let got: Vec<f32> = all.narrow(2, i, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                let want: Vec<f32> = single.flatten_all().unwrap().to_vec1().unwrap();
-                assert_eq!(got, want, "{kind:?} h{h}/{kv_h} hd{hd} row {i} of {t}");
+            for kernel in kernels() {
+                let all =
+                    decode_attention_on(kernel, &q, &k, &v, &paging, len, &[0]).unwrap().expect("applies");
+                for i in 0..t {
+                    let one = q.narrow(2, i, 1).unwrap();
+                    let single = decode_attention_on(kernel, &one, &k, &v, &paging, len - t + i + 1, &[0])
+                        .unwrap()
+                        .unwrap();
+                    let got: Vec<f32> =
+                        all.narrow(2, i, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    let want: Vec<f32> = single.flatten_all().unwrap().to_vec1().unwrap();
+                    assert_eq!(got, want, "{kernel:?} {kind:?} h{h}/{kv_h} hd{hd} row {i} of {t}");
+                }
             }
         }
     }
@@ -379,11 +433,12 @@ mod tests {
             let (kb, vb) = (KvBuffer::Float(k.clone()), KvBuffer::Float(v.clone()));
             let tables = Paging::identity(1);
             let paging = Paging::contiguous(&tables, len, h);
-            let got =
-                decode_attention(&q, &kb, &vb, &paging, len, &[0]).unwrap().expect("applies on the CPU");
             let want = reference(&q, &k, &v, &[0]);
-            let err = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(err < 1e-4, "{err}");
+            for kernel in kernels() {
+                let got =
+                    decode_attention_on(kernel, &q, &kb, &vb, &paging, len, &[0]).unwrap().expect("applies");
+                assert!(max_diff(&got, &want) < 1e-4, "{kernel:?}: {}", max_diff(&got, &want));
+            }
         }
     }
 
@@ -404,15 +459,22 @@ mod tests {
             });
             let tables = Paging::identity(b);
             let paging = Paging::contiguous(&tables, capacity, kv_h);
-            let got =
-                decode_attention(&q, &k, &v, &paging, len, &padding).unwrap().expect("applies on the CPU");
             let want = reference(&q, &k.view(len).unwrap(), &v.view(len).unwrap(), &padding);
-            assert!(max_diff(&got, &want) < 1e-4, "q8_0 b{b} h{h}/{kv_h} len {len}");
-            // The same quants and scales scattered over blocks of 32 positions.
+            // Also the same quants and scales scattered over blocks of 32 positions.
             let ((ks, tables32, slots), (vs, _, _)) = (scatter_buffer(&k, 32), scatter_buffer(&v, 32));
             let paged = Paging::pooled(&tables32, 32, slots, kv_h);
-            let got = decode_attention(&q, &ks, &vs, &paged, len, &padding).unwrap().expect("applies");
-            assert!(max_diff(&got, &want) < 1e-4, "paged q8_0 b{b} h{h}/{kv_h} len {len}");
+            for kernel in kernels() {
+                for (k, v, paging) in [(&k, &v, &paging), (&ks, &vs, &paged)] {
+                    let got = decode_attention_on(kernel, &q, k, v, paging, len, &padding)
+                        .unwrap()
+                        .expect("applies");
+                    let block = paging.block;
+                    assert!(
+                        max_diff(&got, &want) < 1e-4,
+                        "{kernel:?} q8_0 b{b} h{h}/{kv_h} len {len} block {block}"
+                    );
+                }
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
-//! AVX-512 per-head kernel for 16-bit and q8_0 caches with head_dim 64 or 128: one pass over the
+//! AVX-512 per-head kernel (and its driver, shared with the AVX2 one in [`super::avx2`]) for
+//! 16-bit and q8_0 caches with head_dim 64 or 128: one pass over the
 //! cached positions in blocks of 16 with an online softmax (running max `m` and sum `l`; the
 //! output is rescaled when a block raises the max), so each block's keys and values stream
 //! together with the arithmetic between them. The query (scaled) and the output stay in
@@ -19,18 +20,45 @@ use rayon::prelude::*;
 use super::{Paging, Shape};
 use crate::kernels::x86_math::exp;
 
-/// Whether this CPU runs the kernel for `hd` over `paging` (whose blocks, when a sequence has
-/// several, hold at least a group of 16 positions: a group crosses at most one block).
-pub fn applies(hd: usize, paging: &Paging) -> bool {
-    let groups = paging.block >= BLOCK_ROWS || paging.tables.iter().all(|t| t.len() <= 1);
-    groups
-        && matches!(hd, 64 | 128)
-        && is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("f16c")
+/// The SIMD kernels of this module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    Avx512,
+    /// AVX2 with FMA and F16C ([`super::avx2`]).
+    Avx2,
 }
 
-/// Positions per block of the online softmax: one score per lane.
-const BLOCK_ROWS: usize = 16;
+impl Simd {
+    /// The best one this CPU has.
+    pub fn detect() -> Option<Self> {
+        Self::available().into_iter().next()
+    }
+
+    /// Every one this CPU has, best first.
+    pub fn available() -> Vec<Self> {
+        let mut simd = Vec::new();
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c") {
+            simd.push(Self::Avx512);
+        }
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            simd.push(Self::Avx2);
+        }
+        simd
+    }
+}
+
+/// Whether the kernels take `hd` over `paging` (whose blocks, when a sequence has several, hold
+/// at least a group of 16 positions: a group crosses at most one block).
+pub fn applies(hd: usize, paging: &Paging) -> bool {
+    let groups = paging.block >= BLOCK_ROWS || paging.tables.iter().all(|t| t.len() <= 1);
+    groups && matches!(hd, 64 | 128)
+}
+
+/// Positions per block of the online softmax: one score per lane (two registers on AVX2).
+pub(super) const BLOCK_ROWS: usize = 16;
 /// Below this many cache bytes read per step (keys and values of all heads), heads run on the
 /// calling thread: waking a second one costs more (30-50 µs) than it saves.
 const PARALLEL_BYTES: usize = 512 << 10;
@@ -45,6 +73,11 @@ pub trait Rows: Sync {
     /// # Safety
     /// AVX-512F and F16C are available and row `r` is within the rows.
     unsafe fn chunk(&self, hd: usize, r: usize, c: usize) -> __m512;
+    /// Values `8c..8c + 8` of row `r` as f32 (the AVX2 kernel).
+    ///
+    /// # Safety
+    /// AVX2 and F16C are available and row `r` is within the rows.
+    unsafe fn chunk8(&self, hd: usize, r: usize, c: usize) -> __m256;
     /// Asks for every cache line of row `r` (which may lie past the rows: prefetches never
     /// fault). All of them: a sequence's rows are contiguous only as far as its blocks are
     /// adjacent, and where they are not the hardware prefetcher loses the stream (one head, one
@@ -79,6 +112,18 @@ impl<const BF16: bool> Rows for HalfRows<'_, BF16> {
     }
 
     #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn chunk8(&self, hd: usize, r: usize, c: usize) -> __m256 {
+        // SAFETY: the caller guarantees row r exists and the CPU features.
+        let raw = unsafe { _mm_loadu_si128(self.0.as_ptr().add(r * hd + 8 * c).cast()) };
+        if BF16 {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
+        } else {
+            _mm256_cvtph_ps(raw)
+        }
+    }
+
+    #[inline]
     fn prefetch(&self, hd: usize, r: usize) {
         let row: *const i8 = self.0.as_ptr().wrapping_add(r * hd).cast();
         for line in (0..2 * hd).step_by(64) {
@@ -109,6 +154,21 @@ impl Rows for Q8Rows<'_> {
         }
     }
 
+    /// `d_b (u - 128)` for the 8 values, `b = c / 4`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn chunk8(&self, hd: usize, r: usize, c: usize) -> __m256 {
+        // SAFETY: as `chunk`'s.
+        unsafe {
+            let u = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                self.q.as_ptr().add(r * hd + 8 * c).cast(),
+            )));
+            let bits = *self.d.get_unchecked(r * (hd / 32) + c / 4);
+            let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
+            _mm256_mul_ps(_mm256_sub_ps(u, _mm256_set1_ps(128.0)), d)
+        }
+    }
+
     #[inline]
     fn prefetch(&self, hd: usize, r: usize) {
         let row: *const i8 = self.q.as_ptr().wrapping_add(r * hd).cast();
@@ -125,6 +185,7 @@ impl Rows for Q8Rows<'_> {
 /// together: query `qs[i]` over positions `padding[b]..` of its key/value head up to its own
 /// position, found in `(k, v)` through `paging`.
 pub fn run<K: Rows, V: Rows>(
+    simd: Simd,
     qs: &[f32],
     (k, v): (K, V),
     paging: &Paging,
@@ -141,12 +202,14 @@ pub fn run<K: Rows, V: Rows>(
         // The first new position sees the fewest: its padding bound is every query's (the caller
         // declined padding that a new position would not see past).
         let first = padding.get(bi).copied().unwrap_or(0).min(lens[0] - 1);
-        // SAFETY: `applies` checked AVX-512F and F16C; the caller checked that the tables hold
-        // `len` positions.
+        // SAFETY: `simd` is one this CPU has (Simd::available); the caller checked that the
+        // tables hold `len` positions.
         unsafe {
-            match hd {
-                64 => queries::<4, K, V>(q, &lens, &k, &v, at, first, o),
-                _ => queries::<8, K, V>(q, &lens, &k, &v, at, first, o),
+            match (simd, hd) {
+                (Simd::Avx512, 64) => queries::<4, K, V>(q, &lens, &k, &v, at, first, o),
+                (Simd::Avx512, _) => queries::<8, K, V>(q, &lens, &k, &v, at, first, o),
+                (Simd::Avx2, 64) => super::avx2::queries::<8, K, V>(q, &lens, &k, &v, at, first, o),
+                (Simd::Avx2, _) => super::avx2::queries::<16, K, V>(q, &lens, &k, &v, at, first, o),
             }
         }
     };
@@ -164,7 +227,7 @@ pub fn run<K: Rows, V: Rows>(
 /// least 16 positions, equal ends imply equal middles), a lookup each otherwise. A lookup per row
 /// made the kernel about 15% slower on a contiguous cache.
 #[inline(always)]
-fn group_rows(at: &impl Fn(usize) -> usize, j0: usize, len: usize) -> [usize; BLOCK_ROWS] {
+pub(super) fn group_rows(at: &impl Fn(usize) -> usize, j0: usize, len: usize) -> [usize; BLOCK_ROWS] {
     let last = (j0 + BLOCK_ROWS - 1).min(len - 1);
     let first = j0.min(last);
     let base = at(first);
