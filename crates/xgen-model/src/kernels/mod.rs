@@ -30,3 +30,10 @@ pub mod quant;
 pub(crate) mod work_split;
 #[cfg(target_arch = "x86_64")]
 mod x86_math;
+
+/// Whether the CPU runs the AVX2 kernels (AVX2 with FMA and F16C), those of CPUs without
+/// AVX-512: one test for the products, the attention and their tests.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}

@@ -40,10 +40,7 @@ impl Simd {
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c") {
             simd.push(Self::Avx512);
         }
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
+        if crate::kernels::has_avx2() {
             simd.push(Self::Avx2);
         }
         simd

@@ -13,10 +13,6 @@ use std::arch::x86_64::*;
 
 use super::{widen, Kind, FEW_K_BLOCK, GROUP};
 
-pub fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-}
-
 /// `out[r] += dot(w, x[r])` for up to [`GROUP`] activation rows (row `r` from `xs[r · stride]`).
 ///
 /// # Safety

@@ -73,9 +73,7 @@ pub fn matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
                         None
                     };
                     let mut xs = widened()?;
-                    if simd != Simd::Portable {
-                        xs.chunks_mut(k).for_each(even_odd);
-                    }
+                    simd.order_bf16(&mut xs, k);
                     let acts = Acts { widened: &xs, bf16: pairs.as_deref().map(bits), simd };
                     tiled(w, acts, rows, k, n, Kind::Bf16)
                 }
@@ -200,10 +198,18 @@ impl Simd {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") {
             return Self::Avx512;
-        } else if avx2::available() {
+        } else if crate::kernels::has_avx2() {
             return Self::Avx2;
         }
         Self::Portable
+    }
+
+    /// Activation rows (`k` values each) for bf16 weights in the order these kernels widen
+    /// them: [`even_odd`] on the SIMD ones.
+    fn order_bf16(self, xs: &mut [f32], k: usize) {
+        if self != Self::Portable {
+            xs.chunks_mut(k).for_each(even_odd);
+        }
     }
 
     fn name(self) -> &'static str {

@@ -51,7 +51,7 @@ fn paths() -> Vec<Simd> {
         if std::is_x86_feature_detected!("avx512f") {
             paths.push(Simd::Avx512);
         }
-        if avx2::available() {
+        if crate::kernels::has_avx2() {
             paths.push(Simd::Avx2);
         }
     }
@@ -70,8 +70,8 @@ fn product(
 ) -> Vec<f32> {
     let (rows, k, n) = shape;
     let mut xs = x.to_vec();
-    if kind == Kind::Bf16 && simd != Simd::Portable {
-        xs.chunks_mut(k).for_each(even_odd);
+    if kind == Kind::Bf16 {
+        simd.order_bf16(&mut xs, k);
     }
     tiled(w, Acts { widened: &xs, bf16: pairs, simd }, rows, k, n, kind)
 }

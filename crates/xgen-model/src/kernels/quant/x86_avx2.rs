@@ -34,7 +34,7 @@ use super::{
 const HALF: usize = GROUP_BLOCKS / 2;
 
 pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    crate::kernels::has_avx2()
 }
 
 /// One [`Tile`] (1 to 8 activation rows, up to 4 weight rows) on the AVX2 kernel: activation rows
@@ -148,9 +148,12 @@ unsafe fn rows<const WR: usize, const R: usize, const F: u8>(
             let weight = |i: usize, u: usize| qs[i].wrapping_add(g0 * block_bytes + run * u + 32 * h);
             let x = |r: usize, u: usize| xq[r].wrapping_add(g0 * BLOCK + run * u + 32 * h);
             // (Loops, not closures, around intrinsics: closures do not inherit target features.)
+            // Σ x per block: q4_0's offset and the minimums (q8_0 has neither).
             let mut sums = [_mm256_setzero_si256(); R];
-            for r in 0..R {
-                sums[r] = load!(xsum[r].add(b0));
+            if F != Q8_0 {
+                for r in 0..R {
+                    sums[r] = load!(xsum[r].add(b0));
+                }
             }
             // The blocks' exact integer dot products per (weight row, activation row).
             let mut sum = [[_mm256_setzero_si256(); R]; WR];
