@@ -12,8 +12,9 @@ use xgen_tokenizer::{StreamDecoder, Tokenizer};
 use crate::{
     config::{GenerationConfig, SpecialText},
     constraint::{Constraint, Grammars},
+    draft_plan::{Acceptance, Candidate},
     error::{GenerateError, Result},
-    lookup::{self, DraftLength, DraftStats},
+    lookup::{self, DraftStats},
     penalties::History,
     sampler,
     stop::{FinishReason, StopStrings},
@@ -73,8 +74,10 @@ pub struct Sequence<'t> {
     stops: StopStrings,
     /// The format the output must match, if any.
     constraint: Option<Constraint>,
-    /// The next draft's length, when the config asks for prompt lookup.
-    draft_length: Option<DraftLength>,
+    /// How often its drafted tokens are accepted (prompt lookup).
+    acceptance: Acceptance,
+    /// What the last [`Sequence::draft`] looked up (a step may verify only a part of it).
+    looked_up: Vec<u32>,
     finished: bool,
 }
 
@@ -95,7 +98,8 @@ impl<'t> Sequence<'t> {
     pub fn new(tokenizer: &'t Tokenizer, prompt: Vec<u32>, config: GenerationConfig, budget: usize) -> Self {
         Self {
             tokenizer,
-            draft_length: config.prompt_lookup.map(|l| DraftLength::new(l.num_tokens)),
+            acceptance: Acceptance::new(),
+            looked_up: Vec::new(),
             history: History::new(&prompt),
             decoder: tokenizer.stream_decoder(),
             stops: StopStrings::new(config.stop_strings.clone()),
@@ -156,16 +160,25 @@ impl<'t> Sequence<'t> {
         &self.config
     }
 
-    /// The tokens to verify after the last one, looked up in the prompt and the output
-    /// ([`lookup::draft`], as long as the draft length schedule says); never more than the budget
-    /// has room for after the model's own token. Empty without prompt lookup.
-    pub fn draft(&self) -> Vec<u32> {
-        let (Some(lookup), Some(length)) = (self.config.prompt_lookup, self.draft_length) else {
-            return Vec::new();
-        };
-        let room = self.budget.saturating_sub(self.out.ids.len() + 1);
-        let tokens: Vec<u32> = self.out.prompt_ids.iter().chain(&self.out.ids).copied().collect();
-        lookup::draft(&tokens, lookup.max_ngram, length.get().min(room)).to_vec()
+    /// The tokens that may be verified after the last one, looked up in the prompt and the
+    /// output ([`lookup::draft`], up to `prompt_lookup_num_tokens`); never more than the budget
+    /// has room for after the model's own token. Empty without prompt lookup. How many of them a
+    /// step verifies is the caller's choice ([`crate::draft_plan::plan`] with
+    /// [`Sequence::candidate`]); the rest still tell [`Sequence::verify`] whether one more would
+    /// have been accepted.
+    pub fn draft(&mut self) -> Vec<u32> {
+        self.looked_up.clear();
+        if let Some(lookup) = self.config.prompt_lookup {
+            let room = self.budget.saturating_sub(self.out.ids.len() + 1);
+            let tokens: Vec<u32> = self.out.prompt_ids.iter().chain(&self.out.ids).copied().collect();
+            self.looked_up = lookup::draft(&tokens, lookup.max_ngram, lookup.num_tokens.min(room)).to_vec();
+        }
+        self.looked_up.clone()
+    }
+
+    /// The last draft's length and this sequence's acceptance rate, for the step's plan.
+    pub fn candidate(&self) -> Candidate {
+        Candidate { available: self.looked_up.len(), rate: self.acceptance.rate() }
     }
 
     /// A verify step: `rows[i]` are the raw logits after the last accepted token (`i = 0`) and
@@ -191,10 +204,24 @@ impl<'t> Sequence<'t> {
         let accepted = steps.iter().zip(draft).take_while(|(s, d)| s.token == **d).count();
         self.out.draft.drafted += draft.len();
         self.out.draft.accepted += accepted;
-        if let Some(length) = &mut self.draft_length {
-            length.update(draft.len(), accepted);
-        }
+        self.observe(draft, &steps, accepted);
         Ok(steps)
+    }
+
+    /// Updates the acceptance rate from a verify step: its accepted drafted tokens, the rejected
+    /// one (not the positions after an end inside the draft: they were never tried), and, where
+    /// the lookup had drafted further than the step verified, whether the model's own token
+    /// equals the next looked-up one.
+    fn observe(&mut self, draft: &[u32], steps: &[StepOutput], accepted: usize) {
+        (0..accepted).for_each(|_| self.acceptance.observe(true));
+        if accepted < draft.len() && accepted < steps.len() {
+            self.acceptance.observe(false);
+        } else if steps.len() == draft.len() + 1 && self.looked_up.starts_with(draft) {
+            if let Some(&next) = self.looked_up.get(draft.len()) {
+                self.acceptance.observe(steps[draft.len()].token == next);
+            }
+        }
+        self.looked_up.clear();
     }
 
     /// Chooses the next token from the model's raw logits for this sequence and records it.

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod chat_template;
 pub mod config;
 pub mod constraint;
+pub mod draft_plan;
 pub mod error;
 pub mod generator;
 pub mod hub;

@@ -63,59 +63,6 @@ pub fn draft(tokens: &[u32], max_ngram: usize, limit: usize) -> &[u32] {
     &[]
 }
 
-/// The draft length of the next step: transformers' heuristic schedule (up by 2 after a draft
-/// accepted whole, down by 1 otherwise), between 1 and the configured maximum; and a back-off
-/// (this project's measured rule): a one-token draft rejected outright pauses drafting for 1
-/// step, then 2, 4, up to [`MAX_PAUSE`] while they keep failing (any accepted token ends it).
-/// Where the answer copies nothing, a verify step of 2 rows still costs 1.3-1.4x a plain step
-/// (SmolLM2 on an AVX2 host), so drafts accepted a fifth of the time made those answers 5-18%
-/// slower than plain decoding; the pauses bring them back near plain speed, and an answer that
-/// copies reaches length 1 rarely (docs/performance.md, "Prompt lookup on real weights").
-#[derive(Clone, Copy, Debug)]
-pub struct DraftLength {
-    max: usize,
-    current: usize,
-    /// Steps left without a draft.
-    pause: usize,
-    /// The next pause.
-    backoff: usize,
-}
-
-/// The longest pause (steps without drafting) after repeated rejections.
-pub const MAX_PAUSE: usize = 8;
-
-impl DraftLength {
-    pub fn new(max: usize) -> Self {
-        Self { max, current: max, pause: 0, backoff: 1 }
-    }
-
-    /// Tokens to draft at the next step (0 while paused).
-    pub fn get(&self) -> usize {
-        if self.pause > 0 {
-            0
-        } else {
-            self.current
-        }
-    }
-
-    /// After a step that drafted `drafted` tokens and accepted `accepted` of them (a step without
-    /// a draft counts down a pause).
-    pub fn update(&mut self, drafted: usize, accepted: usize) {
-        if drafted == 0 {
-            self.pause = self.pause.saturating_sub(1);
-            return;
-        }
-        if accepted == 0 && self.current == 1 {
-            self.pause = self.backoff;
-            self.backoff = (2 * self.backoff).min(MAX_PAUSE);
-        } else if accepted > 0 {
-            self.backoff = 1;
-        }
-        self.current =
-            if accepted == drafted { (self.current + 2).min(self.max) } else { (self.current - 1).max(1) };
-    }
-}
-
 /// Drafted and accepted tokens over a generation (llama.cpp's `draft_n`, `draft_n_accepted`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DraftStats {
@@ -148,44 +95,6 @@ mod tests {
         assert!(draft(&[1, 1], 3, 0).is_empty());
         // The match may end at the last token: the draft stops there.
         assert_eq!(draft(&[1, 1], 3, 5), &[1]);
-    }
-
-    #[test]
-    fn draft_length_follows_the_heuristic() {
-        let mut d = DraftLength::new(6);
-        d.update(6, 2);
-        assert_eq!(d.get(), 5);
-        d.update(5, 5);
-        assert_eq!(d.get(), 6);
-        (0..5).for_each(|_| d.update(3, 0));
-        assert_eq!(d.get(), 1);
-        d.update(0, 0);
-        assert_eq!(d.get(), 1);
-    }
-
-    #[test]
-    fn rejected_single_tokens_pause_drafting_longer_each_time() {
-        let mut d = DraftLength::new(4);
-        (0..3).for_each(|_| d.update(4, 0));
-        assert_eq!(d.get(), 1);
-        // Paused for 1, 2, 4, 8, 8 plain steps after each rejected single token.
-        for pause in [1, 2, 4, 8, 8] {
-            d.update(1, 0);
-            for _ in 0..pause {
-                assert_eq!(d.get(), 0);
-                d.update(0, 0);
-            }
-            assert_eq!(d.get(), 1, "drafts again after {pause} steps");
-        }
-        // An accepted token ends the back-off: the next rejection pauses 1 step.
-        d.update(1, 1);
-        assert_eq!(d.get(), 3);
-        d.update(3, 0);
-        d.update(2, 0);
-        d.update(1, 0);
-        assert_eq!(d.get(), 0);
-        d.update(0, 0);
-        assert_eq!(d.get(), 1);
     }
 
     #[test]

@@ -239,6 +239,43 @@ fn eos_a_stop_string_and_the_budget_end_a_draft() {
     let steps = seq.verify(&[peak(11), peak(12), peak(13), peak(14)], &[11, 12, 13], rng).unwrap();
     assert_eq!((steps.len(), seq.output().finish_reason), (2, FinishReason::Length));
     let lookup = GenerationConfig { prompt_lookup: Some(PromptLookup::new(8, 3).unwrap()), ..config };
-    let seq = Sequence::new(&tokenizer, vec![1, 2, 3, 1, 2, 3, 1, 2], lookup, 3);
+    let mut seq = Sequence::new(&tokenizer, vec![1, 2, 3, 1, 2, 3, 1, 2], lookup, 3);
     assert_eq!(seq.draft(), [3, 1]);
+}
+
+#[test]
+fn acceptance_learns_from_verified_drafts_and_from_the_token_after_them() {
+    let tokenizer = Tokenizer::xgen();
+    let base = GenerationConfig::defaults_for(&weights::random::preset("tiny").unwrap());
+    let config = GenerationConfig { prompt_lookup: Some(PromptLookup::new(4, 3).unwrap()), ..base };
+    let rng = &mut StdRng::seed_from_u64(0);
+    let mut seq = Sequence::new(&tokenizer, vec![1, 2, 3, 1, 2, 3, 1, 2], config, 100);
+    let rate = |seq: &Sequence| seq.candidate().rate;
+    let start = rate(&seq);
+    // Looked up [3, 1, 2]; the step verified none of it: the model's own 3 agrees with the
+    // first, so one more drafted token would have been accepted.
+    assert_eq!(seq.draft(), [3, 1, 2]);
+    assert_eq!(seq.candidate().available, 3);
+    seq.verify(&[peak(3)], &[], rng).unwrap();
+    let agreed = rate(&seq);
+    assert!(agreed > start, "{agreed} after {start}");
+    // Looked up [1, 2, 3, ...]; verified [1]: accepted, then the model's 9 differs from the 2
+    // after it: one success, one failure.
+    assert_eq!(seq.draft()[..2], [1, 2]);
+    seq.verify(&[peak(1), peak(9)], &[1], rng).unwrap();
+    let mut expected = xgen_generate::draft_plan::Acceptance::new();
+    [true, true, false].into_iter().for_each(|a| expected.observe(a));
+    assert!((rate(&seq) - expected.rate()).abs() < 1e-12, "{} != {}", rate(&seq), expected.rate());
+    // A draft rejected at its first token.
+    let before = rate(&seq);
+    seq.draft();
+    seq.verify(&[peak(5), peak(6)], &[7], rng).unwrap();
+    assert!(rate(&seq) < before);
+    // EOS accepted inside a draft ends it: the positions after it were never tried.
+    seq.draft();
+    seq.verify(&[peak(8), peak(50256), peak(4), peak(5)], &[8, 50256, 4], rng).unwrap();
+    assert!(seq.is_finished());
+    let mut expected = xgen_generate::draft_plan::Acceptance::new();
+    [true, true, false, false, true, true].into_iter().for_each(|a| expected.observe(a));
+    assert!((rate(&seq) - expected.rate()).abs() < 1e-12, "two successes, nothing else");
 }

@@ -22,8 +22,11 @@ use std::{
 
 use rand::rngs::StdRng;
 use tokio::sync::mpsc::UnboundedSender;
-use xgen_generate::{forward_beside_masks, Sequence};
-use xgen_model::{kernels::EXACT_ROWS, KvCache, Model, KV_BLOCK};
+use xgen_generate::{
+    draft_plan::{self, Candidate, StepCosts},
+    forward_beside_masks, Sequence,
+};
+use xgen_model::{KvCache, Model, KV_BLOCK};
 use xgen_tokenizer::Tokenizer;
 
 use super::{Event, Job};
@@ -116,6 +119,8 @@ pub(super) struct Engine<'m> {
     metrics: &'m Metrics,
     pool: KvPool,
     max_batch: usize,
+    /// Decode steps' times by row count, for the drafts' plans.
+    costs: StepCosts,
     admitted: u64,
 }
 
@@ -127,7 +132,7 @@ impl<'m> Engine<'m> {
         pool: KvPool,
         max_batch: usize,
     ) -> Self {
-        Self { model, tokenizer, metrics, pool, max_batch, admitted: 0 }
+        Self { model, tokenizer, metrics, pool, max_batch, costs: StepCosts::default(), admitted: 0 }
     }
 
     pub(super) fn run(&mut self, jobs: &Receiver<Job>, cancel: &AtomicBool) {
@@ -148,7 +153,7 @@ impl<'m> Engine<'m> {
             self.admit(jobs, &mut next, &mut batch, cancel);
             self.prefill_step(&mut batch);
             self.sample(&mut batch);
-            fit_drafts(&mut batch.active);
+            plan_drafts(&mut batch.active, &self.costs);
             self.make_room(&mut batch);
             self.decode(&mut batch);
             self.publish(&batch);
@@ -312,6 +317,8 @@ impl<'m> Engine<'m> {
             return;
         }
         let model = self.model;
+        let rows: usize = batch.active.iter().map(|a| 1 + a.draft.len()).sum();
+        let started = Instant::now();
         let mut run = || -> xgen_model::Result<Vec<Vec<f32>>> {
             let mut ids = Vec::new();
             let mut lens = Vec::with_capacity(batch.active.len());
@@ -329,8 +336,9 @@ impl<'m> Engine<'m> {
             Ok(model.logits(&hidden.squeeze(0)?)?.to_vec2()?) // [Σ lens, v]
         };
         match run() {
-            Ok(rows) => {
-                let mut rows = rows.into_iter();
+            Ok(logits) => {
+                self.costs.record(rows, started.elapsed().as_secs_f64());
+                let mut rows = logits.into_iter();
                 for a in &mut batch.active {
                     a.rows = rows.by_ref().take(1 + a.draft.len()).collect();
                 }
@@ -374,18 +382,17 @@ impl<'m> Engine<'m> {
     }
 }
 
-/// Shortens the drafts (the newest sequences' first) so that the step has at most
-/// [`EXACT_ROWS`] rows in all: each row then runs as it would alone, so a speculating stream's
-/// output is plain decoding's even in a full batch; with many streams the step's weight reads
-/// are shared by their tokens anyway.
-fn fit_drafts(active: &mut [Active<'_>]) {
-    let mut spare = EXACT_ROWS.saturating_sub(active.len());
-    let mut order: Vec<usize> = (0..active.len()).collect();
-    order.sort_by_key(|&i| active[i].admitted);
-    for i in order {
-        let draft = &mut active[i].draft;
-        draft.truncate(spare);
-        spare -= draft.len();
+/// Cuts each running sequence's draft to what the step's plan verifies ([`draft_plan::plan`]:
+/// the drafted tokens whose expected gain pays for their rows, at most [`EXACT_ROWS`] rows in
+/// all, so each row runs as it would alone and a speculating stream's output is plain
+/// decoding's even in a full batch).
+///
+/// [`EXACT_ROWS`]: xgen_model::kernels::EXACT_ROWS
+fn plan_drafts(active: &mut [Active<'_>], costs: &StepCosts) {
+    let candidates: Vec<Candidate> =
+        active.iter().map(|a| Candidate { available: a.draft.len(), rate: a.seq.candidate().rate }).collect();
+    for (a, k) in active.iter_mut().zip(draft_plan::plan(costs, &candidates)) {
+        a.draft.truncate(k);
     }
 }
 

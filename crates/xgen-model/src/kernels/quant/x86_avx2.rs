@@ -18,8 +18,8 @@
 //! `acc -= min_w · d_x·Σ x` for q4_1/q4_k), reduced across lanes at the end. The integer sums are
 //! exact and the float operations per (weight row, activation row) do not depend on the tile's
 //! other rows, so a verify step's rows equal one-row steps bit for bit (tested in `tests.rs`).
-//! A pass takes 4 weight rows and 1 or 2 activation rows (`WR · R ≤ 8` i16/i32 sums), so the
-//! sums, one unpacked weight run and the constants fit the 16 registers.
+//! A pass takes 4 weight rows and 1 or 2 activation rows, or 2 weight rows and 3 or 4 (`WR · R ≤
+//! 8` i16/i32 sums), so the sums, one unpacked weight run and the constants fit the 16 registers.
 
 use std::arch::x86_64::*;
 
@@ -37,22 +37,41 @@ pub(super) fn available() -> bool {
     crate::kernels::has_avx2()
 }
 
-/// One [`Tile`] (1 to 8 activation rows, up to 4 weight rows) on the AVX2 kernel: activation rows
-/// in pairs against 4 weight rows at a time (8 sums; the weight rows stay in L1 for the next pair).
+/// Widest `k` whose products take 3 or 4 activation rows per pass (their activations, 4 × k
+/// bytes, stay in L1 beside the weight runs).
+const NARROW_K: usize = 2048;
+
+/// One [`Tile`] (1 to 8 activation rows, up to 4 weight rows) on the AVX2 kernel. Activation rows
+/// go in pairs against 4 weight rows at a time (8 sums; the weight rows stay in L1 for the next
+/// pair); on narrow matrices (`k` ≤ [`NARROW_K`]) in fours, an odd count's first three together,
+/// against 2 weight rows (8 or 6 sums).
 /// 8-row steps of the 8-layer 7B: pairs 200-201 ms (q4_0), 200-214 (q8_0); fours 198-200 and
 /// 213-219; all 8 rows against one weight row at a time 211-218 and 236-248 (their activations,
-/// 8 × 4 KB and more, did not stay in L1).
+/// 8 × 4 KB and more, did not stay in L1). On SmolLM2 (k = 576 and 1536), pairs and a lone row
+/// unpacked each weight run for too few products: 3, 4 and 8 rows cost 1.81x, 1.99x and 3.44x a
+/// 1-row step at depth 64, against 1.31x, 1.55x and 2.83x in threes and fours (the 7B's
+/// products, k = 4096 and 11008, within noise either way, so they keep pairs).
 pub(super) fn tile(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32]) {
     debug_assert!((1..=8).contains(&t.r), "AVX2 tiles take 1 to 8 rows");
-    for done in (0..t.r).step_by(2) {
-        let part = Tile { first: t.first + done, r: 2.min(t.r - done), ..t };
+    let narrow = w.k <= NARROW_K;
+    let mut done = 0;
+    while done < t.r {
+        let left = t.r - done;
+        let r = match left {
+            _ if !narrow || left < 3 => left.min(2),
+            _ if left % 4 == 0 => 4,
+            _ if left % 2 == 1 => 3,
+            _ => 2,
+        };
+        let part = Tile { first: t.first + done, r, ..t };
         let out = &mut out[done..];
         macro_rules! format {
             ($f:expr) => {
-                if part.r == 2 {
-                    pass::<4, 2, { $f }>(w, acts, part, out)
-                } else {
-                    pass::<4, 1, { $f }>(w, acts, part, out)
+                match r {
+                    4 => pass::<2, 4, { $f }>(w, acts, part, out),
+                    3 => pass::<2, 3, { $f }>(w, acts, part, out),
+                    2 => pass::<4, 2, { $f }>(w, acts, part, out),
+                    _ => pass::<4, 1, { $f }>(w, acts, part, out),
                 }
             };
         }
@@ -62,6 +81,7 @@ pub(super) fn tile(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32
             BlockFormat::Q4_1 => format!(Q4_1),
             BlockFormat::Q4K => format!(Q4K),
         }
+        done += r;
     }
 }
 
