@@ -3,18 +3,29 @@
 //! them; a block's 16 scores are two). Same invariant: each query's operations are those it
 //! would run alone, so a verify step's attention equals its single steps' bit for bit. Driven by
 //! [`super::x86::run`] (rows, prefetches and the per-head tasks are shared).
+//!
+//! A block's 16 key rows, then its 16 value rows, are widened once into an f32 buffer (L1) that
+//! every query reads. Scores: per query and 8 rows, 8 dot products accumulated lane-wise (one
+//! chain per row over the `C` chunks), then one transposing `hadd` tree gives the 8 scores (the
+//! row's lanes summed in a fixed order, whatever the other rows hold). Values: per query, its
+//! output chunks stay in registers across the block's rows. Against the first AVX2 kernel (a key
+//! in registers, a horizontal sum per score, the output accumulated through memory for each
+//! row), SmolLM2 at depth 1800: an 8-row verify step 3.68x → see docs/performance.md.
 
 use std::arch::x86_64::*;
 
 use super::x86::{group_rows, Rows, BLOCK_ROWS};
 use crate::kernels::x86_math::exp8;
 
+/// Rows per half block (one score register).
+const HALF: usize = 8;
+
 /// The queries of one key/value head: query `i` (`q[i·hd..]`, `C` × 8 values) over positions
 /// `first..lens[i]` (row `at(j)` of `k`/`v`) -> `o[i·hd..]`.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `q` and `o` hold `lens.len() · hd` values; rows `first..` up
-/// to the longest `lens` exist.
+/// to the longest `lens` exist; `C` is a multiple of 8.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn queries<const C: usize, K: Rows, V: Rows>(
     q: &[f32],
@@ -41,25 +52,35 @@ pub(super) unsafe fn queries<const C: usize, K: Rows, V: Rows>(
     let mut acc = vec![[_mm256_setzero_ps(); C]; nq];
     let mut scores = vec![[f32::NEG_INFINITY; BLOCK_ROWS]; nq];
     let mut weights = vec![[0f32; BLOCK_ROWS]; nq];
+    // The block's rows widened (keys, then values); in a last, shorter block the rows past it
+    // hold earlier ones, never used (their scores are masked, their values not summed).
+    let mut rows_f32 = [[_mm256_setzero_ps(); C]; BLOCK_ROWS];
     let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for j0 in (first..len).step_by(BLOCK_ROWS) {
         let n = BLOCK_ROWS.min(len - j0);
         let (rows, ahead) = (group_rows(&at, j0, len), group_rows(&at, j0 + BLOCK_ROWS, len));
         let sees = |i: usize, r: usize| j0 + r < lens[i];
-        scores.iter_mut().for_each(|s| *s = [f32::NEG_INFINITY; BLOCK_ROWS]);
+        // (Loops, not closures: closures do not inherit this function's target features.)
         for r in 0..n {
             k.prefetch(hd, ahead[r]);
-            // (Loops, not closures: closures do not inherit this function's target features.)
-            let mut key = [_mm256_setzero_ps(); C];
-            for (c, x) in key.iter_mut().enumerate() {
-                *x = unsafe { k.chunk8(hd, rows[r], c) };
+            for c in 0..C {
+                rows_f32[r][c] = unsafe { k.chunk8(hd, rows[r], c) };
             }
-            for i in (0..nq).filter(|&i| sees(i, r)) {
-                let mut dot = [_mm256_setzero_ps(); 2];
+        }
+        for i in (0..nq).filter(|&i| sees(i, 0)) {
+            for h in 0..BLOCK_ROWS / HALF {
+                let mut dot = [_mm256_setzero_ps(); HALF];
                 for c in 0..C {
-                    dot[c % 2] = _mm256_fmadd_ps(key[c], qv[i][c], dot[c % 2]);
+                    let qc = qv[i][c];
+                    for (r, d) in dot.iter_mut().enumerate() {
+                        *d = _mm256_fmadd_ps(rows_f32[HALF * h + r][c], qc, *d);
+                    }
                 }
-                scores[i][r] = sum_lanes(_mm256_add_ps(dot[0], dot[1]));
+                // Rows this query does not see (past its position or the block) score -inf.
+                let seen = (lens[i] - j0).saturating_sub(HALF * h).min(HALF) as i32;
+                let valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(seen), lanes));
+                let s = _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), sum_rows(dot), valid);
+                unsafe { _mm256_storeu_ps(scores[i].as_mut_ptr().add(HALF * h), s) };
             }
         }
         for i in (0..nq).filter(|&i| sees(i, 0)) {
@@ -86,15 +107,22 @@ pub(super) unsafe fn queries<const C: usize, K: Rows, V: Rows>(
         }
         for r in 0..n {
             v.prefetch(hd, ahead[r]);
-            let mut value = [_mm256_setzero_ps(); C];
-            for (c, x) in value.iter_mut().enumerate() {
-                *x = unsafe { v.chunk8(hd, rows[r], c) };
+            for c in 0..C {
+                rows_f32[r][c] = unsafe { v.chunk8(hd, rows[r], c) };
             }
-            for i in (0..nq).filter(|&i| sees(i, r)) {
-                let w = _mm256_set1_ps(weights[i][r]);
-                for (c, a) in acc[i].iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(value[c], w, *a);
+        }
+        for i in (0..nq).filter(|&i| sees(i, 0)) {
+            let seen = BLOCK_ROWS.min(lens[i] - j0);
+            // Eight output chunks at a time in registers over the rows the query sees.
+            for c0 in (0..C).step_by(HALF) {
+                let mut a: [__m256; HALF] = std::array::from_fn(|c| acc[i][c0 + c]);
+                for (r, row) in rows_f32.iter().enumerate().take(seen) {
+                    let w = _mm256_set1_ps(weights[i][r]);
+                    for (c, a) in a.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(row[c0 + c], w, *a);
+                    }
                 }
+                acc[i][c0..c0 + HALF].copy_from_slice(&a);
             }
         }
     }
@@ -104,6 +132,21 @@ pub(super) unsafe fn queries<const C: usize, K: Rows, V: Rows>(
             unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(i * hd + 8 * c), _mm256_mul_ps(*a, inv)) };
         }
     }
+}
+
+/// Lane `r` of the result: the 8 lanes of `d[r]` added, `((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7))`
+/// for every row alike (one transposing tree of `hadd`s for 8 rows).
+#[target_feature(enable = "avx")]
+fn sum_rows(d: [__m256; HALF]) -> __m256 {
+    let t = [
+        _mm256_hadd_ps(d[0], d[1]),
+        _mm256_hadd_ps(d[2], d[3]),
+        _mm256_hadd_ps(d[4], d[5]),
+        _mm256_hadd_ps(d[6], d[7]),
+    ];
+    // [r0 01+23, r1 .., r2 .., r3 .. | r0 45+67, r1 .., r2 .., r3 ..] and rows 4..8 alike.
+    let (u0, u1) = (_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
+    _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
 }
 
 /// The 8 lanes added: halves, pairs, the last two.

@@ -382,15 +382,20 @@ mod tests {
 
     /// The module's invariant: `t` new positions at once give, bit for bit, what `t` one-query
     /// steps give (the query at position `len - t + i` over `len - t + i + 1` positions), on the
-    /// SIMD path (head width 64, 128) and the portable one (20), for 16-bit and q8_0 caches.
+    /// SIMD path (head width 64, 128) and the portable one (20), for 16-bit and q8_0 caches. On
+    /// two threads, so that 3 key/value heads split their 24 queries in two tasks each (the
+    /// single steps do not).
     #[test]
     fn few_queries_equal_single_steps_exactly() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(few_queries_equal_single_steps);
+    }
+
+    fn few_queries_equal_single_steps() {
         let dev = Device::Cpu;
         let kinds = [KvType::Float(DType::F16), KvType::Float(DType::BF16), KvType::Q8_0];
-        for (kind, (h, kv_h, hd, len, t)) in kinds
-            .iter()
-            .flat_map(|&k| [(4, 4, 128, 70, 7), (6, 2, 64, 40, 16), (4, 2, 32, 33, 3)].map(|s| (k, s)))
-        {
+        let shapes = [(4, 4, 128, 70, 7), (6, 2, 64, 40, 16), (4, 2, 32, 33, 3), (9, 3, 64, 300, 8)];
+        for (kind, (h, kv_h, hd, len, t)) in kinds.iter().flat_map(|&k| shapes.map(|s| (k, s))) {
             let shape = (1, kv_h, len, hd);
             let [k, v] = [0, 1].map(|_| {
                 let buf = KvBuffer::zeros(kind, shape, &dev).unwrap();

@@ -180,7 +180,9 @@ impl Rows for Q8Rows<'_> {
 
 /// Every query row of `out` (`[b, h, t, hd]` flattened), the queries of one key/value head
 /// together: query `qs[i]` over positions `padding[b]..` of its key/value head up to its own
-/// position, found in `(k, v)` through `paging`.
+/// position, found in `(k, v)` through `paging`. A head's queries go in one task, or in several
+/// ([`query_parts`]) when there are too few heads to keep the threads busy; which task runs a
+/// query changes none of its operations (blocks start at the same position for all of them).
 pub fn run<K: Rows, V: Rows>(
     simd: Simd,
     qs: &[f32],
@@ -192,32 +194,58 @@ pub fn run<K: Rows, V: Rows>(
 ) {
     let (hd, kv_h) = (s.hd, paging.kv_h);
     let group = s.group(kv_h) * hd;
-    let task = |(g, o): (usize, &mut [f32])| {
+    let heads = out.len() / group;
+    let per_part = s.group(kv_h).div_ceil(query_parts(heads, s.group(kv_h), rayon::current_num_threads()));
+    let task = |(g, part, o): (usize, usize, &mut [f32])| {
         let (bi, lens) = s.queries(g, kv_h);
         let at = |j: usize| paging.row(bi, g % kv_h, j);
-        let q = &qs[g * group..(g + 1) * group];
         // The first new position sees the fewest: its padding bound is every query's (the caller
         // declined padding that a new position would not see past).
         let first = padding.get(bi).copied().unwrap_or(0).min(lens[0] - 1);
+        let mine = part * per_part..(part * per_part + o.len() / hd);
+        let q = &qs[g * group + mine.start * hd..g * group + mine.end * hd];
+        let lens = &lens[mine];
         // SAFETY: `simd` is one this CPU has (Simd::available); the caller checked that the
         // tables hold `len` positions.
         unsafe {
             match (simd, hd) {
-                (Simd::Avx512, 64) => queries::<4, K, V>(q, &lens, &k, &v, at, first, o),
-                (Simd::Avx512, _) => queries::<8, K, V>(q, &lens, &k, &v, at, first, o),
-                (Simd::Avx2, 64) => super::avx2::queries::<8, K, V>(q, &lens, &k, &v, at, first, o),
-                (Simd::Avx2, _) => super::avx2::queries::<16, K, V>(q, &lens, &k, &v, at, first, o),
+                (Simd::Avx512, 64) => queries::<4, K, V>(q, lens, &k, &v, at, first, o),
+                (Simd::Avx512, _) => queries::<8, K, V>(q, lens, &k, &v, at, first, o),
+                (Simd::Avx2, 64) => super::avx2::queries::<8, K, V>(q, lens, &k, &v, at, first, o),
+                (Simd::Avx2, _) => super::avx2::queries::<16, K, V>(q, lens, &k, &v, at, first, o),
             }
         }
     };
+    let tasks: Vec<(usize, usize, &mut [f32])> = out
+        .chunks_mut(group)
+        .enumerate()
+        .flat_map(|(g, o)| o.chunks_mut(per_part * hd).enumerate().map(move |(p, o)| (g, p, o)))
+        .collect();
     // Each task reads its head's rows once.
-    let bytes = out.len() / group * s.len * (K::row_bytes(hd) + V::row_bytes(hd));
+    let bytes = tasks.len() * s.len * (K::row_bytes(hd) + V::row_bytes(hd));
     if bytes < PARALLEL_BYTES {
-        out.chunks_mut(group).enumerate().for_each(task);
+        tasks.into_iter().for_each(task);
     } else {
-        out.par_chunks_mut(group).enumerate().for_each(task);
+        tasks.into_par_iter().for_each(task);
     }
 }
+
+/// Tasks per key/value head: one, unless `heads` tasks would leave some of the `threads` idle
+/// or unevenly loaded (SmolLM2 has 3 key/value heads: on 2 threads one took two heads, the other
+/// one); then enough parts of at least [`PART_QUERIES`] queries (a part reads and widens the
+/// head's rows again) that there are two tasks per thread.
+fn query_parts(heads: usize, queries: usize, threads: usize) -> usize {
+    if heads >= 2 * threads || heads.is_multiple_of(threads.max(1)) {
+        return 1;
+    }
+    (2 * threads).div_ceil(heads).min(queries / PART_QUERIES).max(1)
+}
+
+/// Fewest queries in a part of a head's queries (see [`query_parts`]). SmolLM2 at depth 1800:
+/// parts of 1 (a decode step's 3 queries in 2 tasks) made decoding slower (70-75 against 76-81
+/// tok/s); verify steps of 2 to 8 rows gained from parts of 3 or more (8 rows: 3.37x → 3.04-3.16x
+/// a 1-row step).
+const PART_QUERIES: usize = 3;
 
 /// Rows of positions `j0..j0 + 16` (the last position repeated past `len`): two table lookups
 /// when the rows follow each other (within a block, or across adjacent ones: with blocks of at
@@ -322,5 +350,24 @@ unsafe fn queries<const C: usize, K: Rows, V: Rows>(
         for (c, a) in a.iter().enumerate() {
             unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(i * hd + 16 * c), _mm512_mul_ps(*a, inv)) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_parts;
+
+    #[test]
+    fn few_heads_split_their_queries_across_the_threads() {
+        // SmolLM2 (3 key/value heads) on 2 threads: an 8-row verify step's 24 queries per head
+        // in 2 tasks; a decode step's 3 stay together; heads that fill the threads stay whole.
+        assert_eq!(query_parts(3, 24, 2), 2);
+        assert_eq!(query_parts(3, 6, 2), 2);
+        assert_eq!(query_parts(3, 3, 2), 1);
+        assert_eq!(query_parts(3, 8, 4), 2);
+        assert_eq!(query_parts(32, 32, 2), 1);
+        assert_eq!(query_parts(2, 24, 2), 1);
+        assert_eq!(query_parts(1, 16, 2), 4);
+        assert_eq!(query_parts(1, 9, 2), 3);
     }
 }
