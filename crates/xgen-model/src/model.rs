@@ -292,6 +292,7 @@ impl Model {
     pub fn attention_kernel_name(&self) -> &'static str {
         match prompt_attention::Path::detect(self.config.head_dim) {
             prompt_attention::Path::Avx512 => "avx512",
+            prompt_attention::Path::Avx2 => "avx2",
             prompt_attention::Path::Portable => "portable",
         }
     }

@@ -63,8 +63,8 @@ pub(super) unsafe fn queries<const C: usize, K: Rows, V: Rows>(
         // (Loops, not closures: closures do not inherit this function's target features.)
         for r in 0..n {
             k.prefetch(hd, ahead[r]);
-            for c in 0..C {
-                rows_f32[r][c] = unsafe { k.chunk8(hd, rows[r], c) };
+            for (c, x) in rows_f32[r].iter_mut().enumerate() {
+                *x = unsafe { k.chunk8(hd, rows[r], c) };
             }
         }
         for i in (0..nq).filter(|&i| sees(i, 0)) {
@@ -107,8 +107,8 @@ pub(super) unsafe fn queries<const C: usize, K: Rows, V: Rows>(
         }
         for r in 0..n {
             v.prefetch(hd, ahead[r]);
-            for c in 0..C {
-                rows_f32[r][c] = unsafe { v.chunk8(hd, rows[r], c) };
+            for (c, x) in rows_f32[r].iter_mut().enumerate() {
+                *x = unsafe { v.chunk8(hd, rows[r], c) };
             }
         }
         for i in (0..nq).filter(|&i| sees(i, 0)) {

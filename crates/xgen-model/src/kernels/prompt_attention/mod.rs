@@ -11,8 +11,8 @@
 //! only blocks crossing the diagonal (or the padding) are masked.
 //!
 //! The micro-kernels (scores tile, softmax row, `P·V` tile) come in an AVX-512 version
-//! ([`x86`]) and a portable one with the same loops; [`Path`] picks one at run time and the tests
-//! force each against `attention::causal_attention`, the f32 reference.
+//! ([`x86`]), an AVX2 one ([`avx2`]) and a portable one with the same loops; [`Path`] picks one
+//! at run time and the tests force each against `attention::causal_attention`, the f32 reference.
 //!
 //! Memory per task: `2 · s · hd` f32 (8 MB at 8K positions and hd 128), one task per thread.
 
@@ -23,6 +23,8 @@ use rayon::prelude::*;
 use super::paging::Paging;
 use crate::{error::Result, kv_cache::KvBuffer};
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -36,6 +38,8 @@ pub const BK: usize = 64;
 pub enum Path {
     /// AVX-512F (head_dim 64 or 128).
     Avx512,
+    /// AVX2 with FMA (head_dim 64 or 128).
+    Avx2,
     /// Plain Rust loops, any CPU and head_dim.
     Portable,
 }
@@ -43,11 +47,7 @@ pub enum Path {
 impl Path {
     /// The fastest path this CPU runs for `hd`.
     pub fn detect(hd: usize) -> Self {
-        if Self::Avx512.runs(hd) {
-            Self::Avx512
-        } else {
-            Self::Portable
-        }
+        [Self::Avx512, Self::Avx2].into_iter().find(|p| p.runs(hd)).unwrap_or(Self::Portable)
     }
 
     /// Whether this CPU can run the path for head_dim `hd`.
@@ -56,8 +56,10 @@ impl Path {
             Self::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => x86::applies(hd),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => avx2::applies(hd),
             #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx512 => false,
+            Self::Avx512 | Self::Avx2 => false,
         }
     }
 }
@@ -202,10 +204,12 @@ impl Path {
     fn scores(self, q: &[f32], hd: usize, kt: &[f32], s: &mut [f32]) {
         debug_assert!(q.len() / hd == s.len() / BK && kt.len() == hd * BK);
         match self {
-            // SAFETY: `runs` checked AVX-512F (every constructor of a running path goes through
+            // SAFETY: `runs` checked AVX-512F or AVX2 + FMA (every constructor of a running path goes through
             // `prompt_attention_on`); the shapes are asserted above.
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => unsafe { x86::scores(q, hd, kt, s) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::scores(q, hd, kt, s) },
             _ => portable_scores(q, hd, kt, s),
         }
     }
@@ -218,6 +222,8 @@ impl Path {
             // SAFETY: as in `scores`; `s` holds BK values.
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => unsafe { x86::softmax(s, m, l) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::softmax(s, m, l) },
             _ => portable_softmax(s, m, l),
         }
     }
@@ -229,6 +235,8 @@ impl Path {
             // SAFETY: as in `scores`; shapes asserted above.
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => unsafe { x86::accumulate(p, v, hd, o) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::accumulate(p, v, hd, o) },
             _ => portable_accumulate(p, v, hd, o),
         }
     }

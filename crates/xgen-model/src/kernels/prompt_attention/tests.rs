@@ -52,7 +52,7 @@ fn equals_the_reference_attention_on_every_path_and_storage() {
     let kinds =
         [KvType::Float(DType::F32), KvType::Float(DType::F16), KvType::Float(DType::BF16), KvType::Q8_0];
     let mut ran = 0;
-    for path in [Path::Avx512, Path::Portable] {
+    for path in [Path::Avx512, Path::Avx2, Path::Portable] {
         for (b, h, kv_h, hd, past, t, padding) in cases() {
             if !path.runs(hd) {
                 continue;
@@ -86,8 +86,9 @@ fn equals_the_reference_attention_on_every_path_and_storage() {
             }
         }
     }
-    // The portable path on every case and storage (54), the AVX-512 one too where the CPU has it.
-    let least = if Path::Avx512.runs(64) { 56 } else { 54 };
+    // The portable path on every case and storage (54), each SIMD one on those of head_dim 64
+    // and 128 (48) where the CPU has it.
+    let least = 54 + [Path::Avx512, Path::Avx2].iter().filter(|p| p.runs(64)).count() * 48;
     assert!(ran >= least, "{ran} cases ran");
 }
 
@@ -107,7 +108,7 @@ fn scores_that_keep_rising_rescale_what_came_before() {
         let (k, v) = (KvBuffer::Float(k), KvBuffer::Float(v));
         let tables = Paging::identity(1);
         let paging = Paging::contiguous(&tables, len, h);
-        for path in [Path::Avx512, Path::Portable].into_iter().filter(|p| p.runs(hd)) {
+        for path in [Path::Avx512, Path::Avx2, Path::Portable].into_iter().filter(|p| p.runs(hd)) {
             let got = prompt_attention_on(path, &q, &k, &v, &paging, past, &[0]).unwrap().expect("applies");
             let err = max_diff(&got, &reference(&q, &k, &v, past, &[0]));
             assert!(err < 1e-4, "{path:?}: {err}");

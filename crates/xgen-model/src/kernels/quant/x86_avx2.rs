@@ -59,7 +59,7 @@ pub(super) fn tile(w: &PackedMatrix, acts: &Activations, t: Tile, out: &mut [f32
         let left = t.r - done;
         let r = match left {
             _ if !narrow || left < 3 => left.min(2),
-            _ if left % 4 == 0 => 4,
+            _ if left.is_multiple_of(4) => 4,
             _ if left % 2 == 1 => 3,
             _ => 2,
         };
