@@ -288,7 +288,7 @@ impl Model {
         self.linear_layers().all(|l| l.is_packed() && l.prompt_kernel() != "amx-int8")
     }
 
-    /// The prompt attention's micro-kernels on this CPU: `avx512` or `portable`.
+    /// The prompt attention's micro-kernels on this CPU: `avx512`, `avx2` or `portable`.
     pub fn attention_kernel_name(&self) -> &'static str {
         match prompt_attention::Path::detect(self.config.head_dim) {
             prompt_attention::Path::Avx512 => "avx512",
