@@ -87,9 +87,14 @@ impl StepCosts {
 
     /// The expected seconds of a `rows`-row step: measured, else interpolated between the nearest
     /// measured row counts below and above, else the nearest one's (flat: an optimistic price,
-    /// so the row count gets tried); `None` before any step was measured.
+    /// so the row count gets tried); never below a step of fewer rows' (a noisy low figure must
+    /// not make useless rows look free). `None` before any step was measured.
     pub fn estimate(&self, rows: usize) -> Option<f64> {
-        let rows = rows.clamp(1, EXACT_ROWS);
+        (1..=rows.clamp(1, EXACT_ROWS)).filter_map(|r| self.priced(r)).reduce(f64::max)
+    }
+
+    /// [`Self::estimate`] without the floor of smaller steps.
+    fn priced(&self, rows: usize) -> Option<f64> {
         if let Some(c) = self.measured(rows) {
             return Some(c);
         }
@@ -160,6 +165,10 @@ mod tests {
         c
     }
 
+    fn ms_of(c: &StepCosts, rows: usize) -> f64 {
+        c.estimate(rows).unwrap() * 1e3
+    }
+
     fn one(available: usize, rate: f64) -> Candidate {
         Candidate { available, rate }
     }
@@ -184,6 +193,10 @@ mod tests {
         assert!((ms(6) - 27.0).abs() < 1e-9);
         assert!((ms(12) - 35.0).abs() < 1e-9, "past the last measured: its price");
         assert_eq!(StepCosts::default().estimate(3), None);
+        // More rows never cost less: a noisy low 3-row figure is priced as the 2-row step.
+        let c = costs(&[(1, 10.0), (2, 13.0), (3, 9.0), (5, 20.0)]);
+        assert!((ms_of(&c, 3) - 13.0).abs() < 1e-9 && (ms_of(&c, 4) - 14.5).abs() < 1e-9);
+        assert_eq!(plan(&c, &[one(6, 0.0)]), [0], "drafts that cannot be accepted never run");
         // Only the last WINDOW times count: the old minimum leaves.
         let mut c = costs(&[(2, 5.0)]);
         (0..StepCosts::WINDOW).for_each(|_| c.record(2, 0.009));
