@@ -12,9 +12,9 @@ use xgen_tokenizer::{StreamDecoder, Tokenizer};
 use crate::{
     config::{GenerationConfig, SpecialText},
     constraint::{Constraint, Grammars},
-    draft_plan::{Acceptance, Candidate},
+    draft_plan::Candidate,
     error::{GenerateError, Result},
-    lookup::{self, DraftStats},
+    lookup::{DraftStats, Drafts},
     penalties::History,
     sampler,
     stop::{FinishReason, StopStrings},
@@ -74,10 +74,8 @@ pub struct Sequence<'t> {
     stops: StopStrings,
     /// The format the output must match, if any.
     constraint: Option<Constraint>,
-    /// How often its drafted tokens are accepted (prompt lookup).
-    acceptance: Acceptance,
-    /// What the last [`Sequence::draft`] looked up (a step may verify only a part of it).
-    looked_up: Vec<u32>,
+    /// Its prompt-lookup drafts: the last one looked up, and how often they are accepted.
+    drafts: Drafts,
     finished: bool,
 }
 
@@ -98,8 +96,7 @@ impl<'t> Sequence<'t> {
     pub fn new(tokenizer: &'t Tokenizer, prompt: Vec<u32>, config: GenerationConfig, budget: usize) -> Self {
         Self {
             tokenizer,
-            acceptance: Acceptance::new(),
-            looked_up: Vec::new(),
+            drafts: Drafts::default(),
             history: History::new(&prompt),
             decoder: tokenizer.stream_decoder(),
             stops: StopStrings::new(config.stop_strings.clone()),
@@ -167,18 +164,17 @@ impl<'t> Sequence<'t> {
     /// [`Sequence::candidate`]); the rest still tell [`Sequence::verify`] whether one more would
     /// have been accepted.
     pub fn draft(&mut self) -> Vec<u32> {
-        self.looked_up.clear();
-        if let Some(lookup) = self.config.prompt_lookup {
-            let room = self.budget.saturating_sub(self.out.ids.len() + 1);
-            let tokens: Vec<u32> = self.out.prompt_ids.iter().chain(&self.out.ids).copied().collect();
-            self.looked_up = lookup::draft(&tokens, lookup.max_ngram, lookup.num_tokens.min(room)).to_vec();
-        }
-        self.looked_up.clone()
+        let room = self.budget.saturating_sub(self.out.ids.len() + 1);
+        let tokens: Vec<u32> = match self.config.prompt_lookup {
+            Some(_) => self.out.prompt_ids.iter().chain(&self.out.ids).copied().collect(),
+            None => Vec::new(),
+        };
+        self.drafts.look_up(self.config.prompt_lookup, &tokens, room)
     }
 
     /// The last draft's length and this sequence's acceptance rate, for the step's plan.
     pub fn candidate(&self) -> Candidate {
-        Candidate { available: self.looked_up.len(), rate: self.acceptance.rate() }
+        self.drafts.candidate()
     }
 
     /// A verify step: `rows[i]` are the raw logits after the last accepted token (`i = 0`) and
@@ -204,24 +200,9 @@ impl<'t> Sequence<'t> {
         let accepted = steps.iter().zip(draft).take_while(|(s, d)| s.token == **d).count();
         self.out.draft.drafted += draft.len();
         self.out.draft.accepted += accepted;
-        self.observe(draft, &steps, accepted);
+        let chosen: Vec<u32> = steps.iter().map(|s| s.token).collect();
+        self.drafts.observe(draft, &chosen, accepted);
         Ok(steps)
-    }
-
-    /// Updates the acceptance rate from a verify step: its accepted drafted tokens, the rejected
-    /// one (not the positions after an end inside the draft: they were never tried), and, where
-    /// the lookup had drafted further than the step verified, whether the model's own token
-    /// equals the next looked-up one.
-    fn observe(&mut self, draft: &[u32], steps: &[StepOutput], accepted: usize) {
-        (0..accepted).for_each(|_| self.acceptance.observe(true));
-        if accepted < draft.len() && accepted < steps.len() {
-            self.acceptance.observe(false);
-        } else if steps.len() == draft.len() + 1 && self.looked_up.starts_with(draft) {
-            if let Some(&next) = self.looked_up.get(draft.len()) {
-                self.acceptance.observe(steps[draft.len()].token == next);
-            }
-        }
-        self.looked_up.clear();
     }
 
     /// Chooses the next token from the model's raw logits for this sequence and records it.

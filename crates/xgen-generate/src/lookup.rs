@@ -10,7 +10,10 @@
 
 use xgen_model::kernels::EXACT_ROWS;
 
-use crate::error::{GenerateError, Result};
+use crate::{
+    draft_plan::{Acceptance, Candidate},
+    error::{GenerateError, Result},
+};
 
 /// Drafted tokens per verify step at most: with the last token, a step of up to
 /// [`EXACT_ROWS`] rows, on the kernels' few-row paths where every row's arithmetic is that of a
@@ -61,6 +64,47 @@ pub fn draft(tokens: &[u32], max_ngram: usize, limit: usize) -> &[u32] {
         }
     }
     &[]
+}
+
+/// A sequence's drafting state: what its last lookup found (a step may verify only a part of it)
+/// and how often its drafted tokens are accepted.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Drafts {
+    acceptance: Acceptance,
+    looked_up: Vec<u32>,
+}
+
+impl Drafts {
+    /// Up to `num_tokens` (and `room`) tokens drafted from `tokens` (prompt and output), kept
+    /// for [`Drafts::observe`]; none without prompt lookup.
+    pub(crate) fn look_up(&mut self, lookup: Option<PromptLookup>, tokens: &[u32], room: usize) -> Vec<u32> {
+        self.looked_up = match lookup {
+            Some(l) => draft(tokens, l.max_ngram, l.num_tokens.min(room)).to_vec(),
+            None => Vec::new(),
+        };
+        self.looked_up.clone()
+    }
+
+    pub(crate) fn candidate(&self) -> Candidate {
+        Candidate { available: self.looked_up.len(), rate: self.acceptance.rate() }
+    }
+
+    /// Updates the acceptance rate from a verify step that fed `draft` and chose `chosen` (the
+    /// accepted drafted tokens, then the model's own or the end), `accepted` of the draft taken:
+    /// the accepted ones, the rejected one (not the positions after an end inside the draft:
+    /// they were never tried), and, where the lookup had drafted further than the step
+    /// verified, whether the model's own token equals the next looked-up one.
+    pub(crate) fn observe(&mut self, draft: &[u32], chosen: &[u32], accepted: usize) {
+        (0..accepted).for_each(|_| self.acceptance.observe(true));
+        if accepted < draft.len() && accepted < chosen.len() {
+            self.acceptance.observe(false);
+        } else if chosen.len() == draft.len() + 1 && self.looked_up.starts_with(draft) {
+            if let Some(&next) = self.looked_up.get(draft.len()) {
+                self.acceptance.observe(chosen[draft.len()] == next);
+            }
+        }
+        self.looked_up.clear();
+    }
 }
 
 /// Drafted and accepted tokens over a generation (llama.cpp's `draft_n`, `draft_n_accepted`).
